@@ -1,0 +1,311 @@
+/*
+ * The tile engine, one body for both precisions (template.h).
+ *
+ * 1. Pack x into MR-row panels and ref into NR-row panels (k-major, zero
+ *    padded), and compute row norms in double: O((n + m) d) memory, once.
+ * 2. Split the n x m problem into blocks of MC anchors x NC references.  A
+ *    reference block (NC x d) is sized to stay in L2 while every MR-panel of
+ *    the anchor block streams past it; the micro-kernel's NR-panel stays in L1.
+ * 3. Per block: micro-kernel -> tile of dot products -> distances in place ->
+ *    reducer.  Blocks are OpenMP work items (dynamic schedule): whole anchor
+ *    blocks for reducers with per-row state, single tiles otherwise.
+ *
+ * Accuracy.  Distances come from the Gram identity ||x||^2 + ||r||^2 - 2 x.r,
+ * whose rounding error is about eps * sqrt(d) * (||x||^2 + ||r||^2).  That is
+ * small relative to d^2 unless the two points are close compared with their
+ * norms, so any pair with d^2 < REFINE * (||x||^2 + ||r||^2) (cosine: 1 - cos
+ * < REFINE) is recomputed exactly by direct difference, accumulated in
+ * double.  Such pairs are rare in real batches (near-duplicates, collapsed
+ * embeddings), so the cost is O(d) for each of them and nothing otherwise.
+ * Every other distance has a relative error below about
+ * 2 * eps * sqrt(d) / REFINE.  Self-distances are exactly 0; none is negative.
+ */
+
+#ifndef TM_REFINE
+#define TM_REFINE (1.0 / 64.0)
+/* Target bytes of one packed reference block (L2 is >= 512 KiB on every
+ * x86-64 of the last decade; half of it leaves room for the anchor panels). */
+#define TM_REF_BLOCK_BYTES (256 * 1024)
+#define TM_ANCHOR_BLOCK 96
+#define TM_MAX_REF_BLOCK 1024
+#endif
+
+double TM_FN(tm_exact_sqeuclidean)(const TM_REAL *a, const TM_REAL *b, int64_t d)
+{
+    double sum = 0.0;
+    for (int64_t k = 0; k < d; ++k) {
+        const double diff = (double)a[k] - (double)b[k];
+        sum += diff * diff;
+    }
+    return sum;
+}
+
+static double TM_FN(sqnorm)(const TM_REAL *a, int64_t d)
+{
+    double sum = 0.0;
+    for (int64_t k = 0; k < d; ++k)
+        sum += (double)a[k] * (double)a[k];
+    return sum;
+}
+
+/* 1 - cos(a, b) as ||a/|a| - b/|b|||^2 / 2, which has no cancellation. */
+static double TM_FN(exact_cosine)(const TM_REAL *a, double norm_a,
+                                  const TM_REAL *b, double norm_b, int64_t d)
+{
+    if (norm_a == 0.0 || norm_b == 0.0)
+        return 1.0;
+    double sum = 0.0;
+    for (int64_t k = 0; k < d; ++k) {
+        const double diff = (double)a[k] / norm_a - (double)b[k] / norm_b;
+        sum += diff * diff;
+    }
+    return 0.5 * sum;
+}
+
+double TM_FN(tm_exact_distance)(const TM_REAL *a, const TM_REAL *b, int64_t d,
+                                int metric)
+{
+    switch (metric) {
+    case TM_METRIC_SQEUCLIDEAN:
+        return TM_FN(tm_exact_sqeuclidean)(a, b, d);
+    case TM_METRIC_COSINE:
+        return TM_FN(exact_cosine)(a, sqrt(TM_FN(sqnorm)(a, d)), b,
+                                   sqrt(TM_FN(sqnorm)(b, d)), d);
+    default:
+        return sqrt(TM_FN(tm_exact_sqeuclidean)(a, b, d));
+    }
+}
+
+/* dst[(q*d + p)*width + i] = src[(q*width + i)*d + p], zero past `rows`. */
+static void TM_FN(pack_panels)(const TM_REAL *src, int64_t rows, int64_t d,
+                               int width, TM_REAL *dst, int threads)
+{
+    const int64_t panels = (rows + width - 1) / width;
+    (void)threads; /* unused without OpenMP */
+    TM_OMP(parallel for num_threads(threads) schedule(static))
+    for (int64_t q = 0; q < panels; ++q) {
+        TM_REAL *panel = dst + q * width * d;
+        for (int i = 0; i < width; ++i) {
+            const int64_t row = q * width + i;
+            if (row < rows) {
+                const TM_REAL *s = src + row * d;
+                for (int64_t p = 0; p < d; ++p)
+                    panel[p * width + i] = s[p];
+            } else {
+                for (int64_t p = 0; p < d; ++p)
+                    panel[p * width + i] = 0;
+            }
+        }
+    }
+}
+
+/* Squared norms (euclidean metrics) or norms (cosine), in double. */
+static void TM_FN(row_norms)(const TM_REAL *src, int64_t rows, int64_t d,
+                             int metric, double *norms, int threads)
+{
+    (void)threads;
+    TM_OMP(parallel for num_threads(threads) schedule(static))
+    for (int64_t i = 0; i < rows; ++i) {
+        const double s = TM_FN(sqnorm)(src + i * d, d);
+        norms[i] = metric == TM_METRIC_COSINE ? sqrt(s) : s;
+    }
+}
+
+typedef struct {
+    const TM_REAL *x, *ref;
+    int64_t n, m, d;
+    int metric, self;
+    const TM_REAL *x_packed, *ref_packed;
+    const double *x_norms, *ref_norms;
+    int mr, nr;
+    int64_t mc, nc;
+    TM_FN(tm_dot_kernel) dot;
+} TM_FN(engine_plan);
+
+/* Fills tile[i*nc + j] with d(row0 + i, col0 + j). */
+static void TM_FN(compute_tile)(const TM_FN(engine_plan) *pl, int64_t row0,
+                                int64_t nrows, int64_t col0, int64_t ncols,
+                                TM_REAL *tile)
+{
+    const int64_t ld = pl->nc, d = pl->d;
+    const int mr = pl->mr, nr = pl->nr;
+    const int64_t row_panels = (nrows + mr - 1) / mr;
+    const int64_t col_panels = (ncols + nr - 1) / nr;
+    /* row0 and col0 are multiples of mr and nr (mc, nc are). */
+    const TM_REAL *a0 = pl->x_packed + row0 * d;
+    const TM_REAL *b0 = pl->ref_packed + col0 * d;
+    for (int64_t jp = 0; jp < col_panels; ++jp)
+        for (int64_t ip = 0; ip < row_panels; ++ip)
+            pl->dot(d, a0 + ip * mr * d, b0 + jp * nr * d,
+                    tile + ip * mr * ld + jp * nr, ld);
+
+    for (int64_t i = 0; i < nrows; ++i) {
+        const int64_t row = row0 + i;
+        const TM_REAL *xi = pl->x + row * d;
+        const double norm_x = pl->x_norms[row];
+        TM_REAL *t = tile + i * ld;
+        if (pl->metric == TM_METRIC_COSINE) {
+            for (int64_t j = 0; j < ncols; ++j) {
+                const double norm_r = pl->ref_norms[col0 + j];
+                double dist = 1.0;
+                if (norm_x != 0.0 && norm_r != 0.0) {
+                    dist = 1.0 - (double)t[j] / (norm_x * norm_r);
+                    if (dist < TM_REFINE)
+                        dist = TM_FN(exact_cosine)(xi, norm_x,
+                                                   pl->ref + (col0 + j) * d,
+                                                   norm_r, d);
+                    if (dist < 0.0)
+                        dist = 0.0;
+                    if (dist > 2.0)
+                        dist = 2.0;
+                }
+                t[j] = (TM_REAL)dist;
+            }
+        } else {
+            const int take_sqrt = pl->metric == TM_METRIC_EUCLIDEAN;
+            for (int64_t j = 0; j < ncols; ++j) {
+                const double scale = norm_x + pl->ref_norms[col0 + j];
+                double d2 = scale - 2.0 * (double)t[j];
+                if (d2 < TM_REFINE * scale)
+                    d2 = TM_FN(tm_exact_sqeuclidean)(xi, pl->ref + (col0 + j) * d, d);
+                if (d2 < 0.0)
+                    d2 = 0.0;
+                t[j] = (TM_REAL)(take_sqrt ? sqrt(d2) : d2);
+            }
+        }
+        if (pl->self && row >= col0 && row < col0 + ncols)
+            t[row - col0] = 0;
+    }
+}
+
+static int64_t TM_FN(round_up)(int64_t value, int64_t multiple)
+{
+    return (value + multiple - 1) / multiple * multiple;
+}
+
+int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
+                          const TM_FN(tm_reducer) *reducer)
+{
+    if (problem == NULL || reducer == NULL || reducer->tile == NULL)
+        return TM_ERR_INVALID;
+    const int64_t n = problem->n, d = problem->d;
+    const int self = problem->ref == NULL;
+    const int64_t m = self ? n : problem->m;
+    const int metric = problem->metric;
+    if (n < 0 || m < 0 || d < 0 || (self && problem->m != n))
+        return TM_ERR_INVALID;
+    if (metric != TM_METRIC_EUCLIDEAN && metric != TM_METRIC_SQEUCLIDEAN &&
+        metric != TM_METRIC_COSINE)
+        return TM_ERR_INVALID;
+    if ((problem->x == NULL && n > 0 && d > 0) ||
+        (!self && problem->ref == NULL && m > 0 && d > 0))
+        return TM_ERR_INVALID;
+
+    const tm_kernel_set *kernels = tm_active_kernels();
+    TM_FN(engine_plan) plan;
+    plan.x = problem->x;
+    plan.ref = self ? problem->x : problem->ref;
+    plan.n = n;
+    plan.m = m;
+    plan.d = d;
+    plan.metric = metric;
+    plan.self = self;
+    plan.mr = TM_BITS == 32 ? kernels->mr_f32 : kernels->mr_f64;
+    plan.nr = TM_BITS == 32 ? kernels->nr_f32 : kernels->nr_f64;
+    plan.dot = TM_BITS == 32 ? (TM_FN(tm_dot_kernel))kernels->dot_f32
+                             : (TM_FN(tm_dot_kernel))kernels->dot_f64;
+
+    /* Block sizes: see the comment at the top of this file. */
+    const int64_t row_bytes = (d > 0 ? d : 1) * (int64_t)sizeof(TM_REAL);
+    int64_t nc = TM_REF_BLOCK_BYTES / row_bytes;
+    if (nc > TM_MAX_REF_BLOCK)
+        nc = TM_MAX_REF_BLOCK;
+    nc = nc / plan.nr * plan.nr;
+    if (nc < plan.nr)
+        nc = plan.nr;
+    if (nc > TM_FN(round_up)(m, plan.nr))
+        nc = TM_FN(round_up)(m > 0 ? m : 1, plan.nr);
+    const int max_threads = tm_get_num_threads();
+    /* Enough anchor blocks to balance threads on small batches. */
+    int64_t mc = TM_FN(round_up)(TM_ANCHOR_BLOCK, plan.mr);
+    const int64_t balanced = TM_FN(round_up)(
+        (n + 4 * (int64_t)max_threads - 1) / (4 * (int64_t)max_threads), plan.mr);
+    if (balanced < mc)
+        mc = balanced > 0 ? balanced : plan.mr;
+    plan.mc = mc;
+    plan.nc = nc;
+
+    const int64_t row_blocks = (n + mc - 1) / mc;
+    const int64_t col_blocks = (m + nc - 1) / nc;
+    const int64_t units = reducer->whole_rows ? row_blocks : row_blocks * col_blocks;
+    const int threads = tm_threads_for(units);
+
+    /* Every allocation happens here, before any output is written. */
+    size_t x_pack_bytes, ref_pack_bytes, tile_bytes, x_norm_bytes, ref_norm_bytes;
+    int status;
+    if ((status = tm_bytes(TM_FN(round_up)(n, plan.mr), d, sizeof(TM_REAL), &x_pack_bytes)) ||
+        (status = tm_bytes(TM_FN(round_up)(m, plan.nr), d, sizeof(TM_REAL), &ref_pack_bytes)) ||
+        (status = tm_bytes((int64_t)threads * mc, nc, sizeof(TM_REAL), &tile_bytes)) ||
+        (status = tm_bytes(n, 1, sizeof(double), &x_norm_bytes)) ||
+        (status = tm_bytes(self ? 0 : m, 1, sizeof(double), &ref_norm_bytes)))
+        return status;
+    TM_REAL *x_packed = tm_alloc(x_pack_bytes);
+    TM_REAL *ref_packed = tm_alloc(ref_pack_bytes);
+    TM_REAL *tiles = tm_alloc(tile_bytes);
+    double *x_norms = tm_alloc(x_norm_bytes);
+    double *ref_norms = self ? x_norms : tm_alloc(ref_norm_bytes);
+    if (x_packed == NULL || ref_packed == NULL || tiles == NULL ||
+        x_norms == NULL || ref_norms == NULL) {
+        status = TM_ERR_NOMEM;
+        goto done;
+    }
+    if (reducer->setup != NULL && (status = reducer->setup(reducer->ctx, threads)) != TM_OK)
+        goto done;
+
+    TM_FN(pack_panels)(plan.x, n, d, plan.mr, x_packed, threads);
+    TM_FN(pack_panels)(plan.ref, m, d, plan.nr, ref_packed, threads);
+    TM_FN(row_norms)(plan.x, n, d, metric, x_norms, threads);
+    if (!self)
+        TM_FN(row_norms)(plan.ref, m, d, metric, ref_norms, threads);
+    plan.x_packed = x_packed;
+    plan.ref_packed = ref_packed;
+    plan.x_norms = x_norms;
+    plan.ref_norms = ref_norms;
+
+    atomic_int shared_status = TM_OK;
+    TM_OMP(parallel for num_threads(threads) schedule(dynamic, 1))
+    for (int64_t unit = 0; unit < units; ++unit) {
+        if (atomic_load_explicit(&shared_status, memory_order_relaxed) != TM_OK)
+            continue;
+        const int thread = tm_thread_id();
+        TM_REAL *tile = tiles + (size_t)thread * (size_t)(mc * nc);
+        const int64_t rb = reducer->whole_rows ? unit : unit / col_blocks;
+        const int64_t row0 = rb * mc;
+        const int64_t nrows = n - row0 < mc ? n - row0 : mc;
+        const int64_t cb_first = reducer->whole_rows ? 0 : unit % col_blocks;
+        const int64_t cb_end = reducer->whole_rows ? col_blocks : cb_first + 1;
+        int st = TM_OK;
+        if (reducer->whole_rows && reducer->begin_rows != NULL)
+            st = reducer->begin_rows(reducer->ctx, thread, row0, nrows);
+        for (int64_t cb = cb_first; cb < cb_end && st == TM_OK; ++cb) {
+            const int64_t col0 = cb * nc;
+            const int64_t ncols = m - col0 < nc ? m - col0 : nc;
+            TM_FN(compute_tile)(&plan, row0, nrows, col0, ncols, tile);
+            st = reducer->tile(reducer->ctx, thread, row0, nrows, col0, ncols, tile, nc);
+        }
+        if (st == TM_OK && reducer->whole_rows && reducer->end_rows != NULL)
+            st = reducer->end_rows(reducer->ctx, thread, row0, nrows);
+        if (st != TM_OK)
+            atomic_store(&shared_status, st);
+    }
+    status = atomic_load(&shared_status);
+
+done:
+    tm_free(x_packed);
+    tm_free(ref_packed);
+    tm_free(tiles);
+    tm_free(x_norms);
+    if (!self)
+        tm_free(ref_norms);
+    return status;
+}

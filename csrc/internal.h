@@ -1,0 +1,67 @@
+/*
+ * Declarations shared by the C core's translation units; not installed, not
+ * part of the public interface (that is tripmine.h).
+ */
+#ifndef TRIPMINE_INTERNAL_H
+#define TRIPMINE_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tripmine.h"
+
+#define TM_VERSION_STRING "0.1.0"
+
+/* OpenMP pragmas that vanish (without -Wunknown-pragmas noise) when the
+ * compiler has no OpenMP: TM_OMP(parallel for) -> #pragma omp parallel for. */
+#define TM_PRAGMA(text) _Pragma(#text)
+#ifdef _OPENMP
+#include <omp.h>
+#define TM_OMP(...) TM_PRAGMA(omp __VA_ARGS__)
+#define tm_thread_id() omp_get_thread_num()
+#else
+#define TM_OMP(...)
+#define tm_thread_id() 0
+#endif
+
+/* 64-byte aligned allocation; a request of 0 bytes still returns a valid
+ * pointer, so "NULL" always means "out of memory". */
+void *tm_alloc(size_t bytes);
+void tm_free(void *p);
+
+/* *out = a * b * elem_size as a size_t, or TM_ERR_TOO_LARGE on overflow
+ * (negative sizes are TM_ERR_INVALID). */
+int tm_bytes(int64_t a, int64_t b, size_t elem_size, size_t *out);
+
+/* Number of threads to use for `work` independent items (at least 1). */
+int tm_threads_for(int64_t work);
+
+#define TM_BITS 32
+#include "template.h"
+#include "engine_decl.h"
+#undef TM_BITS
+#define TM_BITS 64
+#include "template.h"
+#include "engine_decl.h"
+#undef TM_BITS
+
+/* One instruction set's micro-kernels, for both precisions. */
+typedef struct {
+    const char *name;
+    int (*usable)(void);
+    int mr_f32, nr_f32;
+    tm_dot_kernel_f32 dot_f32;
+    int mr_f64, nr_f64;
+    tm_dot_kernel_f64 dot_f64;
+} tm_kernel_set;
+
+/* The kernels every call uses; chosen on first use or by tm_set_isa. */
+const tm_kernel_set *tm_active_kernels(void);
+
+extern const tm_kernel_set tm_kernels_generic;
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+#define TM_HAVE_AVX2_KERNELS 1
+extern const tm_kernel_set tm_kernels_avx2;
+#endif
+
+#endif /* TRIPMINE_INTERNAL_H */

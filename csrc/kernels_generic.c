@@ -1,0 +1,24 @@
+/* The generic (portable C) kernel set: always compiled, always usable. */
+#include "internal.h"
+
+#define TM_BITS 32
+#include "template.h"
+#include "kernel_generic_impl.h"
+#undef TM_BITS
+#undef TM_GENERIC_MR
+#undef TM_GENERIC_NR
+#define TM_BITS 64
+#include "template.h"
+#include "kernel_generic_impl.h"
+#undef TM_BITS
+
+static int generic_usable(void)
+{
+    return 1;
+}
+
+const tm_kernel_set tm_kernels_generic = {
+    "generic",         generic_usable,
+    TM_GENERIC_MR,     TM_GENERIC_NR, dot_generic_f32,
+    TM_GENERIC_MR,     TM_GENERIC_NR, dot_generic_f64,
+};

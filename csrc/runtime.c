@@ -1,0 +1,123 @@
+/*
+ * Status strings, build facts, thread control and aligned allocation.
+ */
+#include <stdlib.h>
+#include <stdatomic.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "internal.h"
+
+const char *tm_strerror(int status)
+{
+    switch (status) {
+    case TM_OK:
+        return "success";
+    case TM_ERR_NOMEM:
+        return "out of memory";
+    case TM_ERR_INVALID:
+        return "invalid argument";
+    case TM_ERR_TOO_LARGE:
+        return "size too large";
+    case TM_ERR_UNSUPPORTED:
+        return "instruction set not supported by this build or CPU";
+    default:
+        return "unknown tripmine status";
+    }
+}
+
+const char *tm_version(void)
+{
+    return TM_VERSION_STRING;
+}
+
+const char *tm_compiler(void)
+{
+#if defined(__clang__)
+    return "clang " __clang_version__;
+#elif defined(__GNUC__)
+    return "gcc " __VERSION__;
+#elif defined(_MSC_VER)
+    return "msvc";
+#else
+    return "unknown";
+#endif
+}
+
+int tm_openmp_version(void)
+{
+#ifdef _OPENMP
+    return _OPENMP;
+#else
+    return 0;
+#endif
+}
+
+/* 0 means "the default"; read once per call, so a change affects later calls. */
+static atomic_int requested_threads = 0;
+
+int tm_set_num_threads(int n)
+{
+    requested_threads = n > 0 ? n : 0;
+    return TM_OK;
+}
+
+int tm_get_num_threads(void)
+{
+#ifdef _OPENMP
+    int n = requested_threads;
+    return n > 0 ? n : omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+int tm_threads_for(int64_t work)
+{
+    int n = tm_get_num_threads();
+    if (work < n)
+        n = work > 1 ? (int)work : 1;
+    return n;
+}
+
+/* The original malloc pointer is stored just below the aligned block. */
+#define TM_ALIGN 64
+
+void *tm_alloc(size_t bytes)
+{
+    if (bytes > SIZE_MAX - TM_ALIGN - sizeof(void *))
+        return NULL;
+    void *raw = malloc(bytes + TM_ALIGN + sizeof(void *));
+    if (raw == NULL)
+        return NULL;
+    uintptr_t start = (uintptr_t)raw + sizeof(void *);
+    uintptr_t aligned = (start + TM_ALIGN - 1) & ~(uintptr_t)(TM_ALIGN - 1);
+    memcpy((void *)(aligned - sizeof(void *)), &raw, sizeof(void *));
+    return (void *)aligned;
+}
+
+void tm_free(void *p)
+{
+    if (p == NULL)
+        return;
+    void *raw;
+    memcpy(&raw, (char *)p - sizeof(void *), sizeof(void *));
+    free(raw);
+}
+
+int tm_bytes(int64_t a, int64_t b, size_t elem_size, size_t *out)
+{
+    if (a < 0 || b < 0)
+        return TM_ERR_INVALID;
+    uint64_t ua = (uint64_t)a, ub = (uint64_t)b;
+    if (ua != 0 && ub > SIZE_MAX / ua)
+        return TM_ERR_TOO_LARGE;
+    size_t count = (size_t)(ua * ub);
+    if (elem_size != 0 && count > SIZE_MAX / elem_size)
+        return TM_ERR_TOO_LARGE;
+    *out = count * elem_size;
+    return TM_OK;
+}

@@ -1,0 +1,21 @@
+/*
+ * Precision template switch: define TM_BITS as 32 or 64, then include this
+ * file and a kernel body.  The body is written once with TM_REAL for the
+ * element type and TM_FN(name) for every symbol, and instantiated twice
+ * (the pffft pattern).  Deliberately without include guards.
+ */
+#undef TM_REAL
+#undef TM_FN
+#undef TM_FN_CAT
+#undef TM_FN_CAT2
+#define TM_FN_CAT2(name, suffix) name##suffix
+#define TM_FN_CAT(name, suffix) TM_FN_CAT2(name, suffix)
+#if TM_BITS == 32
+#define TM_REAL float
+#define TM_FN(name) TM_FN_CAT(name, _f32)
+#elif TM_BITS == 64
+#define TM_REAL double
+#define TM_FN(name) TM_FN_CAT(name, _f64)
+#else
+#error "define TM_BITS as 32 or 64 before including template.h"
+#endif
