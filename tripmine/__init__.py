@@ -1,0 +1,40 @@
+"""tripmine: triplet mining and metric-learning losses, fast, exact, in linear memory.
+
+Architecture
+------------
+::
+
+    tripmine.<function>(x, labels, ...)          public modules, one concept each
+          |                                      (distances, masks, runtime)
+          v
+    tripmine._validation                         dtype, shape, labels -> int64 codes,
+          |                                      check_finite, out= checks
+          v
+    tripmine._core  -- cffi -->  C core (csrc/)  status codes -> exceptions in one place
+                                    |
+                                    v
+                  tile engine: anchor blocks x reference blocks (OpenMP)
+                  micro-kernel (generic | avx2) -> tile of distances -> reducer
+
+Every miner and loss is one walk of the tile engine with its own reducer; only
+functions whose *output* is a matrix (``pairwise_distances``, the masks)
+allocate N x M.  See README.md for the semantics (metrics, self mode, ties).
+"""
+
+from . import _core
+from .distances import pairwise_distances
+from .masks import TRIPLET_MASK_MAX_N, negative_mask, positive_mask, triplet_mask
+from .runtime import build_info, get_num_threads, set_num_threads
+
+__version__ = _core.build_facts()["version"]
+
+__all__ = [
+    "TRIPLET_MASK_MAX_N",
+    "build_info",
+    "get_num_threads",
+    "negative_mask",
+    "pairwise_distances",
+    "positive_mask",
+    "set_num_threads",
+    "triplet_mask",
+]

@@ -1,0 +1,151 @@
+"""The one module that touches cffi's ``ffi`` and ``lib``.
+
+Everything that crosses into C goes through here: pointer helpers (arrays pass
+without copies via ``ffi.from_buffer``; callers keep them referenced for the
+duration of the call), float32/float64 dispatch, and :func:`check`, the single
+place where a ``tm_status`` becomes a Python exception.  Inputs reaching this
+module have already been validated by :mod:`tripmine._validation`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+from ._native import ffi, lib
+
+_EXCEPTIONS = {
+    lib.TM_ERR_NOMEM: MemoryError,
+    lib.TM_ERR_TOO_LARGE: MemoryError,
+    lib.TM_ERR_INVALID: ValueError,
+    lib.TM_ERR_UNSUPPORTED: ValueError,
+}
+
+METRICS = {
+    "euclidean": lib.TM_METRIC_EUCLIDEAN,
+    "sqeuclidean": lib.TM_METRIC_SQEUCLIDEAN,
+    "cosine": lib.TM_METRIC_COSINE,
+}
+
+_POINTER_TYPES = {
+    np.dtype(np.float32): "float *",
+    np.dtype(np.float64): "double *",
+    np.dtype(np.int64): "int64_t *",
+    np.dtype(np.uint8): "uint8_t *",
+    np.dtype(np.bool_): "uint8_t *",
+}
+
+
+def check(status: int, operation: str) -> None:
+    """Raise the exception matching a non-zero ``tm_status``."""
+    if status == lib.TM_OK:
+        return
+    message = ffi.string(lib.tm_strerror(status)).decode()
+    exc = _EXCEPTIONS.get(status, RuntimeError)
+    if status == lib.TM_ERR_INVALID:
+        message += " (tripmine's argument checks should have caught this: please report it)"
+    raise exc(f"{operation}: {message}")
+
+
+def _ptr(array: np.ndarray | None):
+    """A C pointer to a validated, C-contiguous array (NULL for None)."""
+    if array is None:
+        return ffi.NULL
+    return ffi.from_buffer(_POINTER_TYPES[array.dtype], array, require_writable=False)
+
+
+def _string(cstr) -> str:
+    return ffi.string(cstr).decode() if cstr != ffi.NULL else ""
+
+
+# ---- numeric entry points ------------------------------------------------
+
+
+def pairwise_distances(x: np.ndarray, ref: np.ndarray | None, metric: int,
+                       out: np.ndarray) -> None:
+    """Fill ``out`` with distances; ``ref=None`` is self mode."""
+    fn = lib.tm_pairwise_distances_f32 if x.dtype == np.float32 else lib.tm_pairwise_distances_f64
+    m = x.shape[0] if ref is None else ref.shape[0]
+    check(fn(_ptr(x), x.shape[0], _ptr(ref), m, x.shape[1], metric, _ptr(out)),
+          "pairwise_distances")
+
+
+def pair_masks(labels: np.ndarray, ref_labels: np.ndarray | None,
+               positive: np.ndarray | None, negative: np.ndarray | None) -> None:
+    m = labels.shape[0] if ref_labels is None else ref_labels.shape[0]
+    check(lib.tm_pair_masks(_ptr(labels), labels.shape[0], _ptr(ref_labels), m,
+                            _ptr(positive), _ptr(negative)), "pair masks")
+
+
+def triplet_mask(labels: np.ndarray, out: np.ndarray) -> None:
+    check(lib.tm_triplet_mask(_ptr(labels), labels.shape[0], _ptr(out)), "triplet_mask")
+
+
+# ---- runtime configuration ------------------------------------------------
+
+
+def set_num_threads(n: int) -> None:
+    lib.tm_set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    return int(lib.tm_get_num_threads())
+
+
+def compiled_isas() -> list[str]:
+    return [_string(lib.tm_isa_name(i)) for i in range(lib.tm_isa_count())]
+
+
+def usable_isas() -> list[str]:
+    return [_string(lib.tm_isa_name(i)) for i in range(lib.tm_isa_count())
+            if lib.tm_isa_usable(i)]
+
+
+def get_isa() -> str:
+    return _string(lib.tm_get_isa())
+
+
+def set_isa(name: str) -> None:
+    """Force the micro-kernels' instruction set ("auto" picks the best)."""
+    status = lib.tm_set_isa(name.encode())
+    if status == lib.TM_ERR_UNSUPPORTED:
+        raise ValueError(
+            f"instruction set {name!r} is not available here; usable: {usable_isas()}, "
+            f"compiled in: {compiled_isas()}, or 'auto'"
+        )
+    check(status, "set_isa")
+
+
+def build_facts() -> dict:
+    return {
+        "version": _string(lib.tm_version()),
+        "compiler": _string(lib.tm_compiler()),
+        "openmp": int(lib.tm_openmp_version()),
+    }
+
+
+def _apply_environment() -> None:
+    """Honour TRIPMINE_NUM_THREADS and TRIPMINE_ISA once, at import."""
+    threads = os.environ.get("TRIPMINE_NUM_THREADS", "").strip()
+    if threads:
+        try:
+            value = int(threads)
+            if value < 1:
+                raise ValueError
+        except ValueError:
+            warnings.warn(f"ignoring TRIPMINE_NUM_THREADS={threads!r}: expected an integer >= 1",
+                          RuntimeWarning, stacklevel=3)
+        else:
+            set_num_threads(value)
+    isa = os.environ.get("TRIPMINE_ISA", "").strip().lower()
+    if isa:
+        try:
+            set_isa(isa)
+        except ValueError as exc:
+            warnings.warn(f"ignoring TRIPMINE_ISA={isa!r}: {exc}; using {get_isa()!r}",
+                          RuntimeWarning, stacklevel=3)
+
+
+_apply_environment()

@@ -1,0 +1,167 @@
+"""Input validation shared by every public function (DESIGN.md section 2).
+
+Each helper returns arrays ready for the C core (native dtype, C-contiguous,
+never the caller's array when a conversion was needed) and raises an
+exception whose message names the offending argument:
+
+* ``TypeError`` for a dtype tripmine does not compute in (ints, complex,
+  bool, object, float128) or a GPU array on the CPU path;
+* ``ValueError`` for wrong ndim, mismatched lengths or widths, NaN/inf (unless
+  ``check_finite=False``), unknown option strings and unusable ``out`` arrays.
+
+Inputs are never modified: the C core only reads them, and conversions copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from . import _core
+
+NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _describe(value: Any) -> str:
+    dtype = getattr(value, "dtype", None)
+    return f"{type(value).__name__} of dtype {dtype}" if dtype is not None else type(value).__name__
+
+
+def _as_array(value: Any, name: str) -> np.ndarray:
+    if hasattr(value, "__cuda_array_interface__"):
+        raise TypeError(f"{name} is a GPU array; tripmine's GPU path is not available yet, "
+                        f"copy it to the host (e.g. cupy.asnumpy) first")
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be array-like, got {_describe(value)}: {exc}") from None
+
+
+def compute_dtype(*arrays: np.ndarray | None) -> np.dtype:
+    """float64 if any input is float64, else float32 (float16 computes in float32)."""
+    if any(a is not None and a.dtype == np.float64 for a in arrays):
+        return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
+def _float_matrix(value: Any, name: str, check_finite: bool) -> np.ndarray:
+    arr = _as_array(value, name)
+    if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
+        raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (rows x features), got shape {arr.shape}")
+    if check_finite and arr.size and not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinity; pass check_finite=False to skip "
+                         f"this check (results are then undefined where such values enter)")
+    return arr
+
+
+def embeddings(x: Any, ref: Any = None, *, check_finite: bool = True,
+               x_name: str = "x", ref_name: str = "ref"
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Validate query embeddings and optional reference embeddings.
+
+    Returns C-contiguous arrays of one native dtype (see :func:`compute_dtype`);
+    ``ref`` stays ``None`` in self mode.
+    """
+    x_arr = _float_matrix(x, x_name, check_finite)
+    ref_arr = None if ref is None else _float_matrix(ref, ref_name, check_finite)
+    if ref_arr is not None and ref_arr.shape[1] != x_arr.shape[1]:
+        raise ValueError(f"{ref_name} has {ref_arr.shape[1]} features per row but {x_name} has "
+                         f"{x_arr.shape[1]}: they must match")
+    dtype = compute_dtype(x_arr, ref_arr)
+    x_arr = np.ascontiguousarray(x_arr, dtype=dtype)
+    if ref_arr is not None:
+        ref_arr = np.ascontiguousarray(ref_arr, dtype=dtype)
+    return x_arr, ref_arr
+
+
+def _label_vector(value: Any, name: str, expected: int | None, against: str) -> np.ndarray:
+    arr = _as_array(value, name)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if expected is not None and arr.shape[0] != expected:
+        raise ValueError(f"{name} has length {arr.shape[0]} but {against} has {expected} rows")
+    if arr.dtype.kind in "fc" and np.isnan(arr).any():
+        raise ValueError(f"{name} contains NaN, which is not a usable class label")
+    if arr.dtype.kind == "V":
+        raise TypeError(f"{name} must hold sortable labels (ints, strings, floats), "
+                        f"got dtype {arr.dtype}")
+    return arr
+
+
+def labels(labels: Any, ref_labels: Any = None, *, n: int | None = None, m: int | None = None,
+           x_name: str = "x", ref_name: str = "ref"
+           ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Map labels (and ref_labels) onto shared int64 class codes.
+
+    Equal labels get equal codes, across both arrays.  Integer and boolean
+    labels are their own codes (a cast, no sort); anything else ``np.unique``
+    can sort (strings, floats, objects) is encoded by one joint ``np.unique``.
+    ``n``/``m`` are the expected lengths (rows of ``x``/``ref``).
+    """
+    lab = _label_vector(labels, "labels", n, x_name)
+    ref_lab = None if ref_labels is None else _label_vector(ref_labels, "ref_labels", m, ref_name)
+    arrays = [lab] if ref_lab is None else [lab, ref_lab]
+    if all(a.dtype.kind in "biu" for a in arrays):
+        codes = [np.ascontiguousarray(a, dtype=np.int64) for a in arrays]
+    else:
+        if ref_lab is not None and _kind_family(lab) != _kind_family(ref_lab):
+            raise TypeError(f"labels ({lab.dtype}) and ref_labels ({ref_lab.dtype}) must be "
+                            f"labels of the same kind (both numbers or both strings)")
+        joined = np.concatenate(arrays) if len(arrays) > 1 else lab
+        try:
+            _, inverse = np.unique(joined, return_inverse=True)
+        except TypeError as exc:
+            raise TypeError(f"labels must be sortable by numpy.unique (all ints, all strings, "
+                            f"...): {exc}") from None
+        inverse = np.ascontiguousarray(inverse.reshape(-1), dtype=np.int64)
+        codes = [inverse[: lab.shape[0]], inverse[lab.shape[0]:]]
+    return codes[0], (codes[1] if ref_lab is not None else None)
+
+
+def _kind_family(arr: np.ndarray) -> str:
+    kind = arr.dtype.kind
+    if kind in "biuf":
+        return "number"
+    if kind in "US":
+        return "string"
+    return kind
+
+
+def metric_code(metric: Any) -> int:
+    if not isinstance(metric, str) or metric not in _core.METRICS:
+        raise ValueError(f"metric must be one of {sorted(_core.METRICS)}, got {metric!r}")
+    return _core.METRICS[metric]
+
+
+def output(out: Any, shape: tuple[int, ...], dtype: np.dtype,
+           inputs: Iterable[np.ndarray | None] = ()) -> np.ndarray:
+    """Return ``out`` checked for an exact fit, or a new array when it is None."""
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if not isinstance(out, np.ndarray):
+        raise ValueError(f"out must be a numpy.ndarray, got {_describe(out)}")
+    if out.shape != shape:
+        raise ValueError(f"out must have shape {shape}, got {out.shape}")
+    if out.dtype != dtype:
+        raise ValueError(f"out must have dtype {dtype} (the result dtype), got {out.dtype}")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    if any(a is not None and np.may_share_memory(out, a) for a in inputs):
+        raise ValueError("out must not share memory with the inputs")
+    return out
+
+
+def positive_int(value: Any, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {_describe(value)}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
