@@ -1,0 +1,85 @@
+"""Results do not depend on the thread count or (beyond rounding) on the ISA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import FLOAT_DTYPES, METRICS, distance_rtol
+
+import tripmine
+from tripmine import _core
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("mode", ["self", "ref"])
+def test_identical_for_one_and_two_threads(isa, threads, rng, metric, dtype, mode):
+    x = rng.standard_normal((517, 45)).astype(dtype)
+    ref = None if mode == "self" else rng.standard_normal((1290, 45)).astype(dtype)
+    tripmine.set_num_threads(1)
+    one = tripmine.pairwise_distances(x, ref, metric=metric)
+    tripmine.set_num_threads(2)
+    two = tripmine.pairwise_distances(x, ref, metric=metric)
+    assert np.array_equal(one, two)
+
+
+def test_masks_identical_for_one_and_two_threads(threads, rng):
+    labels = rng.integers(0, 7, size=300)
+    ref_labels = rng.integers(0, 7, size=200)
+    results = []
+    for n in (1, 2):
+        tripmine.set_num_threads(n)
+        results.append((tripmine.positive_mask(labels), tripmine.negative_mask(labels, ref_labels),
+                        tripmine.triplet_mask(labels[:60])))
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_every_isa_agrees_with_generic(rng, metric, dtype):
+    x = rng.standard_normal((211, 77)).astype(dtype)
+    ref = rng.standard_normal((133, 77)).astype(dtype)
+    previous = _core.get_isa()
+    results = {}
+    try:
+        for isa in _core.usable_isas():
+            _core.set_isa(isa)
+            results[isa] = (tripmine.pairwise_distances(x, ref, metric=metric),
+                            tripmine.pairwise_distances(x, metric=metric))
+    finally:
+        _core.set_isa(previous)
+    generic = results["generic"]
+    for isa, (cross, self_) in results.items():
+        np.testing.assert_allclose(cross, generic[0], rtol=2 * distance_rtol(dtype, 77),
+                                   err_msg=isa)
+        np.testing.assert_allclose(self_, generic[1], rtol=2 * distance_rtol(dtype, 77),
+                                   err_msg=isa)
+
+
+def test_thread_control(threads):
+    tripmine.set_num_threads(1)
+    assert tripmine.get_num_threads() == 1
+    tripmine.set_num_threads(3)
+    expected = 3 if tripmine.build_info()["openmp"] else 1
+    assert tripmine.get_num_threads() == expected
+    tripmine.set_num_threads(None)
+    assert tripmine.get_num_threads() >= 1
+
+
+@pytest.mark.parametrize("bad, exc", [(0, ValueError), (-2, ValueError), (1.5, TypeError),
+                                      ("2", TypeError), (True, TypeError)])
+def test_thread_count_must_be_a_positive_integer(threads, bad, exc):
+    with pytest.raises(exc, match="n"):
+        tripmine.set_num_threads(bad)
+
+
+def test_unknown_isa_is_refused():
+    with pytest.raises(ValueError, match="instruction set 'sse9'"):
+        _core.set_isa("sse9")
+    assert _core.get_isa() in _core.usable_isas()
+
+
+def test_generic_isa_always_available():
+    assert "generic" in _core.usable_isas()
+    assert set(_core.usable_isas()) <= set(_core.compiled_isas())
