@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import FLOAT_DTYPES, METRICS, distance_rtol
 from scipy.spatial.distance import cdist
 
 import reference
 import tripmine
+from conftest import FLOAT_DTYPES, METRICS, distance_rtol
 
 # (N, M, D): ones, primes, and sizes that are not multiples of any tile
 # dimension (MR 4/6, NR 8/16, anchor blocks, reference blocks up to 1024).

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import FLOAT_DTYPES, METRICS, distance_rtol
 
 import tripmine
+from conftest import FLOAT_DTYPES, METRICS, distance_rtol
 from tripmine import _core
 
 

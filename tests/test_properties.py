@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import distance_rtol
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tripmine
+from conftest import distance_rtol
 
 SETTINGS = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -51,7 +51,8 @@ def compute_dtype(*arrays: np.ndarray | None) -> np.dtype:
 def _float_matrix(value: Any, name: str, check_finite: bool) -> np.ndarray:
     arr = _as_array(value, name)
     if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
-        raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype {arr.dtype}")
+        raise TypeError(f"{name} must be a float16, float32 or float64 array, "
+                        f"got dtype {arr.dtype}")
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D (rows x features), got shape {arr.shape}")
     if check_finite and arr.size and not np.isfinite(arr).all():
