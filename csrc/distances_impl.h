@@ -30,6 +30,6 @@ int TM_FN(tm_pairwise_distances)(const TM_REAL *x, int64_t n, const TM_REAL *ref
         return TM_ERR_INVALID;
     TM_FN(write_ctx) ctx = {out, m};
     const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
-    const TM_FN(tm_reducer) reducer = {&ctx, 0, NULL, NULL, TM_FN(write_tile), NULL};
+    const TM_FN(tm_reducer) reducer = {&ctx, 0, 0, 0, NULL, NULL, TM_FN(write_tile), NULL};
     return TM_FN(tm_tile_engine)(&problem, &reducer);
 }

@@ -1,6 +1,7 @@
 /* The tile engine, instantiated for float and double (engine_impl.h). */
 #include <math.h>
 #include <stdatomic.h>
+#include <string.h>
 
 #include "internal.h"
 

@@ -16,13 +16,19 @@ typedef int (*TM_FN(tm_tile_fn))(void *ctx, int thread, int64_t row0,
  *   whole_rows == 0: tiles are independent and may be visited in any order by
  *       any thread (begin_rows / end_rows are not called).
  * setup is called once, before any tile, with the number of threads that will
- * run (thread ids are 0 .. nthreads-1); it may allocate per-thread state,
- * which the reducer's owner frees after tm_tile_engine returns.  Every
- * callback may be NULL except tile, and returns a tm_status. */
+ * run (thread ids are 0 .. nthreads-1) and the most anchor rows one block can
+ * have; it may allocate per-thread state, which the reducer's owner frees
+ * after tm_tile_engine returns.  max_block_rows (0: no limit) caps the rows
+ * of an anchor block, for reducers that buffer whole rows.  static_schedule
+ * assigns anchor blocks to threads in a fixed round-robin, so per-thread
+ * accumulations are reproducible for a given thread count.  Every callback
+ * may be NULL except tile, and returns a tm_status. */
 typedef struct {
     void *ctx;
     int whole_rows;
-    int (*setup)(void *ctx, int nthreads);
+    int64_t max_block_rows;
+    int static_schedule;
+    int (*setup)(void *ctx, int nthreads, int64_t block_rows);
     int (*begin_rows)(void *ctx, int thread, int64_t row0, int64_t nrows);
     TM_FN(tm_tile_fn) tile;
     int (*end_rows)(void *ctx, int thread, int64_t row0, int64_t nrows);
@@ -52,3 +58,17 @@ double TM_FN(tm_exact_distance)(const TM_REAL *a, const TM_REAL *b, int64_t d,
  * mr x nr tile, from panels packed k-major (see tm_pack_rows). */
 typedef void (*TM_FN(tm_dot_kernel))(int64_t k, const TM_REAL *a,
                                      const TM_REAL *b, TM_REAL *c, int64_t ldc);
+
+/* Row-wise operations (semi-hard, batch-all, distance-weighted, contrastive)
+ * see one anchor's whole row of distances at a time: tm_run_rows buffers a
+ * block of rows (never more than a few MiB per thread, whatever n and m) and
+ * calls `row` once per anchor, from the thread that owns the block.  setup is
+ * called once with the number of threads before any row. */
+typedef struct {
+    void *op;
+    int (*setup)(void *op, int nthreads);
+    int (*row)(void *op, int thread, int64_t anchor, const TM_REAL *dist);
+    int static_schedule;
+} TM_FN(tm_row_op);
+
+int TM_FN(tm_run_rows)(const TM_FN(tm_tile_problem) *problem, const TM_FN(tm_row_op) *op);

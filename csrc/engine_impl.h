@@ -183,6 +183,36 @@ static int64_t TM_FN(round_up)(int64_t value, int64_t multiple)
     return (value + multiple - 1) / multiple * multiple;
 }
 
+/* One work item: a whole anchor block (whole_rows) or a single tile. */
+static void TM_FN(run_unit)(const TM_FN(engine_plan) *pl, const TM_FN(tm_reducer) *reducer,
+                            int64_t unit, int64_t col_blocks, TM_REAL *tiles,
+                            atomic_int *shared_status)
+{
+    if (atomic_load_explicit(shared_status, memory_order_relaxed) != TM_OK)
+        return;
+    const int64_t mc = pl->mc, nc = pl->nc;
+    const int thread = tm_thread_id();
+    TM_REAL *tile = tiles + (size_t)thread * (size_t)(mc * nc);
+    const int64_t rb = reducer->whole_rows ? unit : unit / col_blocks;
+    const int64_t row0 = rb * mc;
+    const int64_t nrows = pl->n - row0 < mc ? pl->n - row0 : mc;
+    const int64_t cb_first = reducer->whole_rows ? 0 : unit % col_blocks;
+    const int64_t cb_end = reducer->whole_rows ? col_blocks : cb_first + 1;
+    int st = TM_OK;
+    if (reducer->whole_rows && reducer->begin_rows != NULL)
+        st = reducer->begin_rows(reducer->ctx, thread, row0, nrows);
+    for (int64_t cb = cb_first; cb < cb_end && st == TM_OK; ++cb) {
+        const int64_t col0 = cb * nc;
+        const int64_t ncols = pl->m - col0 < nc ? pl->m - col0 : nc;
+        TM_FN(compute_tile)(pl, row0, nrows, col0, ncols, tile);
+        st = reducer->tile(reducer->ctx, thread, row0, nrows, col0, ncols, tile, nc);
+    }
+    if (st == TM_OK && reducer->whole_rows && reducer->end_rows != NULL)
+        st = reducer->end_rows(reducer->ctx, thread, row0, nrows);
+    if (st != TM_OK)
+        atomic_store(shared_status, st);
+}
+
 int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
                           const TM_FN(tm_reducer) *reducer)
 {
@@ -232,6 +262,11 @@ int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
         (n + 4 * (int64_t)max_threads - 1) / (4 * (int64_t)max_threads), plan.mr);
     if (balanced < mc)
         mc = balanced > 0 ? balanced : plan.mr;
+    if (reducer->max_block_rows > 0 && mc > reducer->max_block_rows) {
+        mc = reducer->max_block_rows / plan.mr * plan.mr;
+        if (mc < plan.mr)
+            mc = plan.mr;
+    }
     plan.mc = mc;
     plan.nc = nc;
 
@@ -259,7 +294,7 @@ int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
         status = TM_ERR_NOMEM;
         goto done;
     }
-    if (reducer->setup != NULL && (status = reducer->setup(reducer->ctx, threads)) != TM_OK)
+    if (reducer->setup != NULL && (status = reducer->setup(reducer->ctx, threads, mc)) != TM_OK)
         goto done;
 
     TM_FN(pack_panels)(plan.x, n, d, plan.mr, x_packed, threads);
@@ -273,30 +308,14 @@ int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
     plan.ref_norms = ref_norms;
 
     atomic_int shared_status = TM_OK;
-    TM_OMP(parallel for num_threads(threads) schedule(dynamic, 1))
-    for (int64_t unit = 0; unit < units; ++unit) {
-        if (atomic_load_explicit(&shared_status, memory_order_relaxed) != TM_OK)
-            continue;
-        const int thread = tm_thread_id();
-        TM_REAL *tile = tiles + (size_t)thread * (size_t)(mc * nc);
-        const int64_t rb = reducer->whole_rows ? unit : unit / col_blocks;
-        const int64_t row0 = rb * mc;
-        const int64_t nrows = n - row0 < mc ? n - row0 : mc;
-        const int64_t cb_first = reducer->whole_rows ? 0 : unit % col_blocks;
-        const int64_t cb_end = reducer->whole_rows ? col_blocks : cb_first + 1;
-        int st = TM_OK;
-        if (reducer->whole_rows && reducer->begin_rows != NULL)
-            st = reducer->begin_rows(reducer->ctx, thread, row0, nrows);
-        for (int64_t cb = cb_first; cb < cb_end && st == TM_OK; ++cb) {
-            const int64_t col0 = cb * nc;
-            const int64_t ncols = m - col0 < nc ? m - col0 : nc;
-            TM_FN(compute_tile)(&plan, row0, nrows, col0, ncols, tile);
-            st = reducer->tile(reducer->ctx, thread, row0, nrows, col0, ncols, tile, nc);
-        }
-        if (st == TM_OK && reducer->whole_rows && reducer->end_rows != NULL)
-            st = reducer->end_rows(reducer->ctx, thread, row0, nrows);
-        if (st != TM_OK)
-            atomic_store(&shared_status, st);
+    if (reducer->static_schedule) {
+        TM_OMP(parallel for num_threads(threads) schedule(static, 1))
+        for (int64_t unit = 0; unit < units; ++unit)
+            TM_FN(run_unit)(&plan, reducer, unit, col_blocks, tiles, &shared_status);
+    } else {
+        TM_OMP(parallel for num_threads(threads) schedule(dynamic, 1))
+        for (int64_t unit = 0; unit < units; ++unit)
+            TM_FN(run_unit)(&plan, reducer, unit, col_blocks, tiles, &shared_status);
     }
     status = atomic_load(&shared_status);
 
@@ -307,5 +326,67 @@ done:
     tm_free(x_norms);
     if (!self)
         tm_free(ref_norms);
+    return status;
+}
+
+/* ---- row collector: the reducer behind tm_run_rows -------------------- */
+
+typedef struct {
+    const TM_FN(tm_row_op) *op;
+    int64_t m;
+    int64_t block_rows;
+    TM_REAL *buffer; /* nthreads x block_rows x m */
+} TM_FN(row_collector);
+
+static int TM_FN(rows_setup)(void *ctx, int nthreads, int64_t block_rows)
+{
+    TM_FN(row_collector) *rc = ctx;
+    size_t bytes;
+    int status = tm_bytes((int64_t)nthreads * block_rows, rc->m, sizeof(TM_REAL), &bytes);
+    if (status != TM_OK)
+        return status;
+    rc->block_rows = block_rows;
+    rc->buffer = tm_alloc(bytes);
+    if (rc->buffer == NULL)
+        return TM_ERR_NOMEM;
+    return rc->op->setup != NULL ? rc->op->setup(rc->op->op, nthreads) : TM_OK;
+}
+
+static int TM_FN(rows_tile)(void *ctx, int thread, int64_t row0, int64_t nrows, int64_t col0,
+                            int64_t ncols, const TM_REAL *dist, int64_t ld)
+{
+    (void)row0;
+    TM_FN(row_collector) *rc = ctx;
+    TM_REAL *rows = rc->buffer + (size_t)thread * (size_t)(rc->block_rows * rc->m);
+    for (int64_t i = 0; i < nrows; ++i)
+        memcpy(rows + i * rc->m + col0, dist + i * ld, (size_t)ncols * sizeof(TM_REAL));
+    return TM_OK;
+}
+
+static int TM_FN(rows_end)(void *ctx, int thread, int64_t row0, int64_t nrows)
+{
+    TM_FN(row_collector) *rc = ctx;
+    const TM_REAL *rows = rc->buffer + (size_t)thread * (size_t)(rc->block_rows * rc->m);
+    for (int64_t i = 0; i < nrows; ++i) {
+        const int status = rc->op->row(rc->op->op, thread, row0 + i, rows + i * rc->m);
+        if (status != TM_OK)
+            return status;
+    }
+    return TM_OK;
+}
+
+int TM_FN(tm_run_rows)(const TM_FN(tm_tile_problem) *problem, const TM_FN(tm_row_op) *op)
+{
+    if (problem == NULL || op == NULL || op->row == NULL)
+        return TM_ERR_INVALID;
+    const int64_t m = problem->ref == NULL ? problem->n : problem->m;
+    TM_FN(row_collector) rc = {op, m, 0, NULL};
+    int64_t max_rows = TM_ROW_BUFFER_BYTES / ((m > 0 ? m : 1) * (int64_t)sizeof(TM_REAL));
+    const TM_FN(tm_reducer) reducer = {
+        &rc, 1, max_rows > 0 ? max_rows : 1, op->static_schedule,
+        TM_FN(rows_setup), NULL, TM_FN(rows_tile), TM_FN(rows_end),
+    };
+    const int status = TM_FN(tm_tile_engine)(problem, &reducer);
+    tm_free(rc.buffer);
     return status;
 }

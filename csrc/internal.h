@@ -36,6 +36,21 @@ int tm_bytes(int64_t a, int64_t b, size_t elem_size, size_t *out);
 /* Number of threads to use for `work` independent items (at least 1). */
 int tm_threads_for(int64_t work);
 
+/* A value with the reference index it belongs to, ordered by (value, index)
+ * with NaN after everything, so ties resolve to the lowest index. */
+typedef struct {
+    double value;
+    int64_t index;
+} tm_scored;
+
+void tm_sort_scored(tm_scored *items, int64_t count);
+/* Number of leading items (of a sorted array) whose value is < v, or <= v. */
+int64_t tm_count_below(const tm_scored *items, int64_t count, double v);
+int64_t tm_count_at_most(const tm_scored *items, int64_t count, double v);
+
+/* Row buffers of tm_run_rows stay under this many bytes per thread. */
+#define TM_ROW_BUFFER_BYTES (4 * 1024 * 1024)
+
 #define TM_BITS 32
 #include "template.h"
 #include "engine_decl.h"

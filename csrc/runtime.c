@@ -121,3 +121,46 @@ int tm_bytes(int64_t a, int64_t b, size_t elem_size, size_t *out)
     *out = count * elem_size;
     return TM_OK;
 }
+
+static int compare_scored(const void *pa, const void *pb)
+{
+    const tm_scored *a = pa, *b = pb;
+    const int a_nan = a->value != a->value, b_nan = b->value != b->value;
+    if (a_nan != b_nan)
+        return a_nan - b_nan;
+    if (!a_nan && a->value != b->value)
+        return a->value < b->value ? -1 : 1;
+    return (a->index > b->index) - (a->index < b->index);
+}
+
+void tm_sort_scored(tm_scored *items, int64_t count)
+{
+    if (count > 1)
+        qsort(items, (size_t)count, sizeof(tm_scored), compare_scored);
+}
+
+int64_t tm_count_below(const tm_scored *items, int64_t count, double v)
+{
+    int64_t lo = 0, hi = count;
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (items[mid].value < v)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+int64_t tm_count_at_most(const tm_scored *items, int64_t count, double v)
+{
+    int64_t lo = 0, hi = count;
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (items[mid].value <= v)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}

@@ -58,6 +58,18 @@ typedef enum {
     TM_METRIC_COSINE = 2       /* 1 - cos(x, r); a zero vector has cos 0 with anything */
 } tm_metric;
 
+typedef enum {
+    TM_SELECT_CLOSEST = 0, /* semi-hard: nearest negative farther than the positive */
+    TM_SELECT_RANDOM = 1   /* semi-hard: uniform among d(a,p) < d(a,n) < d(a,p) + margin */
+} tm_select;
+
+typedef enum {
+    TM_REDUCE_MEAN = 0,
+    TM_REDUCE_SUM = 1,
+    TM_REDUCE_MEAN_NONZERO = 2,
+    TM_REDUCE_NONE = 3 /* per-item losses out; the gradient is that of their sum */
+} tm_reduction;
+
 /* A static, human-readable description of a status code. */
 TM_PUBLIC const char *tm_strerror(int status);
 
@@ -108,6 +120,142 @@ TM_PUBLIC int tm_pair_masks(const int64_t *labels, int64_t n,
 /* out[(a*n + p)*n + q] = 1 iff a != p, labels[a] == labels[p] and
  * labels[q] != labels[a]: the valid triplets (a, p, q) of one batch. */
 TM_PUBLIC int tm_triplet_mask(const int64_t *labels, int64_t n, uint8_t *out);
+
+/* ---- miners ---------------------------------------------------------------
+ *
+ * Common arguments: x (n x d), ref (m x d, or NULL for self mode with m == n),
+ * metric, labels (n int64 codes) and ref_labels (m codes; NULL in self mode).
+ * Positives of anchor a: reference rows with its label (never a itself in
+ * self mode); negatives: rows with another label.  Ties go to the lowest
+ * reference index.  Random choices use the counter-based generator keyed on
+ * (seed, anchor, positive index) described in rng.h.
+ *
+ * Per-positive-pair miners write one slot per positive pair: anchor a owns
+ * slots [pos_offsets[a], pos_offsets[a + 1]), one per positive of a in
+ * increasing index order; out_positive[slot] receives the positive's index and
+ * out_negative[slot] the chosen negative, or -1 when the pair gets none.
+ */
+
+/* Batch-hard (Hermans et al. 2017): per anchor the farthest positive and the
+ * nearest negative (-1 where the anchor has none). */
+TM_PUBLIC int tm_batch_hard_f32(const float *x, int64_t n, const float *ref, int64_t m,
+                                int64_t d, int metric, const int64_t *labels,
+                                const int64_t *ref_labels, int64_t *positive,
+                                int64_t *negative);
+TM_PUBLIC int tm_batch_hard_f64(const double *x, int64_t n, const double *ref, int64_t m,
+                                int64_t d, int metric, const int64_t *labels,
+                                const int64_t *ref_labels, int64_t *positive,
+                                int64_t *negative);
+
+/* Semi-hard negatives per positive pair, select = tm_select. */
+TM_PUBLIC int tm_semi_hard_f32(const float *x, int64_t n, const float *ref, int64_t m,
+                               int64_t d, int metric, const int64_t *labels,
+                               const int64_t *ref_labels, double margin, int select,
+                               uint64_t seed, const int64_t *pos_offsets,
+                               int64_t *out_positive, int64_t *out_negative);
+TM_PUBLIC int tm_semi_hard_f64(const double *x, int64_t n, const double *ref, int64_t m,
+                               int64_t d, int metric, const int64_t *labels,
+                               const int64_t *ref_labels, double margin, int select,
+                               uint64_t seed, const int64_t *pos_offsets,
+                               int64_t *out_positive, int64_t *out_negative);
+
+/* Every (a, p, q) with d(a,p) < d(a,q) <= d(a,p) + margin.  Two calls: with
+ * offsets == NULL it writes counts[a], the number of such triplets of anchor
+ * a; with offsets (n + 1 prefix sums of those counts) it writes them, by
+ * anchor, positive index, negative index.  When keep (sorted global triplet
+ * numbers, n_keep of them) is given, only those triplets are written,
+ * compactly. */
+TM_PUBLIC int tm_semi_hard_all_f32(const float *x, int64_t n, const float *ref, int64_t m,
+                                   int64_t d, int metric, const int64_t *labels,
+                                   const int64_t *ref_labels, double margin, int64_t *counts,
+                                   const int64_t *offsets, const int64_t *keep, int64_t n_keep,
+                                   int64_t *out_anchor, int64_t *out_positive,
+                                   int64_t *out_negative);
+TM_PUBLIC int tm_semi_hard_all_f64(const double *x, int64_t n, const double *ref, int64_t m,
+                                   int64_t d, int metric, const int64_t *labels,
+                                   const int64_t *ref_labels, double margin, int64_t *counts,
+                                   const int64_t *offsets, const int64_t *keep, int64_t n_keep,
+                                   int64_t *out_anchor, int64_t *out_positive,
+                                   int64_t *out_negative);
+
+/* Distance-weighted sampling (Wu et al. 2017): per positive pair one negative
+ * drawn with probability proportional to
+ *   w(t) = t^(2-d) (1 - t^2/4)^((3-d)/2),  t = max(dist, cutoff),
+ * and w = 0 for dist >= nonzero_loss_cutoff or 1 - t^2/4 <= 0 (computed in
+ * log space, relative to the row's largest weight). */
+TM_PUBLIC int tm_distance_weighted_f32(const float *x, int64_t n, const float *ref, int64_t m,
+                                       int64_t d, const int64_t *labels,
+                                       const int64_t *ref_labels, double cutoff,
+                                       double nonzero_loss_cutoff, uint64_t seed,
+                                       const int64_t *pos_offsets, int64_t *out_positive,
+                                       int64_t *out_negative);
+TM_PUBLIC int tm_distance_weighted_f64(const double *x, int64_t n, const double *ref, int64_t m,
+                                       int64_t d, const int64_t *labels,
+                                       const int64_t *ref_labels, double cutoff,
+                                       double nonzero_loss_cutoff, uint64_t seed,
+                                       const int64_t *pos_offsets, int64_t *out_positive,
+                                       int64_t *out_negative);
+
+/* ---- losses ----------------------------------------------------------------
+ *
+ * Each writes the reduced loss (for TM_REDUCE_NONE: the sum) to *loss, the
+ * counts, optionally per-item losses, and -- when grad is not NULL -- dL/dx
+ * (n x d) and, in reference mode, dL/dref (m x d, when ref_grad is not NULL).
+ * In self mode grad holds the whole gradient (x is both anchor and
+ * reference).  Gradients are analytic; at a hinge kink and at zero
+ * euclidean distance the subgradient 0 is used.
+ */
+
+/* Triplet margin loss over given triplets: z = d(a,p) - d(a,q) + margin,
+ * loss max(0, z) or, with soft, softplus(z).  Distances are recomputed
+ * exactly by direct difference in double. per_triplet (t) may be NULL. */
+TM_PUBLIC int tm_triplet_loss_f32(const float *x, int64_t n, const float *ref, int64_t m,
+                                  int64_t d, int metric, const int64_t *anchor,
+                                  const int64_t *positive, const int64_t *negative, int64_t t,
+                                  double margin, int soft, int reduction, double *loss,
+                                  int64_t *n_active, double *per_triplet, float *grad,
+                                  float *ref_grad);
+TM_PUBLIC int tm_triplet_loss_f64(const double *x, int64_t n, const double *ref, int64_t m,
+                                  int64_t d, int metric, const int64_t *anchor,
+                                  const int64_t *positive, const int64_t *negative, int64_t t,
+                                  double margin, int soft, int reduction, double *loss,
+                                  int64_t *n_active, double *per_triplet, double *grad,
+                                  double *ref_grad);
+
+/* Batch-all triplet loss: every valid (a, p, q), never enumerated (per anchor
+ * one sort of its positives, a binary search per negative).  per_anchor (n)
+ * may be NULL. */
+TM_PUBLIC int tm_batch_all_loss_f32(const float *x, int64_t n, const float *ref, int64_t m,
+                                    int64_t d, int metric, const int64_t *labels,
+                                    const int64_t *ref_labels, double margin, int soft,
+                                    int reduction, double *loss, int64_t *n_triplets,
+                                    int64_t *n_active, double *per_anchor, float *grad,
+                                    float *ref_grad);
+TM_PUBLIC int tm_batch_all_loss_f64(const double *x, int64_t n, const double *ref, int64_t m,
+                                    int64_t d, int metric, const int64_t *labels,
+                                    const int64_t *ref_labels, double margin, int soft,
+                                    int reduction, double *loss, int64_t *n_triplets,
+                                    int64_t *n_active, double *per_anchor, double *grad,
+                                    double *ref_grad);
+
+/* Contrastive loss over all ordered pairs: positive max(0, d - pos_margin)^power,
+ * negative max(0, neg_margin - d)^power, power 1 or 2.  counts receives
+ * {positive pairs, negative pairs, active positive, active negative}. */
+TM_PUBLIC int tm_contrastive_loss_f32(const float *x, int64_t n, const float *ref, int64_t m,
+                                      int64_t d, int metric, const int64_t *labels,
+                                      const int64_t *ref_labels, double pos_margin,
+                                      double neg_margin, int power, int reduction, double *loss,
+                                      int64_t *counts, double *per_anchor, float *grad,
+                                      float *ref_grad);
+TM_PUBLIC int tm_contrastive_loss_f64(const double *x, int64_t n, const double *ref, int64_t m,
+                                      int64_t d, int metric, const int64_t *labels,
+                                      const int64_t *ref_labels, double pos_margin,
+                                      double neg_margin, int power, int reduction, double *loss,
+                                      int64_t *counts, double *per_anchor, double *grad,
+                                      double *ref_grad);
+
+/* The counter-based generator of rng.h, exposed for tests and the GPU path. */
+TM_PUBLIC double tm_uniform(uint64_t seed, int64_t anchor, int64_t draw);
 
 #ifdef __cplusplus
 }

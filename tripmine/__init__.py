@@ -5,7 +5,7 @@ Architecture
 ::
 
     tripmine.<function>(x, labels, ...)          public modules, one concept each
-          |                                      (distances, masks, runtime)
+          |                                      (distances, masks, miners, losses, runtime)
           v
     tripmine._validation                         dtype, shape, labels -> int64 codes,
           |                                      check_finite, out= checks
@@ -23,18 +23,28 @@ allocate N x M.  See README.md for the semantics (metrics, self mode, ties).
 
 from . import _core
 from .distances import pairwise_distances
+from .losses import ContrastiveLossResult, TripletLossResult, contrastive_loss, triplet_loss
 from .masks import TRIPLET_MASK_MAX_N, negative_mask, positive_mask, triplet_mask
+from .miners import Triplets, batch_hard, distance_weighted, semi_hard
 from .runtime import build_info, get_num_threads, set_num_threads
 
 __version__ = _core.build_facts()["version"]
 
 __all__ = [
     "TRIPLET_MASK_MAX_N",
+    "ContrastiveLossResult",
+    "TripletLossResult",
+    "Triplets",
+    "batch_hard",
     "build_info",
+    "contrastive_loss",
+    "distance_weighted",
     "get_num_threads",
     "negative_mask",
     "pairwise_distances",
     "positive_mask",
+    "semi_hard",
     "set_num_threads",
+    "triplet_loss",
     "triplet_mask",
 ]

@@ -149,3 +149,134 @@ def _apply_environment() -> None:
 
 
 _apply_environment()
+
+
+# ---- miners and losses ------------------------------------------------------
+
+
+def _typed(name: str, dtype: np.dtype):
+    return getattr(lib, f"{name}_{'f32' if dtype == np.float32 else 'f64'}")
+
+
+def _problem_args(x: np.ndarray, ref: np.ndarray | None) -> tuple:
+    m = x.shape[0] if ref is None else ref.shape[0]
+    return _ptr(x), x.shape[0], _ptr(ref), m, x.shape[1]
+
+
+SELECTS = {"closest": lib.TM_SELECT_CLOSEST, "random": lib.TM_SELECT_RANDOM}
+REDUCTIONS = {
+    "mean": lib.TM_REDUCE_MEAN,
+    "sum": lib.TM_REDUCE_SUM,
+    "mean_nonzero": lib.TM_REDUCE_MEAN_NONZERO,
+    "none": lib.TM_REDUCE_NONE,
+}
+
+
+def batch_hard(x, ref, metric, codes, ref_codes):
+    n = x.shape[0]
+    positive = np.empty(n, dtype=np.int64)
+    negative = np.empty(n, dtype=np.int64)
+    check(_typed("tm_batch_hard", x.dtype)(*_problem_args(x, ref), metric, _ptr(codes),
+                                           _ptr(ref_codes), _ptr(positive), _ptr(negative)),
+          "batch_hard")
+    return positive, negative
+
+
+def semi_hard(x, ref, metric, codes, ref_codes, margin, select, seed, offsets):
+    total = int(offsets[-1])
+    positive = np.empty(total, dtype=np.int64)
+    negative = np.empty(total, dtype=np.int64)
+    check(_typed("tm_semi_hard", x.dtype)(*_problem_args(x, ref), metric, _ptr(codes),
+                                          _ptr(ref_codes), margin, SELECTS[select], seed,
+                                          _ptr(offsets), _ptr(positive), _ptr(negative)),
+          "semi_hard")
+    return positive, negative
+
+
+def semi_hard_all_counts(x, ref, metric, codes, ref_codes, margin):
+    counts = np.empty(x.shape[0], dtype=np.int64)
+    check(_typed("tm_semi_hard_all", x.dtype)(*_problem_args(x, ref), metric, _ptr(codes),
+                                              _ptr(ref_codes), margin, _ptr(counts), ffi.NULL,
+                                              ffi.NULL, 0, ffi.NULL, ffi.NULL, ffi.NULL),
+          "semi_hard")
+    return counts
+
+
+def semi_hard_all_write(x, ref, metric, codes, ref_codes, margin, offsets, keep):
+    size = int(offsets[-1]) if keep is None else keep.shape[0]
+    out = [np.empty(size, dtype=np.int64) for _ in range(3)]
+    check(_typed("tm_semi_hard_all", x.dtype)(*_problem_args(x, ref), metric, _ptr(codes),
+                                              _ptr(ref_codes), margin, ffi.NULL, _ptr(offsets),
+                                              _ptr(keep), 0 if keep is None else keep.shape[0],
+                                              *(_ptr(o) for o in out)),
+          "semi_hard")
+    return out
+
+
+def distance_weighted(x, ref, codes, ref_codes, cutoff, nonzero_loss_cutoff, seed, offsets):
+    total = int(offsets[-1])
+    positive = np.empty(total, dtype=np.int64)
+    negative = np.empty(total, dtype=np.int64)
+    check(_typed("tm_distance_weighted", x.dtype)(*_problem_args(x, ref), _ptr(codes),
+                                                  _ptr(ref_codes), cutoff, nonzero_loss_cutoff,
+                                                  seed, _ptr(offsets), _ptr(positive),
+                                                  _ptr(negative)),
+          "distance_weighted")
+    return positive, negative
+
+
+def _gradient_buffers(x, ref, want_grad):
+    if not want_grad:
+        return None, None
+    grad = np.zeros_like(x)
+    ref_grad = None if ref is None else np.zeros_like(ref)
+    return grad, ref_grad
+
+
+def triplet_loss(x, ref, metric, anchor, positive, negative, margin, soft, reduction,
+                 want_grad, per_item):
+    loss = ffi.new("double *")
+    active = ffi.new("int64_t *")
+    per_triplet = np.empty(anchor.shape[0]) if per_item else None
+    grad, ref_grad = _gradient_buffers(x, ref, want_grad)
+    check(_typed("tm_triplet_loss", x.dtype)(*_problem_args(x, ref), metric, _ptr(anchor),
+                                             _ptr(positive), _ptr(negative), anchor.shape[0],
+                                             margin, int(soft), REDUCTIONS[reduction], loss,
+                                             active, _ptr(per_triplet), _ptr(grad),
+                                             _ptr(ref_grad)),
+          "triplet_loss")
+    return loss[0], int(active[0]), per_triplet, grad, ref_grad
+
+
+def batch_all_loss(x, ref, metric, codes, ref_codes, margin, soft, reduction, want_grad,
+                   per_item):
+    loss = ffi.new("double *")
+    triplets = ffi.new("int64_t *")
+    active = ffi.new("int64_t *")
+    per_anchor = np.empty(x.shape[0]) if per_item else None
+    grad, ref_grad = _gradient_buffers(x, ref, want_grad)
+    check(_typed("tm_batch_all_loss", x.dtype)(*_problem_args(x, ref), metric, _ptr(codes),
+                                               _ptr(ref_codes), margin, int(soft),
+                                               REDUCTIONS[reduction], loss, triplets, active,
+                                               _ptr(per_anchor), _ptr(grad), _ptr(ref_grad)),
+          "triplet_loss")
+    return loss[0], int(triplets[0]), int(active[0]), per_anchor, grad, ref_grad
+
+
+def contrastive_loss(x, ref, metric, codes, ref_codes, pos_margin, neg_margin, power, reduction,
+                     want_grad, per_item):
+    loss = ffi.new("double *")
+    counts = np.zeros(4, dtype=np.int64)
+    per_anchor = np.empty(x.shape[0]) if per_item else None
+    grad, ref_grad = _gradient_buffers(x, ref, want_grad)
+    check(_typed("tm_contrastive_loss", x.dtype)(*_problem_args(x, ref), metric, _ptr(codes),
+                                                 _ptr(ref_codes), pos_margin, neg_margin, power,
+                                                 REDUCTIONS[reduction], loss, _ptr(counts),
+                                                 _ptr(per_anchor), _ptr(grad), _ptr(ref_grad)),
+          "contrastive_loss")
+    return loss[0], [int(c) for c in counts], per_anchor, grad, ref_grad
+
+
+def uniform(seed: int, anchor: int, draw: int) -> float:
+    """The C core's counter-based uniform number for (seed, anchor, draw)."""
+    return float(lib.tm_uniform(seed, anchor, draw))

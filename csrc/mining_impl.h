@@ -1,0 +1,458 @@
+/*
+ * Miners, one body for both precisions (template.h).
+ *
+ * batch-hard is a streaming reducer: per-anchor running argmax / argmin,
+ * updated tile by tile in increasing column order (so strict comparisons keep
+ * the lowest index on ties).  The per-positive-pair miners are row
+ * operations (tm_run_rows): each sees one anchor's whole row of distances.
+ */
+
+/* ---- batch-hard ------------------------------------------------------------ */
+
+typedef struct {
+    TM_FN(label_view) lv;
+    int64_t *positive, *negative;
+    TM_REAL *best_positive, *best_negative; /* n each */
+} TM_FN(batch_hard_ctx);
+
+static int TM_FN(batch_hard_begin)(void *ctx, int thread, int64_t row0, int64_t nrows)
+{
+    (void)thread;
+    TM_FN(batch_hard_ctx) *c = ctx;
+    for (int64_t i = row0; i < row0 + nrows; ++i)
+        c->positive[i] = c->negative[i] = -1;
+    return TM_OK;
+}
+
+static int TM_FN(batch_hard_tile)(void *ctx, int thread, int64_t row0, int64_t nrows,
+                                  int64_t col0, int64_t ncols, const TM_REAL *dist, int64_t ld)
+{
+    (void)thread;
+    TM_FN(batch_hard_ctx) *c = ctx;
+    const int64_t *ref_labels = c->lv.ref_labels;
+    for (int64_t i = 0; i < nrows; ++i) {
+        const int64_t a = row0 + i, label = c->lv.labels[a];
+        const TM_REAL *row = dist + i * ld;
+        int64_t pos = c->positive[a], neg = c->negative[a];
+        TM_REAL best_pos = c->best_positive[a], best_neg = c->best_negative[a];
+        for (int64_t j = 0; j < ncols; ++j) {
+            const int64_t col = col0 + j;
+            const TM_REAL v = row[j];
+            if (v != v || (c->lv.self && col == a))
+                continue;
+            if (ref_labels[col] == label) {
+                if (pos < 0 || v > best_pos) {
+                    pos = col;
+                    best_pos = v;
+                }
+            } else if (neg < 0 || v < best_neg) {
+                neg = col;
+                best_neg = v;
+            }
+        }
+        c->positive[a] = pos;
+        c->negative[a] = neg;
+        c->best_positive[a] = best_pos;
+        c->best_negative[a] = best_neg;
+    }
+    return TM_OK;
+}
+
+int TM_FN(tm_batch_hard)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m, int64_t d,
+                         int metric, const int64_t *labels, const int64_t *ref_labels,
+                         int64_t *positive, int64_t *negative)
+{
+    int status = TM_FN(validate_problem)(x, n, ref, m, d, labels, ref_labels);
+    if (status != TM_OK)
+        return status;
+    if (n > 0 && (positive == NULL || negative == NULL))
+        return TM_ERR_INVALID;
+    size_t bytes;
+    if ((status = tm_bytes(n, 2, sizeof(TM_REAL), &bytes)) != TM_OK)
+        return status;
+    TM_REAL *best = tm_alloc(bytes);
+    if (best == NULL)
+        return TM_ERR_NOMEM;
+    TM_FN(batch_hard_ctx) ctx = {{labels, ref == NULL ? labels : ref_labels, ref == NULL, m},
+                                 positive, negative, best, best + n};
+    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
+    const TM_FN(tm_reducer) reducer = {&ctx, 1, 0, 0, NULL, TM_FN(batch_hard_begin),
+                                       TM_FN(batch_hard_tile), NULL};
+    status = TM_FN(tm_tile_engine)(&problem, &reducer);
+    tm_free(best);
+    return status;
+}
+
+/* ---- semi-hard (closest / random) ----------------------------------------- */
+
+typedef struct {
+    TM_FN(label_view) lv;
+    double margin;
+    int select;
+    uint64_t seed;
+    const int64_t *pos_offsets;
+    int64_t *out_positive, *out_negative;
+    TM_FN(row_scratch) scratch;
+    int64_t m;
+} TM_FN(semi_hard_op);
+
+static int TM_FN(semi_hard_setup)(void *op, int nthreads)
+{
+    TM_FN(semi_hard_op) *s = op;
+    return TM_FN(scratch_alloc)(&s->scratch, nthreads, s->m);
+}
+
+/* closest: answer[r] for the positive of sorted rank r is the smallest negative
+ * distance strictly above it.  One pass over the negatives records, for each
+ * rank boundary k (the number of positives below the negative), the best
+ * negative; a suffix minimum then serves every rank. */
+static void TM_FN(closest_negatives)(const tm_scored *sorted_pos, int64_t n_pos,
+                                     const tm_scored *negatives, int64_t n_neg,
+                                     tm_scored *best /* n_pos */, int64_t *answer /* n_pos */)
+{
+    for (int64_t r = 0; r < n_pos; ++r)
+        best[r].index = -1;
+    int64_t far = -1;
+    double far_value = 0.0;
+    for (int64_t q = 0; q < n_neg; ++q) {
+        const double v = negatives[q].value;
+        if (far < 0 || v > far_value) {
+            far = negatives[q].index;
+            far_value = v;
+        }
+        const int64_t k = tm_count_below(sorted_pos, n_pos, v);
+        if (k > 0 && (best[k - 1].index < 0 || v < best[k - 1].value)) {
+            best[k - 1].value = v;
+            best[k - 1].index = negatives[q].index;
+        }
+    }
+    int64_t run = -1;
+    double run_value = 0.0;
+    for (int64_t r = n_pos - 1; r >= 0; --r) {
+        if (best[r].index >= 0 &&
+            (run < 0 || best[r].value < run_value ||
+             (best[r].value == run_value && best[r].index < run))) {
+            run = best[r].index;
+            run_value = best[r].value;
+        }
+        answer[r] = run >= 0 ? run : far;
+    }
+}
+
+static int TM_FN(semi_hard_row)(void *op, int thread, int64_t a, const TM_REAL *dist)
+{
+    TM_FN(semi_hard_op) *s = op;
+    tm_scored *positives = TM_SCRATCH(&s->scratch, positives, thread);
+    tm_scored *negatives = TM_SCRATCH(&s->scratch, negatives, thread);
+    int64_t n_pos, n_neg;
+    TM_FN(split_row)(&s->lv, a, dist, positives, &n_pos, negatives, &n_neg);
+    const int64_t base = s->pos_offsets[a];
+    if (s->pos_offsets[a + 1] - base != n_pos)
+        return TM_ERR_INVALID;
+    for (int64_t k = 0; k < n_pos; ++k) {
+        s->out_positive[base + k] = positives[k].index;
+        s->out_negative[base + k] = -1;
+    }
+    if (n_pos == 0 || n_neg == 0)
+        return TM_OK;
+    if (s->select == TM_SELECT_CLOSEST) {
+        /* Sort the positives by distance, remembering each one's slot. */
+        int64_t *slot_of = TM_SCRATCH(&s->scratch, slots, thread);
+        int64_t *answer = TM_SCRATCH(&s->scratch, answer, thread);
+        for (int64_t k = 0; k < n_pos; ++k)
+            positives[k].index = k;
+        tm_sort_scored(positives, n_pos);
+        for (int64_t r = 0; r < n_pos; ++r)
+            slot_of[r] = positives[r].index;
+        TM_FN(closest_negatives)(positives, n_pos, negatives, n_neg,
+                                 TM_SCRATCH(&s->scratch, best, thread), answer);
+        for (int64_t r = 0; r < n_pos; ++r)
+            s->out_negative[base + slot_of[r]] = answer[r];
+        return TM_OK;
+    }
+    /* random: candidates in (d_ap, d_ap + margin), in (distance, index) order. */
+    tm_sort_scored(negatives, n_neg);
+    for (int64_t k = 0; k < n_pos; ++k) {
+        const double dap = positives[k].value;
+        const int64_t lo = tm_count_at_most(negatives, n_neg, dap);
+        const int64_t hi = tm_count_below(negatives, n_neg, dap + s->margin);
+        if (hi > lo) {
+            const int64_t pick = tm_uniform_index(s->seed, a, positives[k].index, hi - lo);
+            s->out_negative[base + k] = negatives[lo + pick].index;
+        }
+    }
+    return TM_OK;
+}
+
+static int TM_FN(check_offsets)(const int64_t *pos_offsets, int64_t n, const int64_t *out_a,
+                                const int64_t *out_b)
+{
+    if (n == 0)
+        return TM_OK;
+    if (pos_offsets == NULL || pos_offsets[0] != 0)
+        return TM_ERR_INVALID;
+    for (int64_t a = 0; a < n; ++a)
+        if (pos_offsets[a + 1] < pos_offsets[a])
+            return TM_ERR_INVALID;
+    if (pos_offsets[n] > 0 && (out_a == NULL || out_b == NULL))
+        return TM_ERR_INVALID;
+    return TM_OK;
+}
+
+int TM_FN(tm_semi_hard)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m, int64_t d,
+                        int metric, const int64_t *labels, const int64_t *ref_labels,
+                        double margin, int select, uint64_t seed, const int64_t *pos_offsets,
+                        int64_t *out_positive, int64_t *out_negative)
+{
+    int status = TM_FN(validate_problem)(x, n, ref, m, d, labels, ref_labels);
+    if (status == TM_OK)
+        status = TM_FN(check_offsets)(pos_offsets, n, out_positive, out_negative);
+    if (status != TM_OK)
+        return status;
+    if (select != TM_SELECT_CLOSEST && select != TM_SELECT_RANDOM)
+        return TM_ERR_INVALID;
+    TM_FN(semi_hard_op) s;
+    memset(&s, 0, sizeof(s));
+    s.lv.labels = labels;
+    s.lv.ref_labels = ref == NULL ? labels : ref_labels;
+    s.lv.self = ref == NULL;
+    s.lv.m = m;
+    s.margin = margin;
+    s.select = select;
+    s.seed = seed;
+    s.pos_offsets = pos_offsets;
+    s.out_positive = out_positive;
+    s.out_negative = out_negative;
+    s.m = m;
+    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
+    const TM_FN(tm_row_op) op = {&s, TM_FN(semi_hard_setup), TM_FN(semi_hard_row), 0};
+    status = TM_FN(tm_run_rows)(&problem, &op);
+    TM_FN(scratch_free)(&s.scratch);
+    return status;
+}
+
+/* ---- semi-hard "all" -------------------------------------------------------- */
+
+typedef struct {
+    TM_FN(label_view) lv;
+    double margin;
+    int64_t *counts;
+    const int64_t *offsets, *keep;
+    int64_t n_keep;
+    int64_t *out_anchor, *out_positive, *out_negative;
+    TM_FN(row_scratch) scratch;
+} TM_FN(semi_hard_all_op);
+
+static int TM_FN(semi_hard_all_setup)(void *op, int nthreads)
+{
+    TM_FN(semi_hard_all_op) *s = op;
+    return TM_FN(scratch_alloc)(&s->scratch, nthreads, s->lv.m);
+}
+
+static int TM_FN(semi_hard_all_row)(void *op, int thread, int64_t a, const TM_REAL *dist)
+{
+    TM_FN(semi_hard_all_op) *s = op;
+    tm_scored *positives = TM_SCRATCH(&s->scratch, positives, thread);
+    tm_scored *negatives = TM_SCRATCH(&s->scratch, negatives, thread);
+    int64_t n_pos, n_neg;
+    TM_FN(split_row)(&s->lv, a, dist, positives, &n_pos, negatives, &n_neg);
+    if (s->offsets == NULL) {
+        /* Counting pass: one sort of the negatives, two searches per positive. */
+        tm_sort_scored(negatives, n_neg);
+        int64_t count = 0;
+        for (int64_t k = 0; k < n_pos; ++k) {
+            const double dap = positives[k].value;
+            count += tm_count_at_most(negatives, n_neg, dap + s->margin) -
+                     tm_count_at_most(negatives, n_neg, dap);
+        }
+        s->counts[a] = count;
+        return TM_OK;
+    }
+    /* Writing pass, in (positive index, negative index) order. */
+    int64_t number = s->offsets[a];
+    const int64_t end = s->offsets[a + 1];
+    int64_t next_keep = 0;
+    if (s->keep != NULL) {
+        int64_t lo = 0, hi = s->n_keep; /* first kept triplet number >= offsets[a] */
+        while (lo < hi) {
+            const int64_t mid = lo + (hi - lo) / 2;
+            if (s->keep[mid] < number)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        next_keep = lo;
+    }
+    for (int64_t k = 0; k < n_pos; ++k) {
+        const double dap = positives[k].value, upper = dap + s->margin;
+        for (int64_t q = 0; q < n_neg; ++q) {
+            const double v = negatives[q].value;
+            if (!(v > dap && v <= upper))
+                continue;
+            if (number >= end)
+                return TM_ERR_INVALID; /* counts changed between the passes */
+            int64_t slot = number;
+            if (s->keep != NULL) {
+                if (next_keep >= s->n_keep || s->keep[next_keep] != number) {
+                    ++number;
+                    continue;
+                }
+                slot = next_keep++;
+            }
+            s->out_anchor[slot] = a;
+            s->out_positive[slot] = positives[k].index;
+            s->out_negative[slot] = negatives[q].index;
+            ++number;
+        }
+    }
+    return number == end ? TM_OK : TM_ERR_INVALID;
+}
+
+int TM_FN(tm_semi_hard_all)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m, int64_t d,
+                            int metric, const int64_t *labels, const int64_t *ref_labels,
+                            double margin, int64_t *counts, const int64_t *offsets,
+                            const int64_t *keep, int64_t n_keep, int64_t *out_anchor,
+                            int64_t *out_positive, int64_t *out_negative)
+{
+    int status = TM_FN(validate_problem)(x, n, ref, m, d, labels, ref_labels);
+    if (status != TM_OK)
+        return status;
+    if (offsets == NULL && n > 0 && counts == NULL)
+        return TM_ERR_INVALID;
+    if (offsets != NULL) {
+        if ((status = TM_FN(check_offsets)(offsets, n, out_positive, out_negative)) != TM_OK)
+            return status;
+        const int64_t written = keep != NULL ? n_keep : (n > 0 ? offsets[n] : 0);
+        if (written > 0 && out_anchor == NULL)
+            return TM_ERR_INVALID;
+        if (keep != NULL)
+            for (int64_t i = 0; i < n_keep; ++i)
+                if (keep[i] < 0 || (i > 0 && keep[i] <= keep[i - 1]) ||
+                    (n > 0 && keep[i] >= offsets[n]))
+                    return TM_ERR_INVALID;
+    }
+    TM_FN(semi_hard_all_op) s;
+    memset(&s, 0, sizeof(s));
+    s.lv.labels = labels;
+    s.lv.ref_labels = ref == NULL ? labels : ref_labels;
+    s.lv.self = ref == NULL;
+    s.lv.m = m;
+    s.margin = margin;
+    s.counts = counts;
+    s.offsets = offsets;
+    s.keep = keep;
+    s.n_keep = n_keep;
+    s.out_anchor = out_anchor;
+    s.out_positive = out_positive;
+    s.out_negative = out_negative;
+    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
+    const TM_FN(tm_row_op) op = {&s, TM_FN(semi_hard_all_setup), TM_FN(semi_hard_all_row), 0};
+    status = TM_FN(tm_run_rows)(&problem, &op);
+    TM_FN(scratch_free)(&s.scratch);
+    return status;
+}
+
+/* ---- distance-weighted sampling --------------------------------------------- */
+
+typedef struct {
+    TM_FN(label_view) lv;
+    double cutoff, nonzero_loss_cutoff, dim;
+    uint64_t seed;
+    const int64_t *pos_offsets;
+    int64_t *out_positive, *out_negative;
+    TM_FN(row_scratch) scratch;
+} TM_FN(weighted_op);
+
+static int TM_FN(weighted_setup)(void *op, int nthreads)
+{
+    TM_FN(weighted_op) *s = op;
+    return TM_FN(scratch_alloc)(&s->scratch, nthreads, s->lv.m);
+}
+
+static int TM_FN(weighted_row)(void *op, int thread, int64_t a, const TM_REAL *dist)
+{
+    TM_FN(weighted_op) *s = op;
+    tm_scored *positives = TM_SCRATCH(&s->scratch, positives, thread);
+    tm_scored *negatives = TM_SCRATCH(&s->scratch, negatives, thread);
+    int64_t n_pos, n_neg;
+    TM_FN(split_row)(&s->lv, a, dist, positives, &n_pos, negatives, &n_neg);
+    const int64_t base = s->pos_offsets[a];
+    if (s->pos_offsets[a + 1] - base != n_pos)
+        return TM_ERR_INVALID;
+    for (int64_t k = 0; k < n_pos; ++k) {
+        s->out_positive[base + k] = positives[k].index;
+        s->out_negative[base + k] = -1;
+    }
+    if (n_pos == 0)
+        return TM_OK;
+    /* Log-weights of the eligible negatives (compacted in place). */
+    int64_t n_valid = 0;
+    double max_log = -HUGE_VAL;
+    for (int64_t q = 0; q < n_neg; ++q) {
+        const double v = negatives[q].value;
+        if (!(v < s->nonzero_loss_cutoff))
+            continue;
+        const double t = v > s->cutoff ? v : s->cutoff;
+        const double inner = 1.0 - 0.25 * t * t;
+        if (!(inner > 0.0))
+            continue;
+        const double log_w = (2.0 - s->dim) * log(t) - 0.5 * (s->dim - 3.0) * log(inner);
+        if (!(log_w > -HUGE_VAL && log_w < HUGE_VAL))
+            continue;
+        negatives[n_valid].value = log_w;
+        negatives[n_valid].index = negatives[q].index;
+        if (log_w > max_log)
+            max_log = log_w;
+        ++n_valid;
+    }
+    if (n_valid == 0)
+        return TM_OK;
+    /* Cumulative weights relative to the largest (which contributes 1). */
+    double total = 0.0;
+    for (int64_t q = 0; q < n_valid; ++q) {
+        total += exp(negatives[q].value - max_log);
+        negatives[q].value = total;
+    }
+    for (int64_t k = 0; k < n_pos; ++k) {
+        const double target = tm_uniform01(s->seed, a, positives[k].index) * total;
+        /* First negative whose cumulative weight exceeds the target. */
+        int64_t pick = tm_count_at_most(negatives, n_valid, target);
+        if (pick >= n_valid)
+            pick = n_valid - 1;
+        s->out_negative[base + k] = negatives[pick].index;
+    }
+    return TM_OK;
+}
+
+int TM_FN(tm_distance_weighted)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m,
+                                int64_t d, const int64_t *labels, const int64_t *ref_labels,
+                                double cutoff, double nonzero_loss_cutoff, uint64_t seed,
+                                const int64_t *pos_offsets, int64_t *out_positive,
+                                int64_t *out_negative)
+{
+    int status = TM_FN(validate_problem)(x, n, ref, m, d, labels, ref_labels);
+    if (status == TM_OK)
+        status = TM_FN(check_offsets)(pos_offsets, n, out_positive, out_negative);
+    if (status != TM_OK)
+        return status;
+    if (!(cutoff > 0.0) || !(nonzero_loss_cutoff > 0.0))
+        return TM_ERR_INVALID;
+    TM_FN(weighted_op) s;
+    memset(&s, 0, sizeof(s));
+    s.lv.labels = labels;
+    s.lv.ref_labels = ref == NULL ? labels : ref_labels;
+    s.lv.self = ref == NULL;
+    s.lv.m = m;
+    s.cutoff = cutoff;
+    s.nonzero_loss_cutoff = nonzero_loss_cutoff;
+    s.dim = (double)d;
+    s.seed = seed;
+    s.pos_offsets = pos_offsets;
+    s.out_positive = out_positive;
+    s.out_negative = out_negative;
+    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, TM_METRIC_EUCLIDEAN};
+    const TM_FN(tm_row_op) op = {&s, TM_FN(weighted_setup), TM_FN(weighted_row), 0};
+    status = TM_FN(tm_run_rows)(&problem, &op);
+    TM_FN(scratch_free)(&s.scratch);
+    return status;
+}

@@ -1,0 +1,95 @@
+/*
+ * Pieces shared by the miners and the losses, one body for both precisions:
+ * argument checks, the label view, per-thread row scratch and the split of
+ * one anchor's row into positives and negatives.  Included (with static
+ * linkage) by mining.c and losses.c.
+ */
+
+/* What every miner needs to know about labels. */
+typedef struct {
+    const int64_t *labels, *ref_labels; /* ref_labels == labels in self mode */
+    int self;
+    int64_t m;
+} TM_FN(label_view);
+
+static int TM_FN(validate_problem)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m,
+                                   int64_t d, const int64_t *labels, const int64_t *ref_labels)
+{
+    if (n < 0 || m < 0 || d < 0 || (ref == NULL && m != n))
+        return TM_ERR_INVALID;
+    if ((n > 0 && labels == NULL) || (ref != NULL && m > 0 && ref_labels == NULL) ||
+        (n > 0 && d > 0 && x == NULL))
+        return TM_ERR_INVALID;
+    return TM_OK;
+}
+
+/* ---- per-thread scratch for row operations -------------------------------- */
+
+/* Each buffer holds m items per thread: O(threads * m) memory in all. */
+typedef struct {
+    tm_scored *positives, *negatives, *best;
+    int64_t *slots, *answer;
+    double *work;
+    int64_t m;
+} TM_FN(row_scratch);
+
+static int TM_FN(scratch_alloc)(TM_FN(row_scratch) *s, int nthreads, int64_t m)
+{
+    size_t scored_bytes, index_bytes;
+    int status;
+    s->m = m > 0 ? m : 1;
+    if ((status = tm_bytes((int64_t)nthreads, s->m, sizeof(tm_scored), &scored_bytes)) != TM_OK ||
+        (status = tm_bytes((int64_t)nthreads, s->m, sizeof(int64_t), &index_bytes)) != TM_OK)
+        return status;
+    s->positives = tm_alloc(scored_bytes);
+    s->negatives = tm_alloc(scored_bytes);
+    s->best = tm_alloc(scored_bytes);
+    s->slots = tm_alloc(index_bytes);
+    s->answer = tm_alloc(index_bytes);
+    s->work = tm_alloc(index_bytes); /* sizeof(double) == sizeof(int64_t) */
+    if (s->positives == NULL || s->negatives == NULL || s->best == NULL || s->slots == NULL ||
+        s->answer == NULL || s->work == NULL)
+        return TM_ERR_NOMEM;
+    return TM_OK;
+}
+
+static void TM_FN(scratch_free)(TM_FN(row_scratch) *s)
+{
+    tm_free(s->positives);
+    tm_free(s->negatives);
+    tm_free(s->best);
+    tm_free(s->slots);
+    tm_free(s->answer);
+    tm_free(s->work);
+}
+
+/* This thread's slice of a scratch buffer. */
+#define TM_SCRATCH(s, field, thread) ((s)->field + (size_t)(thread) * (size_t)(s)->m)
+
+/* Splits anchor a's row into positives and negatives (index order); NaN
+ * distances are kept for positives (their pair exists) and dropped for
+ * negatives (they can never be chosen). */
+static void TM_FN(split_row)(const TM_FN(label_view) *lv, int64_t a, const TM_REAL *dist,
+                             tm_scored *positives, int64_t *n_pos, tm_scored *negatives,
+                             int64_t *n_neg)
+{
+    const int64_t label = lv->labels[a];
+    int64_t np = 0, nn = 0;
+    for (int64_t j = 0; j < lv->m; ++j) {
+        if (lv->self && j == a)
+            continue;
+        const double v = (double)dist[j];
+        if (lv->ref_labels[j] == label) {
+            positives[np].value = v;
+            positives[np].index = j;
+            ++np;
+        } else if (v == v) {
+            negatives[nn].value = v;
+            negatives[nn].index = j;
+            ++nn;
+        }
+    }
+    *n_pos = np;
+    *n_neg = nn;
+}
+

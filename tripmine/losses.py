@@ -1,0 +1,194 @@
+"""Metric-learning losses with exact analytic gradients.
+
+``triplet_loss`` mines (or takes) triplets and returns the margin loss, its
+gradient with respect to ``x`` (and ``ref``), and monitoring counts;
+``contrastive_loss`` does the same over all pairs.  Neither ever builds an
+N x M (let alone N x N x N) array: batch-all and contrastive are reduced row
+by row inside the C core's tile engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from . import _problem as problems
+from . import _validation as check
+from .miners import Triplets, batch_hard, distance_weighted, semi_hard
+
+__all__ = ["TripletLossResult", "ContrastiveLossResult", "triplet_loss", "contrastive_loss"]
+
+MINING = ("batch_hard", "batch_all", "semi_hard", "distance_weighted")
+REDUCTIONS = ("auto", "mean", "sum", "mean_nonzero", "none")
+
+
+@dataclass(frozen=True)
+class TripletLossResult:
+    """What :func:`triplet_loss` returns.
+
+    ``loss`` is a float, or for ``reduction="none"`` a float64 vector (one
+    entry per triplet; for batch-all one per anchor).  ``grad`` is dL/dx
+    (None when ``grad=False``); ``ref_grad`` is dL/dref when ``ref`` was given.
+    ``fraction_active`` = ``n_active / n_triplets`` (Moindrot's
+    ``fraction_positive_triplets``): watch it to detect collapse.
+    """
+
+    loss: float | np.ndarray
+    grad: np.ndarray | None
+    ref_grad: np.ndarray | None
+    n_triplets: int
+    n_active: int
+    fraction_active: float
+    triplets: Triplets | None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class ContrastiveLossResult:
+    """What :func:`contrastive_loss` returns; ``loss`` as in :class:`TripletLossResult`
+    (``reduction="none"`` gives one entry per anchor)."""
+
+    loss: float | np.ndarray
+    grad: np.ndarray | None
+    ref_grad: np.ndarray | None
+    n_pairs: int
+    n_positive_pairs: int
+    n_negative_pairs: int
+    n_active: int
+    fraction_active: float
+
+
+def _fraction(active: int, total: int) -> float:
+    return active / total if total else 0.0
+
+
+def _given_triplets(triplets: Any, n: int, m: int) -> Triplets:
+    if len(triplets) != 3:
+        raise ValueError("mining must be a mining rule name or Triplets(anchor, positive, "
+                         "negative)")
+    arrays = []
+    for name, values, limit, rows in zip(("anchor", "positive", "negative"), triplets,
+                                         (n, m, m), ("x", "ref", "ref")):
+        arr = np.asarray(values)
+        if arr.ndim != 1:
+            raise ValueError(f"mining.{name} must be 1-D, got shape {arr.shape}")
+        if arr.size and arr.dtype.kind not in "iu":
+            raise ValueError(f"mining.{name} must hold integer indices, got dtype {arr.dtype}")
+        arr = np.ascontiguousarray(arr, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= limit):
+            raise ValueError(f"mining.{name} has indices outside [0, {limit}) (the rows of "
+                             f"{rows})")
+        arrays.append(arr)
+    if not arrays[0].shape == arrays[1].shape == arrays[2].shape:
+        raise ValueError(f"mining.anchor, .positive and .negative must have equal lengths, got "
+                         f"{[a.shape[0] for a in arrays]}")
+    return Triplets(*arrays)
+
+
+def triplet_loss(x: Any, labels: Any, *, mining: str | Triplets = "batch_hard",
+                 margin: float = 0.2, soft: bool = False, metric: str = "euclidean",
+                 normalize: bool = False, reduction: str = "auto", ref: Any = None,
+                 ref_labels: Any = None, seed: int | None = None, grad: bool = True,
+                 check_finite: bool = True) -> TripletLossResult:
+    """Triplet margin loss ``l = max(0, d(a,p) - d(a,n) + margin)`` and its gradient.
+
+    ``soft=True`` uses ``softplus(d(a,p) - d(a,n) + margin)`` instead, computed
+    without overflow (Hermans et al.'s soft margin is ``margin=0``).
+
+    mining:
+      * ``"batch_hard"`` -- :func:`~tripmine.batch_hard` (Hermans et al. 2017);
+      * ``"batch_all"`` -- every valid triplet, never enumerated: per anchor
+        one sort of its positives and a binary search per negative;
+      * ``"semi_hard"`` -- :func:`~tripmine.semi_hard` with ``select="closest"``
+        and this ``margin`` (TF-Addons ``TripletSemiHardLoss``);
+      * ``"distance_weighted"`` -- :func:`~tripmine.distance_weighted` with its
+        default cutoffs and ``seed`` (needs unit-norm rows or ``normalize=True``);
+      * a :class:`~tripmine.Triplets` -- your own triplets (``labels`` may be None).
+
+    reduction: ``"mean"`` over triplets, ``"sum"``, ``"mean_nonzero"`` (over
+    triplets with ``l > 0``; 0 if none -- pytorch-metric-learning's
+    AvgNonZeroReducer, Moindrot's batch-all), ``"none"`` (the vector of losses;
+    ``grad`` is then the gradient of its sum); ``"auto"`` is ``"mean_nonzero"``
+    for batch-all and ``"mean"`` otherwise.
+
+    Distances that enter the loss of mined triplets are recomputed exactly
+    (direct difference in double); batch-all uses the engine's distances,
+    whose relative error is documented in the README.  Gradients are
+    analytic, with subgradient 0 at the hinge and at zero distance.
+    Degenerate batches (no valid triplet) give loss 0 and a zero gradient.
+    """
+    margin = check.non_negative(margin, "margin")
+    soft = check.flag(soft, "soft")
+    want_grad = check.flag(grad, "grad")
+    reduction = check.choice(reduction, "reduction", REDUCTIONS)
+    given = not isinstance(mining, str)
+    if not given:
+        check.choice(mining, "mining", MINING)
+    if reduction == "auto":
+        reduction = "mean_nonzero" if mining == "batch_all" else "mean"
+    common = dict(ref=ref, ref_labels=ref_labels, metric=metric, check_finite=check_finite)
+    problem = problems.prepare(x, labels, ref, ref_labels, metric=metric, normalize=normalize,
+                               check_finite=check_finite, need_labels=not given)
+    used_seed = None
+
+    if mining == "batch_all":
+        loss, n_triplets, active, per_anchor, g, rg = _core.batch_all_loss(
+            problem.x, problem.ref, problem.metric, problem.codes, problem.ref_codes, margin,
+            soft, reduction, want_grad, reduction == "none")
+        g, rg = problem.chain(g, rg)
+        return TripletLossResult(per_anchor if reduction == "none" else float(loss), g, rg,
+                                 n_triplets, active, _fraction(active, n_triplets), None)
+
+    if given:
+        triplets = _given_triplets(mining, problem.n, problem.m)
+    elif mining == "batch_hard":
+        triplets = batch_hard(problem.x, labels, normalize=False, **common)
+    elif mining == "semi_hard":
+        triplets = semi_hard(problem.x, labels, margin=margin, select="closest",
+                             normalize=False, **common)
+    else:
+        used_seed = problems.resolve_seed(seed)
+        triplets = distance_weighted(problem.x, labels, seed=used_seed, normalize=False,
+                                     **common)
+    loss, active, per_triplet, g, rg = _core.triplet_loss(
+        problem.x, problem.ref, problem.metric, triplets.anchor, triplets.positive,
+        triplets.negative, margin, soft, reduction, want_grad, reduction == "none")
+    g, rg = problem.chain(g, rg)
+    count = int(triplets.anchor.shape[0])
+    return TripletLossResult(per_triplet if reduction == "none" else float(loss), g, rg, count,
+                             active, _fraction(active, count), triplets, used_seed)
+
+
+def contrastive_loss(x: Any, labels: Any, *, pos_margin: float = 0.0, neg_margin: float = 1.0,
+                     power: int = 1, metric: str = "euclidean", normalize: bool = False,
+                     reduction: str = "mean_nonzero", ref: Any = None, ref_labels: Any = None,
+                     grad: bool = True, check_finite: bool = True) -> ContrastiveLossResult:
+    """Contrastive loss over all ordered pairs (Hadsell, Chopra & LeCun 2006).
+
+    Positive pair: ``max(0, d - pos_margin) ** power``; negative pair:
+    ``max(0, neg_margin - d) ** power``; in self mode the pairs ``(i, i)`` are
+    excluded.  reduction: ``"mean_nonzero"`` (default) = mean of the nonzero
+    positive terms + mean of the nonzero negative terms (pytorch-metric-learning
+    ``ContrastiveLoss``); ``"mean"`` over all pairs (with ``power=2``: Hadsell /
+    DeepID2); ``"sum"``; ``"none"`` (one entry per anchor: the sum of its
+    pair terms; ``grad`` is the gradient of their sum).
+    """
+    pos_margin = check.non_negative(pos_margin, "pos_margin")
+    neg_margin = check.non_negative(neg_margin, "neg_margin")
+    if isinstance(power, (bool, np.bool_)) or power not in (1, 2):
+        raise ValueError(f"power must be 1 or 2, got {power!r}")
+    want_grad = check.flag(grad, "grad")
+    reduction = check.choice(reduction, "reduction", ("mean", "sum", "mean_nonzero", "none"))
+    problem = problems.prepare(x, labels, ref, ref_labels, metric=metric, normalize=normalize,
+                               check_finite=check_finite)
+    loss, counts, per_anchor, g, rg = _core.contrastive_loss(
+        problem.x, problem.ref, problem.metric, problem.codes, problem.ref_codes, pos_margin,
+        neg_margin, int(power), reduction, want_grad, reduction == "none")
+    g, rg = problem.chain(g, rg)
+    n_pos, n_neg, act_pos, act_neg = counts
+    pairs, active = n_pos + n_neg, act_pos + act_neg
+    return ContrastiveLossResult(per_anchor if reduction == "none" else float(loss), g, rg, pairs,
+                                 n_pos, n_neg, active, _fraction(active, pairs))
