@@ -54,21 +54,71 @@ double TM_FN(tm_exact_sqeuclidean)(const TM_REAL *a, const TM_REAL *b, int64_t d
 double TM_FN(tm_exact_distance)(const TM_REAL *a, const TM_REAL *b, int64_t d,
                                 int metric);
 
-/* Micro-kernel: c[i*ldc + j] = sum_p a[p*mr + i] * b[p*nr + j] for the full
- * mr x nr tile, from panels packed k-major (see tm_pack_rows). */
-typedef void (*TM_FN(tm_dot_kernel))(int64_t k, const TM_REAL *a,
-                                     const TM_REAL *b, TM_REAL *c, int64_t ldc);
 
 /* Row-wise operations (semi-hard, batch-all, distance-weighted, contrastive)
  * see one anchor's whole row of distances at a time: tm_run_rows buffers a
  * block of rows (never more than a few MiB per thread, whatever n and m) and
- * calls `row` once per anchor, from the thread that owns the block.  setup is
- * called once with the number of threads before any row. */
+ * calls `row` once per anchor, from the thread that owns the block, with the
+ * row's position in the block; `row` may overwrite its row (e.g. with
+ * gradient coefficients), and the optional `block` then sees the whole
+ * block.  setup is called once, before any row, with the number of threads
+ * and the most rows a block can have. */
 typedef struct {
     void *op;
-    int (*setup)(void *op, int nthreads);
-    int (*row)(void *op, int thread, int64_t anchor, const TM_REAL *dist);
+    int (*setup)(void *op, int nthreads, int64_t block_rows);
+    int (*row)(void *op, int thread, int64_t anchor, int64_t row_in_block, TM_REAL *dist);
+    int (*block)(void *op, int thread, int64_t row0, int64_t nrows, TM_REAL *rows);
     int static_schedule;
 } TM_FN(tm_row_op);
 
 int TM_FN(tm_run_rows)(const TM_FN(tm_tile_problem) *problem, const TM_FN(tm_row_op) *op);
+
+/* Small dense products for the gradients of the dense losses, on the same
+ * micro-kernels as the distances.
+ *
+ * tm_pack_column_panels: src (rows x cols, row-major) -> panels of nr columns,
+ * each k-major over all rows: dst[(q*rows + p)*nr + j] = src[p*cols + q*nr + j]
+ * (zero past cols).  dst holds ceil(cols/nr)*nr*rows elements.
+ *
+ * tm_gemm_acc: C (rows x n_out, leading dimension ldc) += A (rows x k) * P,
+ * where P(p, j) is row k0 + p of the packed panels (packed from a matrix with
+ * panel_rows rows).  A(i, p) = a[i*lda + p], or a[p*lda + i] with transpose_a.
+ * scratch: tm_gemm_scratch_elems(kernels) elements. */
+void TM_FN(tm_pack_column_panels)(const tm_kernel_set *kernels, const TM_REAL *src, int64_t rows,
+                                  int64_t cols, TM_REAL *dst);
+void TM_FN(tm_gemm_acc)(const tm_kernel_set *kernels, int64_t rows, int64_t k, const TM_REAL *a,
+                        int64_t lda, int transpose_a, const TM_REAL *panels, int64_t panel_rows,
+                        int64_t k0, int64_t n_out, TM_REAL *c, int64_t ldc, TM_REAL *scratch);
+
+/* This precision's view of a kernel set. */
+static inline int TM_FN(kernel_mr)(const tm_kernel_set *k)
+{
+#if TM_BITS == 32
+    return k->mr_f32;
+#else
+    return k->mr_f64;
+#endif
+}
+
+static inline int TM_FN(kernel_nr)(const tm_kernel_set *k)
+{
+#if TM_BITS == 32
+    return k->nr_f32;
+#else
+    return k->nr_f64;
+#endif
+}
+
+static inline TM_FN(tm_dot_kernel) TM_FN(kernel_dot)(const tm_kernel_set *k)
+{
+#if TM_BITS == 32
+    return k->dot_f32;
+#else
+    return k->dot_f64;
+#endif
+}
+
+static inline int64_t TM_FN(round_up)(int64_t value, int64_t multiple)
+{
+    return (value + multiple - 1) / multiple * multiple;
+}

@@ -178,10 +178,6 @@ static void TM_FN(compute_tile)(const TM_FN(engine_plan) *pl, int64_t row0,
     }
 }
 
-static int64_t TM_FN(round_up)(int64_t value, int64_t multiple)
-{
-    return (value + multiple - 1) / multiple * multiple;
-}
 
 /* One work item: a whole anchor block (whole_rows) or a single tile. */
 static void TM_FN(run_unit)(const TM_FN(engine_plan) *pl, const TM_FN(tm_reducer) *reducer,
@@ -240,10 +236,9 @@ int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
     plan.d = d;
     plan.metric = metric;
     plan.self = self;
-    plan.mr = TM_BITS == 32 ? kernels->mr_f32 : kernels->mr_f64;
-    plan.nr = TM_BITS == 32 ? kernels->nr_f32 : kernels->nr_f64;
-    plan.dot = TM_BITS == 32 ? (TM_FN(tm_dot_kernel))kernels->dot_f32
-                             : (TM_FN(tm_dot_kernel))kernels->dot_f64;
+    plan.mr = TM_FN(kernel_mr)(kernels);
+    plan.nr = TM_FN(kernel_nr)(kernels);
+    plan.dot = TM_FN(kernel_dot)(kernels);
 
     /* Block sizes: see the comment at the top of this file. */
     const int64_t row_bytes = (d > 0 ? d : 1) * (int64_t)sizeof(TM_REAL);
@@ -349,7 +344,7 @@ static int TM_FN(rows_setup)(void *ctx, int nthreads, int64_t block_rows)
     rc->buffer = tm_alloc(bytes);
     if (rc->buffer == NULL)
         return TM_ERR_NOMEM;
-    return rc->op->setup != NULL ? rc->op->setup(rc->op->op, nthreads) : TM_OK;
+    return rc->op->setup != NULL ? rc->op->setup(rc->op->op, nthreads, block_rows) : TM_OK;
 }
 
 static int TM_FN(rows_tile)(void *ctx, int thread, int64_t row0, int64_t nrows, int64_t col0,
@@ -366,13 +361,13 @@ static int TM_FN(rows_tile)(void *ctx, int thread, int64_t row0, int64_t nrows, 
 static int TM_FN(rows_end)(void *ctx, int thread, int64_t row0, int64_t nrows)
 {
     TM_FN(row_collector) *rc = ctx;
-    const TM_REAL *rows = rc->buffer + (size_t)thread * (size_t)(rc->block_rows * rc->m);
+    TM_REAL *rows = rc->buffer + (size_t)thread * (size_t)(rc->block_rows * rc->m);
     for (int64_t i = 0; i < nrows; ++i) {
-        const int status = rc->op->row(rc->op->op, thread, row0 + i, rows + i * rc->m);
+        const int status = rc->op->row(rc->op->op, thread, row0 + i, i, rows + i * rc->m);
         if (status != TM_OK)
             return status;
     }
-    return TM_OK;
+    return rc->op->block != NULL ? rc->op->block(rc->op->op, thread, row0, nrows, rows) : TM_OK;
 }
 
 int TM_FN(tm_run_rows)(const TM_FN(tm_tile_problem) *problem, const TM_FN(tm_row_op) *op)
@@ -389,4 +384,82 @@ int TM_FN(tm_run_rows)(const TM_FN(tm_tile_problem) *problem, const TM_FN(tm_row
     const int status = TM_FN(tm_tile_engine)(problem, &reducer);
     tm_free(rc.buffer);
     return status;
+}
+
+/* ---- small dense products for gradients ------------------------------------ */
+
+void TM_FN(tm_pack_column_panels)(const tm_kernel_set *kernels, const TM_REAL *src, int64_t rows,
+                                  int64_t cols, TM_REAL *dst)
+{
+    const int nr = TM_FN(kernel_nr)(kernels);
+    const int64_t panels = (cols + nr - 1) / nr;
+    for (int64_t q = 0; q < panels; ++q) {
+        TM_REAL *panel = dst + q * rows * nr;
+        const int64_t col0 = q * nr;
+        const int64_t width = cols - col0 < nr ? cols - col0 : nr;
+        for (int64_t p = 0; p < rows; ++p) {
+            const TM_REAL *s = src + p * cols + col0;
+            TM_REAL *out = panel + p * nr;
+            for (int64_t j = 0; j < width; ++j)
+                out[j] = s[j];
+            for (int64_t j = width; j < nr; ++j)
+                out[j] = 0;
+        }
+    }
+}
+
+/* Rows of A in chunks of TM_GEMM_ROWS and k in chunks of TM_GEMM_KC: one
+ * packed chunk of A (MR-panels) meets each KC x NR panel of P while that
+ * panel sits in L1; each MR x NR product is added into C. */
+void TM_FN(tm_gemm_acc)(const tm_kernel_set *kernels, int64_t rows, int64_t k, const TM_REAL *a,
+                        int64_t lda, int transpose_a, const TM_REAL *panels, int64_t panel_rows,
+                        int64_t k0, int64_t n_out, TM_REAL *c, int64_t ldc, TM_REAL *scratch)
+{
+    const int mr = TM_FN(kernel_mr)(kernels), nr = TM_FN(kernel_nr)(kernels);
+    const TM_FN(tm_dot_kernel) dot = TM_FN(kernel_dot)(kernels);
+    const int64_t chunk_rows = TM_FN(round_up)(TM_GEMM_ROWS, mr);
+    TM_REAL *a_packed = scratch;                        /* chunk_rows x KC */
+    TM_REAL *tile = scratch + chunk_rows * TM_GEMM_KC;  /* mr x nr */
+    const int64_t col_panels = (n_out + nr - 1) / nr;
+    for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
+        const int64_t nrows = rows - r0 < chunk_rows ? rows - r0 : chunk_rows;
+        const int64_t row_panels = (nrows + mr - 1) / mr;
+        for (int64_t p0 = 0; p0 < k; p0 += TM_GEMM_KC) {
+            const int64_t kc = k - p0 < TM_GEMM_KC ? k - p0 : TM_GEMM_KC;
+            /* Pack A[r0 : r0 + nrows, p0 : p0 + kc] into MR-panels, k-major. */
+            for (int64_t ip = 0; ip < row_panels; ++ip) {
+                TM_REAL *panel = a_packed + ip * mr * kc;
+                for (int i = 0; i < mr; ++i) {
+                    const int64_t row = r0 + ip * mr + i;
+                    if (row >= r0 + nrows) {
+                        for (int64_t p = 0; p < kc; ++p)
+                            panel[p * mr + i] = 0;
+                    } else if (transpose_a) {
+                        for (int64_t p = 0; p < kc; ++p)
+                            panel[p * mr + i] = a[(p0 + p) * lda + row];
+                    } else {
+                        const TM_REAL *src = a + row * lda + p0;
+                        for (int64_t p = 0; p < kc; ++p)
+                            panel[p * mr + i] = src[p];
+                    }
+                }
+            }
+            for (int64_t q = 0; q < col_panels; ++q) {
+                const TM_REAL *b = panels + (q * panel_rows + k0 + p0) * nr;
+                const int64_t col0 = q * nr;
+                const int64_t width = n_out - col0 < nr ? n_out - col0 : nr;
+                for (int64_t ip = 0; ip < row_panels; ++ip) {
+                    dot(kc, a_packed + ip * mr * kc, b, tile, nr);
+                    const int64_t row0 = r0 + ip * mr;
+                    const int64_t height = r0 + nrows - row0 < mr ? r0 + nrows - row0 : mr;
+                    for (int64_t i = 0; i < height; ++i) {
+                        TM_REAL *out = c + (row0 + i) * ldc + col0;
+                        const TM_REAL *t = tile + i * nr;
+                        for (int64_t j = 0; j < width; ++j)
+                            out[j] += t[j];
+                    }
+                }
+            }
+        }
+    }
 }

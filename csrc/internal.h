@@ -51,14 +51,11 @@ int64_t tm_count_at_most(const tm_scored *items, int64_t count, double v);
 /* Row buffers of tm_run_rows stay under this many bytes per thread. */
 #define TM_ROW_BUFFER_BYTES (4 * 1024 * 1024)
 
-#define TM_BITS 32
-#include "template.h"
-#include "engine_decl.h"
-#undef TM_BITS
-#define TM_BITS 64
-#include "template.h"
-#include "engine_decl.h"
-#undef TM_BITS
+/* Micro-kernel types, declared early because engine_decl.h uses them. */
+typedef void (*tm_dot_kernel_f32)(int64_t k, const float *a, const float *b, float *c,
+                                  int64_t ldc);
+typedef void (*tm_dot_kernel_f64)(int64_t k, const double *a, const double *b, double *c,
+                                  int64_t ldc);
 
 /* One instruction set's micro-kernels, for both precisions. */
 typedef struct {
@@ -69,6 +66,20 @@ typedef struct {
     int mr_f64, nr_f64;
     tm_dot_kernel_f64 dot_f64;
 } tm_kernel_set;
+
+/* Elements of scratch tm_gemm_acc needs. */
+#define TM_GEMM_ROWS 64
+#define TM_GEMM_KC 256
+int64_t tm_gemm_scratch_elems(const tm_kernel_set *kernels);
+
+#define TM_BITS 32
+#include "template.h"
+#include "engine_decl.h"
+#undef TM_BITS
+#define TM_BITS 64
+#include "template.h"
+#include "engine_decl.h"
+#undef TM_BITS
 
 /* The kernels every call uses; chosen on first use or by tm_set_isa. */
 const tm_kernel_set *tm_active_kernels(void);

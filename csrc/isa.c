@@ -80,3 +80,11 @@ int tm_isa_usable(int index)
         return 0;
     return kernel_sets[index]->usable();
 }
+
+int64_t tm_gemm_scratch_elems(const tm_kernel_set *kernels)
+{
+    int mr = kernels->mr_f32 > kernels->mr_f64 ? kernels->mr_f32 : kernels->mr_f64;
+    int nr = kernels->nr_f32 > kernels->nr_f64 ? kernels->nr_f32 : kernels->nr_f64;
+    const int64_t chunk_rows = (TM_GEMM_ROWS + mr - 1) / mr * mr;
+    return chunk_rows * TM_GEMM_KC + (int64_t)mr * nr;
+}

@@ -46,14 +46,6 @@ static void TM_FN(axpby_double)(double *acc, double a, const TM_REAL *u, double 
         acc[k] += a * (double)u[k] + b * (double)v[k];
 }
 
-/* The same into a TM_REAL accumulator (per-thread reference gradients). */
-static void TM_FN(axpby_real)(TM_REAL *acc, double a, const TM_REAL *u, double b,
-                              const TM_REAL *v, int64_t d)
-{
-    const TM_REAL ar = (TM_REAL)a, br = (TM_REAL)b;
-    for (int64_t k = 0; k < d; ++k)
-        acc[k] += ar * u[k] + br * v[k];
-}
 
 static double TM_FN(norm_of)(const TM_REAL *row, int64_t d)
 {
@@ -201,91 +193,136 @@ int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int6
 
 /* ---- dense losses: batch-all and contrastive --------------------------------
  *
- * Both visit every (anchor, reference) pair once, as row operations.  The
- * anchor side of the gradient is accumulated per row in double and stored
- * unscaled (the reduction's scale is only known at the end); the reference
- * side goes to per-thread accumulators (O(threads * m * d)), summed in thread
- * order at the end.  Blocks are assigned to threads statically, so a given
- * thread count always gives the same bits.  Contrastive in self mode needs no
- * reference side: its pair losses are symmetric, so that side equals the
- * anchor side.
+ * Both visit every (anchor, reference) pair once, as row operations.  Each
+ * row turns its distances, in place, into the pair coefficients beta_aj of
+ * the gradient (see pair_coefficients), summing the alpha and gamma terms,
+ * which multiply the pair's own row:
+ *   dL/dx_a   = (sum_j alpha_aj) x_a + sum_j beta_aj r_j
+ *   dL/dr_j  += (sum_a gamma_aj) r_j + sum_a beta_aj x_a
+ * so that, per block of anchor rows, the two sums over pairs are matrix
+ * products (coefficients x reference rows, and their transpose x anchor
+ * rows) on the distance micro-kernels.  Gradients are kept unscaled (the
+ * reduction's scale is known only at the end).  The reference side goes to
+ * per-thread accumulators (O(threads * m * d)), summed in thread order at the
+ * end, with blocks assigned to threads statically: a given thread count
+ * always gives the same bits.  Contrastive keeps its positive (part 0) and
+ * negative (part 1) terms apart because "mean_nonzero" scales them
+ * separately; in self mode its pair terms are symmetric, so the reference
+ * side equals the anchor side and is not computed.
  */
+
+/* Below one nonzero coefficient in this many pairs, a block's gradient
+ * visits the pairs instead of multiplying matrices. */
+#ifndef TM_SPARSE_RATIO
+#define TM_SPARSE_RATIO 16
+#endif
 
 typedef struct {
     TM_FN(label_view) lv;
     const TM_REAL *x, *r;
-    int64_t d;
+    int64_t n, d;
     int metric;
     const double *x_norms, *r_norms; /* cosine only */
+    const tm_kernel_set *kernels;
     /* options */
     double margin, pos_margin, neg_margin;
-    int soft, power, want_grad, want_ref_side, ref_parts; /* ref_parts: 1 or 2 */
-    /* per anchor (n): losses and counts */
-    double *loss_a, *loss_b;
-    int64_t *count_a, *count_b, *active_a, *active_b;
-    /* gradients, unscaled: anchor side (n x d, two parts) and per-thread
-     * reference side (threads x m x d, two parts) */
-    TM_REAL *anchor_a, *anchor_b;
-    TM_REAL *ref_a, *ref_b;
+    int soft, power, want_grad, want_ref_side, parts;
+    /* per anchor: losses and counts (part 0 and part 1) */
+    double *loss[2];
+    int64_t *count[2], *active[2];
+    /* gradient state, all unscaled */
+    double *alpha[2];        /* n: sum of the row's alpha coefficients */
+    double *gamma[2];        /* threads x m: sum of gamma coefficients per reference */
+    TM_REAL *coef1;          /* threads x block_rows x m: part 1 coefficients */
+    int64_t block_rows;
+    TM_REAL *anchor_grad[2]; /* n x d */
+    TM_REAL *ref_acc[2];     /* threads x m x d */
+    TM_REAL *x_panels, *r_panels;
+    int64_t *nonzeros;       /* threads x 2: coefficients set in the current block */
+    TM_REAL *gemm_scratch;
+    int64_t scratch_elems;
     int nthreads;
-    double *row_acc; /* threads x 2d */
     TM_FN(row_scratch) scratch;
 } TM_FN(dense_op);
 
-static int TM_FN(dense_setup)(void *op, int nthreads)
+static int TM_FN(dense_setup)(void *op, int nthreads, int64_t block_rows)
 {
     TM_FN(dense_op) *s = op;
+    const int64_t m = s->lv.m, d = s->d;
     s->nthreads = nthreads;
-    int status = TM_FN(scratch_alloc)(&s->scratch, nthreads, s->lv.m);
+    s->block_rows = block_rows;
+    int status = TM_FN(scratch_alloc)(&s->scratch, nthreads, m);
     if (status != TM_OK || !s->want_grad)
         return status;
-    size_t acc_bytes, ref_bytes;
-    if ((status = tm_bytes((int64_t)nthreads, 2 * (s->d > 0 ? s->d : 1), sizeof(double),
+    const int nr = TM_FN(kernel_nr)(s->kernels);
+    const int64_t d_padded = TM_FN(round_up)(d > 0 ? d : 1, nr);
+    size_t gamma_bytes, coef_bytes, acc_bytes, xp_bytes, rp_bytes, scratch_bytes;
+    s->scratch_elems = tm_gemm_scratch_elems(s->kernels);
+    if ((status = tm_bytes((int64_t)nthreads, m, sizeof(double), &gamma_bytes)) != TM_OK ||
+        (status = tm_bytes((int64_t)nthreads * block_rows, s->parts == 2 ? m : 0,
+                           sizeof(TM_REAL), &coef_bytes)) != TM_OK ||
+        (status = tm_bytes((int64_t)nthreads * (s->want_ref_side ? m : 0), d, sizeof(TM_REAL),
                            &acc_bytes)) != TM_OK ||
-        (status = tm_bytes((int64_t)nthreads * (s->want_ref_side ? s->lv.m : 0), s->d,
-                           sizeof(TM_REAL), &ref_bytes)) != TM_OK)
+        (status = tm_bytes(s->want_ref_side ? s->n : 0, d_padded, sizeof(TM_REAL),
+                           &xp_bytes)) != TM_OK ||
+        (status = tm_bytes(m, d_padded, sizeof(TM_REAL), &rp_bytes)) != TM_OK ||
+        (status = tm_bytes((int64_t)nthreads, s->scratch_elems, sizeof(TM_REAL),
+                           &scratch_bytes)) != TM_OK)
         return status;
-    s->row_acc = tm_alloc(acc_bytes);
-    if (s->row_acc == NULL)
+    s->coef1 = tm_alloc(coef_bytes);
+    s->nonzeros = tm_alloc((size_t)nthreads * 2 * sizeof(int64_t));
+    s->gemm_scratch = tm_alloc(scratch_bytes);
+    s->r_panels = tm_alloc(rp_bytes);
+    s->x_panels = s->want_ref_side ? (s->lv.self ? s->r_panels : tm_alloc(xp_bytes)) : NULL;
+    if (s->coef1 == NULL || s->nonzeros == NULL || s->gemm_scratch == NULL || s->r_panels == NULL ||
+        (s->want_ref_side && s->x_panels == NULL))
         return TM_ERR_NOMEM;
-    if (s->want_ref_side) {
-        s->ref_a = tm_alloc(ref_bytes);
-        s->ref_b = s->ref_parts == 2 ? tm_alloc(ref_bytes) : NULL;
-        if (s->ref_a == NULL || (s->ref_parts == 2 && s->ref_b == NULL))
-            return TM_ERR_NOMEM;
-        memset(s->ref_a, 0, ref_bytes);
-        if (s->ref_b != NULL)
-            memset(s->ref_b, 0, ref_bytes);
+    for (int part = 0; part < s->parts; ++part) {
+        if (s->want_ref_side) {
+            s->gamma[part] = tm_alloc(gamma_bytes);
+            s->ref_acc[part] = tm_alloc(acc_bytes);
+            if (s->gamma[part] == NULL || s->ref_acc[part] == NULL)
+                return TM_ERR_NOMEM;
+            memset(s->gamma[part], 0, gamma_bytes);
+            memset(s->ref_acc[part], 0, acc_bytes);
+        }
     }
+    memset(s->nonzeros, 0, (size_t)nthreads * 2 * sizeof(int64_t));
+    TM_FN(tm_pack_column_panels)(s->kernels, s->r, m, d, s->r_panels);
+    if (s->want_ref_side && !s->lv.self)
+        TM_FN(tm_pack_column_panels)(s->kernels, s->x, s->n, d, s->x_panels);
     return TM_OK;
 }
 
 static void TM_FN(dense_free)(TM_FN(dense_op) *s)
 {
     TM_FN(scratch_free)(&s->scratch);
-    tm_free(s->row_acc);
-    tm_free(s->ref_a);
-    tm_free(s->ref_b);
+    tm_free(s->coef1);
+    tm_free(s->nonzeros);
+    tm_free(s->gemm_scratch);
+    if (s->x_panels != s->r_panels)
+        tm_free(s->x_panels);
+    tm_free(s->r_panels);
+    for (int part = 0; part < 2; ++part) {
+        tm_free(s->gamma[part]);
+        tm_free(s->ref_acc[part]);
+    }
 }
 
-/* Adds pair (a, j) with weight w to the row accumulator and the reference side. */
-static void TM_FN(dense_pair)(TM_FN(dense_op) *s, int thread, int64_t a, int64_t j, double w,
-                              double dist, double *row_acc, TM_REAL *ref_acc)
+/* Records pair (a, j) with gradient weight w: beta into the coefficient row,
+ * alpha into *alpha_sum, gamma into the thread's per-reference sums. */
+static void TM_FN(dense_pair)(const TM_FN(dense_op) *s, int thread, int part, int64_t a,
+                              int64_t j, double w, double dist, TM_REAL *coef_row,
+                              double *alpha_sum)
 {
     const double norm_a = s->x_norms != NULL ? s->x_norms[a] : 0.0;
     const double norm_j = s->r_norms != NULL ? s->r_norms[j] : 0.0;
     const TM_FN(pair_coef) c = TM_FN(pair_coefficients)(s->metric, w, dist, norm_a, norm_j);
-    const TM_REAL *xa = s->x + a * s->d, *rj = s->r + j * s->d;
-    TM_FN(axpby_double)(row_acc, c.alpha, xa, c.beta, rj, s->d);
-    if (ref_acc != NULL)
-        TM_FN(axpby_real)(ref_acc + (size_t)thread * (size_t)(s->lv.m * s->d) + j * s->d,
-                          c.gamma, rj, c.beta, xa, s->d);
-}
-
-static void TM_FN(store_row)(TM_REAL *out, const double *acc, int64_t d)
-{
-    for (int64_t k = 0; k < d; ++k)
-        out[k] = (TM_REAL)acc[k];
+    coef_row[j] = (TM_REAL)c.beta;
+    s->nonzeros[2 * thread + part] += 1;
+    *alpha_sum += c.alpha;
+    if (s->want_ref_side)
+        s->gamma[part][(size_t)thread * (size_t)s->lv.m + (size_t)j] += c.gamma;
 }
 
 /* Batch-all for one anchor: its positives sorted once; each negative finds,
@@ -294,19 +331,22 @@ static void TM_FN(store_row)(TM_REAL *out, const double *acc, int64_t d)
  * negative's gradient weight.  A difference array over positive ranks gives
  * each positive's weight (its number of active negatives).  With soft=True
  * every triplet counts, so the anchor costs O(#positives * #negatives). */
-static int TM_FN(batch_all_row)(void *op, int thread, int64_t a, const TM_REAL *dist)
+static int TM_FN(batch_all_row)(void *op, int thread, int64_t a, int64_t row_in_block,
+                                TM_REAL *dist)
 {
+    (void)row_in_block;
     TM_FN(dense_op) *s = op;
     tm_scored *positives = TM_SCRATCH(&s->scratch, positives, thread);
     tm_scored *negatives = TM_SCRATCH(&s->scratch, negatives, thread);
     int64_t n_pos, n_neg;
     TM_FN(split_row)(&s->lv, a, dist, positives, &n_pos, negatives, &n_neg);
-    s->loss_a[a] = 0.0;
-    s->count_a[a] = n_pos * n_neg;
-    s->active_a[a] = 0;
-    double *row_acc = s->want_grad ? s->row_acc + (size_t)thread * (size_t)(2 * s->d) : NULL;
-    if (row_acc != NULL)
-        memset(row_acc, 0, (size_t)s->d * sizeof(double));
+    s->loss[0][a] = 0.0;
+    s->count[0][a] = n_pos * n_neg;
+    s->active[0][a] = 0;
+    TM_REAL *coef = s->want_grad ? dist : NULL; /* the distances are copied: reuse the row */
+    double alpha = 0.0;
+    if (coef != NULL)
+        memset(coef, 0, (size_t)s->lv.m * sizeof(TM_REAL));
     if (n_pos > 0 && n_neg > 0) {
         tm_sort_scored(positives, n_pos);
         double *pos_weight = TM_SCRATCH(&s->scratch, work, thread); /* n_pos */
@@ -330,9 +370,9 @@ static int TM_FN(batch_all_row)(void *op, int thread, int64_t a, const TM_REAL *
                 loss += suffix[first] - (double)c * threshold;
                 active += c;
                 starts[first] += 1;
-                if (row_acc != NULL)
-                    TM_FN(dense_pair)(s, thread, a, negatives[q].index, -(double)c, v, row_acc,
-                                      s->ref_a);
+                if (coef != NULL)
+                    TM_FN(dense_pair)(s, thread, 0, a, negatives[q].index, -(double)c, v, coef,
+                                      &alpha);
             }
             int64_t running = 0;
             for (int64_t r = 0; r < n_pos; ++r) {
@@ -354,41 +394,43 @@ static int TM_FN(batch_all_row)(void *op, int thread, int64_t a, const TM_REAL *
                     pos_weight[r] += g;
                     neg_weight += g;
                 }
-                if (row_acc != NULL && neg_weight != 0.0)
-                    TM_FN(dense_pair)(s, thread, a, negatives[q].index, -neg_weight, v, row_acc,
-                                      s->ref_a);
+                if (coef != NULL && neg_weight != 0.0)
+                    TM_FN(dense_pair)(s, thread, 0, a, negatives[q].index, -neg_weight, v, coef,
+                                      &alpha);
             }
         }
-        if (row_acc != NULL)
+        if (coef != NULL)
             for (int64_t r = 0; r < n_pos; ++r)
                 if (pos_weight[r] != 0.0)
-                    TM_FN(dense_pair)(s, thread, a, positives[r].index, pos_weight[r],
-                                      positives[r].value, row_acc, s->ref_a);
-        s->loss_a[a] = loss;
-        s->active_a[a] = active;
+                    TM_FN(dense_pair)(s, thread, 0, a, positives[r].index, pos_weight[r],
+                                      positives[r].value, coef, &alpha);
+        s->loss[0][a] = loss;
+        s->active[0][a] = active;
     }
-    if (row_acc != NULL)
-        TM_FN(store_row)(s->anchor_a + a * s->d, row_acc, s->d);
+    if (coef != NULL)
+        s->alpha[0][a] = alpha;
     return TM_OK;
 }
 
 /* Contrastive for one anchor: every pair's term and gradient weight depend
- * on that pair alone.  Positive and negative parts are kept apart (a = pos,
- * b = neg) because mean_nonzero scales them separately. */
-static int TM_FN(contrastive_row)(void *op, int thread, int64_t a, const TM_REAL *dist)
+ * on that pair alone. */
+static int TM_FN(contrastive_row)(void *op, int thread, int64_t a, int64_t row_in_block,
+                                  TM_REAL *dist)
 {
     TM_FN(dense_op) *s = op;
-    double *acc_pos = s->want_grad ? s->row_acc + (size_t)thread * (size_t)(2 * s->d) : NULL;
-    double *acc_neg = acc_pos != NULL ? acc_pos + s->d : NULL;
-    if (acc_pos != NULL)
-        memset(acc_pos, 0, 2 * (size_t)s->d * sizeof(double));
+    TM_REAL *coef_pos = s->want_grad ? dist : NULL;
+    TM_REAL *coef_neg = s->want_grad ? s->coef1 + ((size_t)thread * (size_t)s->block_rows +
+                                                   (size_t)row_in_block) * (size_t)s->lv.m
+                                     : NULL;
     const int64_t label = s->lv.labels[a];
-    double loss_pos = 0.0, loss_neg = 0.0;
+    double loss_pos = 0.0, loss_neg = 0.0, alpha_pos = 0.0, alpha_neg = 0.0;
     int64_t n_pos = 0, n_neg = 0, act_pos = 0, act_neg = 0;
     for (int64_t j = 0; j < s->lv.m; ++j) {
+        const double v = (double)dist[j];
+        if (coef_pos != NULL)
+            coef_pos[j] = coef_neg[j] = 0;
         if (s->lv.self && j == a)
             continue;
-        const double v = (double)dist[j];
         const int positive = s->lv.ref_labels[j] == label;
         const double t = positive ? v - s->pos_margin : s->neg_margin - v;
         if (positive)
@@ -402,24 +444,83 @@ static int TM_FN(contrastive_row)(void *op, int thread, int64_t a, const TM_REAL
         if (positive) {
             loss_pos += l;
             ++act_pos;
-            if (acc_pos != NULL)
-                TM_FN(dense_pair)(s, thread, a, j, dl, v, acc_pos, s->ref_a);
+            if (coef_pos != NULL)
+                TM_FN(dense_pair)(s, thread, 0, a, j, dl, v, coef_pos, &alpha_pos);
         } else {
             loss_neg += l;
             ++act_neg;
-            if (acc_neg != NULL)
-                TM_FN(dense_pair)(s, thread, a, j, -dl, v, acc_neg, s->ref_b);
+            if (coef_neg != NULL)
+                TM_FN(dense_pair)(s, thread, 1, a, j, -dl, v, coef_neg, &alpha_neg);
         }
     }
-    s->loss_a[a] = loss_pos;
-    s->loss_b[a] = loss_neg;
-    s->count_a[a] = n_pos;
-    s->count_b[a] = n_neg;
-    s->active_a[a] = act_pos;
-    s->active_b[a] = act_neg;
-    if (acc_pos != NULL) {
-        TM_FN(store_row)(s->anchor_a + a * s->d, acc_pos, s->d);
-        TM_FN(store_row)(s->anchor_b + a * s->d, acc_neg, s->d);
+    s->loss[0][a] = loss_pos;
+    s->loss[1][a] = loss_neg;
+    s->count[0][a] = n_pos;
+    s->count[1][a] = n_neg;
+    s->active[0][a] = act_pos;
+    s->active[1][a] = act_neg;
+    if (coef_pos != NULL) {
+        s->alpha[0][a] = alpha_pos;
+        s->alpha[1][a] = alpha_neg;
+    }
+    return TM_OK;
+}
+
+/* The block's gradient, for each part: anchor rows get alpha_a x_a +
+ * (coefficients x reference rows); the thread's reference accumulator gets
+ * (coefficients^T x anchor rows).  Dense blocks use the micro-kernel
+ * products; blocks where few pairs carry a weight (hinges mostly inactive,
+ * positives of a P x K batch) visit just those pairs. */
+static int TM_FN(dense_block)(void *op, int thread, int64_t row0, int64_t nrows, TM_REAL *rows)
+{
+    TM_FN(dense_op) *s = op;
+    if (!s->want_grad)
+        return TM_OK;
+    const int64_t m = s->lv.m, d = s->d;
+    TM_REAL *scratch = s->gemm_scratch + (size_t)thread * (size_t)s->scratch_elems;
+    for (int part = 0; part < s->parts; ++part) {
+        const TM_REAL *coef =
+            part == 0 ? rows : s->coef1 + (size_t)thread * (size_t)(s->block_rows * m);
+        TM_REAL *anchor = s->anchor_grad[part] + row0 * d;
+        TM_REAL *ref_acc = s->want_ref_side
+                               ? s->ref_acc[part] + (size_t)thread * (size_t)(m * d)
+                               : NULL;
+        for (int64_t i = 0; i < nrows; ++i) {
+            const double alpha = s->alpha[part][row0 + i];
+            const TM_REAL *xa = s->x + (row0 + i) * d;
+            for (int64_t k = 0; k < d; ++k)
+                anchor[i * d + k] = (TM_REAL)(alpha * (double)xa[k]);
+        }
+        const int64_t nonzeros = s->nonzeros[2 * thread + part];
+        s->nonzeros[2 * thread + part] = 0;
+        if (nonzeros == 0)
+            continue;
+        if (nonzeros * TM_SPARSE_RATIO < nrows * m) {
+            for (int64_t i = 0; i < nrows; ++i) {
+                const TM_REAL *crow = coef + i * m;
+                const TM_REAL *xa = s->x + (row0 + i) * d;
+                TM_REAL *ga = anchor + i * d;
+                for (int64_t j = 0; j < m; ++j) {
+                    const TM_REAL beta = crow[j];
+                    if (beta == 0)
+                        continue;
+                    const TM_REAL *rj = s->r + j * d;
+                    for (int64_t k = 0; k < d; ++k)
+                        ga[k] += beta * rj[k];
+                    if (ref_acc != NULL) {
+                        TM_REAL *gj = ref_acc + j * d;
+                        for (int64_t k = 0; k < d; ++k)
+                            gj[k] += beta * xa[k];
+                    }
+                }
+            }
+            continue;
+        }
+        TM_FN(tm_gemm_acc)(s->kernels, nrows, m, coef, m, 0, s->r_panels, m, 0, d, anchor, d,
+                           scratch);
+        if (ref_acc != NULL)
+            TM_FN(tm_gemm_acc)(s->kernels, m, nrows, coef, m, 1, s->x_panels, s->n, row0, d,
+                               ref_acc, d, scratch);
     }
     return TM_OK;
 }
@@ -427,7 +528,7 @@ static int TM_FN(contrastive_row)(void *op, int thread, int64_t a, const TM_REAL
 /* Allocations shared by the two dense losses: per-anchor arrays and norms. */
 static int TM_FN(dense_init)(TM_FN(dense_op) *s, const TM_REAL *x, int64_t n, const TM_REAL *ref,
                              int64_t m, int64_t d, int metric, const int64_t *labels,
-                             const int64_t *ref_labels)
+                             const int64_t *ref_labels, int parts)
 {
     memset(s, 0, sizeof(*s));
     s->lv.labels = labels;
@@ -436,22 +537,25 @@ static int TM_FN(dense_init)(TM_FN(dense_op) *s, const TM_REAL *x, int64_t n, co
     s->lv.m = m;
     s->x = x;
     s->r = ref == NULL ? x : ref;
+    s->n = n;
     s->d = d;
     s->metric = metric;
+    s->parts = parts;
+    s->kernels = tm_active_kernels();
     size_t bytes;
-    int status = tm_bytes(n > 0 ? n : 1, 6, sizeof(double), &bytes);
+    int status = tm_bytes(n > 0 ? n : 1, 10, sizeof(double), &bytes);
     if (status != TM_OK)
         return status;
-    double *per_anchor = tm_alloc(bytes); /* 2 double + 4 int64 arrays */
+    double *per_anchor = tm_alloc(bytes); /* 4 double + 4 int64 arrays (+2 spare) */
     if (per_anchor == NULL)
         return TM_ERR_NOMEM;
-    s->loss_a = per_anchor;
-    s->loss_b = per_anchor + n;
-    s->count_a = (int64_t *)(void *)(per_anchor + 2 * n);
-    s->count_b = s->count_a + n;
-    s->active_a = s->count_b + n;
-    s->active_b = s->active_a + n;
     memset(per_anchor, 0, bytes);
+    for (int part = 0; part < 2; ++part) {
+        s->loss[part] = per_anchor + part * n;
+        s->alpha[part] = per_anchor + (2 + part) * n;
+        s->count[part] = (int64_t *)(void *)(per_anchor + (4 + part) * n);
+        s->active[part] = (int64_t *)(void *)(per_anchor + (6 + part) * n);
+    }
     if (metric == TM_METRIC_COSINE) {
         if ((status = tm_bytes(n + m, 1, sizeof(double), &bytes)) != TM_OK)
             return status;
@@ -470,28 +574,37 @@ static int TM_FN(dense_init)(TM_FN(dense_op) *s, const TM_REAL *x, int64_t n, co
 
 static void TM_FN(dense_release)(TM_FN(dense_op) *s)
 {
-    tm_free(s->loss_a);
+    tm_free(s->loss[0]);
     tm_free((void *)s->x_norms);
     TM_FN(dense_free)(s);
 }
 
-/* out = scale_a * (anchor_a + sum_t ref_a[t]) + scale_b * (anchor_b + sum_t ref_b[t]);
- * any part may be NULL. */
-static void TM_FN(combine)(TM_REAL *out, int64_t rows, int64_t d, double scale_a,
-                           const TM_REAL *anchor_a, const TM_REAL *ref_a, double scale_b,
-                           const TM_REAL *anchor_b, const TM_REAL *ref_b, int nthreads)
+/* out[i, :] = sum over parts of scale[p] * (anchor_p[i, :] + reference side of
+ * row i), where the reference side is sum_t acc_p[t][i, :] + (sum_t
+ * gamma_p[t][i]) * rows[i, :].  Any of anchor / acc may be absent. */
+static void TM_FN(combine)(const TM_FN(dense_op) *s, TM_REAL *out, int64_t count_rows,
+                           const double *scale, int use_anchor, int use_ref,
+                           const TM_REAL *rows)
 {
-    const size_t count = (size_t)(rows * d);
-    for (size_t i = 0; i < count; ++i) {
-        double part_a = anchor_a != NULL ? (double)anchor_a[i] : 0.0;
-        double part_b = anchor_b != NULL ? (double)anchor_b[i] : 0.0;
-        for (int t = 0; t < nthreads; ++t) {
-            if (ref_a != NULL)
-                part_a += (double)ref_a[(size_t)t * count + i];
-            if (ref_b != NULL)
-                part_b += (double)ref_b[(size_t)t * count + i];
+    const int64_t d = s->d, m = s->lv.m;
+    for (int64_t i = 0; i < count_rows; ++i) {
+        for (int64_t k = 0; k < d; ++k) {
+            double total = 0.0;
+            for (int part = 0; part < s->parts; ++part) {
+                double value = use_anchor ? (double)s->anchor_grad[part][i * d + k] : 0.0;
+                if (use_ref) {
+                    double gamma = 0.0;
+                    for (int t = 0; t < s->nthreads; ++t) {
+                        value += (double)s->ref_acc[part][((size_t)t * (size_t)m + (size_t)i) *
+                                                              (size_t)d + (size_t)k];
+                        gamma += s->gamma[part][(size_t)t * (size_t)m + (size_t)i];
+                    }
+                    value += gamma * (double)rows[i * d + k];
+                }
+                total += scale[part] * value;
+            }
+            out[i * d + k] = (TM_REAL)total;
         }
-        out[i] = (TM_REAL)(scale_a * part_a + scale_b * part_b);
     }
 }
 
@@ -522,44 +635,42 @@ int TM_FN(tm_batch_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, in
     if (n_triplets == NULL || n_active == NULL)
         return TM_ERR_INVALID;
     TM_FN(dense_op) s;
-    if ((status = TM_FN(dense_init)(&s, x, n, ref, m, d, metric, labels, ref_labels)) != TM_OK) {
-        TM_FN(dense_release)(&s);
-        return status;
-    }
+    if ((status = TM_FN(dense_init)(&s, x, n, ref, m, d, metric, labels, ref_labels, 1)) !=
+        TM_OK)
+        goto done;
     s.margin = margin;
     s.soft = soft;
-    s.ref_parts = 1;
     s.want_grad = grad != NULL;
     s.want_ref_side = grad != NULL && (ref == NULL || ref_grad != NULL);
-    s.anchor_a = grad;
-    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
-    const TM_FN(tm_row_op) op = {&s, TM_FN(dense_setup), TM_FN(batch_all_row), 1};
-    status = TM_FN(tm_run_rows)(&problem, &op);
+    s.anchor_grad[0] = grad;
+    {
+        const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
+        const TM_FN(tm_row_op) op = {&s, TM_FN(dense_setup), TM_FN(batch_all_row),
+                                     TM_FN(dense_block), 1};
+        status = TM_FN(tm_run_rows)(&problem, &op);
+    }
     if (status == TM_OK) {
         double total = 0.0;
         int64_t triplets = 0, active = 0;
         for (int64_t a = 0; a < n; ++a) {
-            total += s.loss_a[a];
-            triplets += s.count_a[a];
-            active += s.active_a[a];
+            total += s.loss[0][a];
+            triplets += s.count[0][a];
+            active += s.active[0][a];
             if (per_anchor != NULL)
-                per_anchor[a] = s.loss_a[a];
+                per_anchor[a] = s.loss[0][a];
         }
-        const double scale = TM_FN(reduction_scale)(reduction, triplets, active);
-        *loss = reduction == TM_REDUCE_NONE ? total : total * scale;
+        const double scale[2] = {TM_FN(reduction_scale)(reduction, triplets, active), 0.0};
+        *loss = reduction == TM_REDUCE_NONE ? total : total * scale[0];
         *n_triplets = triplets;
         *n_active = active;
         if (grad != NULL) {
-            if (ref == NULL) {
-                TM_FN(combine)(grad, n, d, scale, grad, s.ref_a, 0.0, NULL, NULL, s.nthreads);
-            } else {
-                TM_FN(combine)(grad, n, d, scale, grad, NULL, 0.0, NULL, NULL, 0);
-                if (ref_grad != NULL)
-                    TM_FN(combine)(ref_grad, m, d, scale, NULL, s.ref_a, 0.0, NULL, NULL,
-                                   s.nthreads);
-            }
+            /* In self mode x is also the reference set: both sides land in grad. */
+            TM_FN(combine)(&s, grad, n, scale, 1, ref == NULL, x);
+            if (ref != NULL && ref_grad != NULL)
+                TM_FN(combine)(&s, ref_grad, m, scale, 0, 1, ref);
         }
     }
+done:
     TM_FN(dense_release)(&s);
     return status;
 }
@@ -578,14 +689,14 @@ int TM_FN(tm_contrastive_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, 
         return TM_ERR_INVALID;
     TM_FN(dense_op) s;
     TM_REAL *anchor_neg = NULL;
-    if ((status = TM_FN(dense_init)(&s, x, n, ref, m, d, metric, labels, ref_labels)) != TM_OK)
+    if ((status = TM_FN(dense_init)(&s, x, n, ref, m, d, metric, labels, ref_labels, 2)) !=
+        TM_OK)
         goto done;
     s.pos_margin = pos_margin;
     s.neg_margin = neg_margin;
     s.power = power;
     s.want_grad = grad != NULL;
     s.want_ref_side = grad != NULL && ref != NULL && ref_grad != NULL;
-    s.ref_parts = 2;
     if (grad != NULL) {
         size_t bytes;
         if ((status = tm_bytes(n, d, sizeof(TM_REAL), &bytes)) != TM_OK)
@@ -596,48 +707,51 @@ int TM_FN(tm_contrastive_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, 
             goto done;
         }
     }
-    s.anchor_a = grad;
-    s.anchor_b = anchor_neg;
+    s.anchor_grad[0] = grad;
+    s.anchor_grad[1] = anchor_neg;
     {
         const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
-        const TM_FN(tm_row_op) op = {&s, TM_FN(dense_setup), TM_FN(contrastive_row), 1};
+        const TM_FN(tm_row_op) op = {&s, TM_FN(dense_setup), TM_FN(contrastive_row),
+                                     TM_FN(dense_block), 1};
         status = TM_FN(tm_run_rows)(&problem, &op);
     }
     if (status == TM_OK) {
         double sum_pos = 0.0, sum_neg = 0.0;
         int64_t n_pos = 0, n_neg = 0, act_pos = 0, act_neg = 0;
         for (int64_t a = 0; a < n; ++a) {
-            sum_pos += s.loss_a[a];
-            sum_neg += s.loss_b[a];
-            n_pos += s.count_a[a];
-            n_neg += s.count_b[a];
-            act_pos += s.active_a[a];
-            act_neg += s.active_b[a];
+            sum_pos += s.loss[0][a];
+            sum_neg += s.loss[1][a];
+            n_pos += s.count[0][a];
+            n_neg += s.count[1][a];
+            act_pos += s.active[0][a];
+            act_neg += s.active[1][a];
             if (per_anchor != NULL)
-                per_anchor[a] = s.loss_a[a] + s.loss_b[a];
+                per_anchor[a] = s.loss[0][a] + s.loss[1][a];
         }
-        double scale_pos = 1.0, scale_neg = 1.0;
+        double scale[2] = {1.0, 1.0};
         if (reduction == TM_REDUCE_MEAN) {
-            scale_pos = scale_neg = n_pos + n_neg > 0 ? 1.0 / (double)(n_pos + n_neg) : 0.0;
+            scale[0] = scale[1] = n_pos + n_neg > 0 ? 1.0 / (double)(n_pos + n_neg) : 0.0;
         } else if (reduction == TM_REDUCE_MEAN_NONZERO) {
-            scale_pos = act_pos > 0 ? 1.0 / (double)act_pos : 0.0;
-            scale_neg = act_neg > 0 ? 1.0 / (double)act_neg : 0.0;
+            scale[0] = act_pos > 0 ? 1.0 / (double)act_pos : 0.0;
+            scale[1] = act_neg > 0 ? 1.0 / (double)act_neg : 0.0;
         }
         *loss = reduction == TM_REDUCE_NONE ? sum_pos + sum_neg
-                                            : scale_pos * sum_pos + scale_neg * sum_neg;
+                                            : scale[0] * sum_pos + scale[1] * sum_neg;
         counts[0] = n_pos;
         counts[1] = n_neg;
         counts[2] = act_pos;
         counts[3] = act_neg;
         if (grad != NULL) {
-            /* Self mode: each unordered pair appears twice with equal terms,
-             * so the reference side doubles the anchor side. */
-            const double both = ref == NULL ? 2.0 : 1.0;
-            TM_FN(combine)(grad, n, d, both * scale_pos, grad, NULL, both * scale_neg,
-                           anchor_neg, NULL, 0);
-            if (ref != NULL && ref_grad != NULL)
-                TM_FN(combine)(ref_grad, m, d, scale_pos, NULL, s.ref_a, scale_neg, NULL,
-                               s.ref_b, s.nthreads);
+            if (ref == NULL) {
+                /* Each unordered pair appears twice with equal terms, so the
+                 * reference side doubles the anchor side. */
+                const double twice[2] = {2.0 * scale[0], 2.0 * scale[1]};
+                TM_FN(combine)(&s, grad, n, twice, 1, 0, x);
+            } else {
+                TM_FN(combine)(&s, grad, n, scale, 1, 0, x);
+                if (ref_grad != NULL)
+                    TM_FN(combine)(&s, ref_grad, m, scale, 0, 1, ref);
+            }
         }
     }
 done:

@@ -96,8 +96,9 @@ typedef struct {
     int64_t m;
 } TM_FN(semi_hard_op);
 
-static int TM_FN(semi_hard_setup)(void *op, int nthreads)
+static int TM_FN(semi_hard_setup)(void *op, int nthreads, int64_t block_rows)
 {
+    (void)block_rows;
     TM_FN(semi_hard_op) *s = op;
     return TM_FN(scratch_alloc)(&s->scratch, nthreads, s->m);
 }
@@ -139,8 +140,10 @@ static void TM_FN(closest_negatives)(const tm_scored *sorted_pos, int64_t n_pos,
     }
 }
 
-static int TM_FN(semi_hard_row)(void *op, int thread, int64_t a, const TM_REAL *dist)
+static int TM_FN(semi_hard_row)(void *op, int thread, int64_t a, int64_t row_in_block,
+                            TM_REAL *dist)
 {
+    (void)row_in_block;
     TM_FN(semi_hard_op) *s = op;
     tm_scored *positives = TM_SCRATCH(&s->scratch, positives, thread);
     tm_scored *negatives = TM_SCRATCH(&s->scratch, negatives, thread);
@@ -225,7 +228,7 @@ int TM_FN(tm_semi_hard)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t
     s.out_negative = out_negative;
     s.m = m;
     const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
-    const TM_FN(tm_row_op) op = {&s, TM_FN(semi_hard_setup), TM_FN(semi_hard_row), 0};
+    const TM_FN(tm_row_op) op = {&s, TM_FN(semi_hard_setup), TM_FN(semi_hard_row), NULL, 0};
     status = TM_FN(tm_run_rows)(&problem, &op);
     TM_FN(scratch_free)(&s.scratch);
     return status;
@@ -243,14 +246,17 @@ typedef struct {
     TM_FN(row_scratch) scratch;
 } TM_FN(semi_hard_all_op);
 
-static int TM_FN(semi_hard_all_setup)(void *op, int nthreads)
+static int TM_FN(semi_hard_all_setup)(void *op, int nthreads, int64_t block_rows)
 {
+    (void)block_rows;
     TM_FN(semi_hard_all_op) *s = op;
     return TM_FN(scratch_alloc)(&s->scratch, nthreads, s->lv.m);
 }
 
-static int TM_FN(semi_hard_all_row)(void *op, int thread, int64_t a, const TM_REAL *dist)
+static int TM_FN(semi_hard_all_row)(void *op, int thread, int64_t a, int64_t row_in_block,
+                            TM_REAL *dist)
 {
+    (void)row_in_block;
     TM_FN(semi_hard_all_op) *s = op;
     tm_scored *positives = TM_SCRATCH(&s->scratch, positives, thread);
     tm_scored *negatives = TM_SCRATCH(&s->scratch, negatives, thread);
@@ -346,7 +352,8 @@ int TM_FN(tm_semi_hard_all)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int
     s.out_positive = out_positive;
     s.out_negative = out_negative;
     const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
-    const TM_FN(tm_row_op) op = {&s, TM_FN(semi_hard_all_setup), TM_FN(semi_hard_all_row), 0};
+    const TM_FN(tm_row_op) op = {&s, TM_FN(semi_hard_all_setup), TM_FN(semi_hard_all_row), NULL,
+                                 0};
     status = TM_FN(tm_run_rows)(&problem, &op);
     TM_FN(scratch_free)(&s.scratch);
     return status;
@@ -363,14 +370,17 @@ typedef struct {
     TM_FN(row_scratch) scratch;
 } TM_FN(weighted_op);
 
-static int TM_FN(weighted_setup)(void *op, int nthreads)
+static int TM_FN(weighted_setup)(void *op, int nthreads, int64_t block_rows)
 {
+    (void)block_rows;
     TM_FN(weighted_op) *s = op;
     return TM_FN(scratch_alloc)(&s->scratch, nthreads, s->lv.m);
 }
 
-static int TM_FN(weighted_row)(void *op, int thread, int64_t a, const TM_REAL *dist)
+static int TM_FN(weighted_row)(void *op, int thread, int64_t a, int64_t row_in_block,
+                            TM_REAL *dist)
 {
+    (void)row_in_block;
     TM_FN(weighted_op) *s = op;
     tm_scored *positives = TM_SCRATCH(&s->scratch, positives, thread);
     tm_scored *negatives = TM_SCRATCH(&s->scratch, negatives, thread);
@@ -451,7 +461,7 @@ int TM_FN(tm_distance_weighted)(const TM_REAL *x, int64_t n, const TM_REAL *ref,
     s.out_positive = out_positive;
     s.out_negative = out_negative;
     const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, TM_METRIC_EUCLIDEAN};
-    const TM_FN(tm_row_op) op = {&s, TM_FN(weighted_setup), TM_FN(weighted_row), 0};
+    const TM_FN(tm_row_op) op = {&s, TM_FN(weighted_setup), TM_FN(weighted_row), NULL, 0};
     status = TM_FN(tm_run_rows)(&problem, &op);
     TM_FN(scratch_free)(&s.scratch);
     return status;
