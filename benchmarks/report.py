@@ -5,6 +5,7 @@
 Prints one row per (group, case): median time in ms, IQR, rounds, and the ratio
 ``case median / baseline median`` within the same group (baseline: ``gemm``).
 Rows whose IQR exceeds half the median are marked "noisy": rerun on a quieter machine.
+The load averages at the start and end of the run follow the table when recorded.
 Standard library only; ``--plot`` additionally needs matplotlib.
 """
 
@@ -15,7 +16,27 @@ import json
 import re
 import sys
 
-CASE_ORDER = ("tripmine", "numpy_gram", "gemm", "gemm_xxT")
+CASE_ORDER = (
+    # test_bench_distances.py
+    "tripmine",
+    "numpy_gram",
+    "gemm",
+    "gemm_xxT",
+    # test_bench_losses.py (gemm as above)
+    "triplet_batch_hard",
+    "numpy_batch_hard",
+    "pml_batch_hard",
+    "triplet_batch_all",
+    "pml_batch_all",
+    "triplet_semi_hard",
+    "triplet_distance_weighted",
+    "pml_distance_weighted",
+    "contrastive",
+    "pml_contrastive",
+    "mine_batch_hard",
+    "pml_mine_batch_hard",
+    "mine_semi_hard",
+)
 NOISY_IQR = 0.5  # flag rows with IQR > NOISY_IQR * median
 
 
@@ -27,9 +48,16 @@ def _case(bench: dict) -> str:
     return name.removeprefix("test_")
 
 
-def _group_key(group: str) -> tuple:
+def _group_family(group: str) -> str:
+    return re.sub(r"\d+", "", group or "")  # "pairwise N=256" -> "pairwise N="
+
+
+def _group_key(group: str, families: list[str]) -> tuple:
+    """Families (group names without their numbers) in order of first appearance in the
+    file, then by the first number in the name (N)."""
     m = re.search(r"(\d+)", group or "")
-    return (int(m.group(1)) if m else float("inf"), group or "")
+    return (families.index(_group_family(group)), int(m.group(1)) if m else float("inf"),
+            group or "")
 
 
 def _case_key(case: str) -> tuple:
@@ -39,11 +67,15 @@ def _case_key(case: str) -> tuple:
 def collect(data: dict) -> dict[str, dict[str, dict]]:
     """{group: {case: stats}} in display order."""
     groups: dict[str, dict[str, dict]] = {}
+    families: list[str] = []
     for bench in data.get("benchmarks", []):
-        groups.setdefault(bench.get("group") or "(none)", {})[_case(bench)] = bench["stats"]
+        group = bench.get("group") or "(none)"
+        groups.setdefault(group, {})[_case(bench)] = bench["stats"]
+        if _group_family(group) not in families:
+            families.append(_group_family(group))
     return {
         g: dict(sorted(groups[g].items(), key=lambda kv: _case_key(kv[0])))
-        for g in sorted(groups, key=_group_key)
+        for g in sorted(groups, key=lambda g: _group_key(g, families))
     }
 
 
@@ -102,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         print("no benchmarks in file", file=sys.stderr)
         return 1
     print(markdown(groups, args.baseline))
+    info = data.get("machine_info", {})
+    if "loadavg_at_start" in info:
+        fmt = ", ".join
+        start = fmt(f"{v:.2f}" for v in info["loadavg_at_start"])
+        end = fmt(f"{v:.2f}" for v in info.get("loadavg_at_end", []))
+        print(f"\nLoad average (1/5/15 min) at start: {start}; at end: {end or 'n/a'}.")
     if args.plot:
         plot(groups, args.plot)
     return 0

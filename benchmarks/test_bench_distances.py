@@ -9,99 +9,45 @@ Cases in each group:
 * ``gemm_xxT``   -- ``x @ x.T`` (NumPy sends this to ssyrk, which is slower here)
 
 Threads: tripmine and NumPy's OpenBLAS are both set to ``TRIPMINE_BENCH_THREADS``
-(default 2).  Inputs and output buffers are created outside the timed code.
+(default 2) by the ``threads`` fixture in conftest.py.  Inputs and output buffers are
+created outside the timed code.
 """
 
 from __future__ import annotations
 
-import ctypes
 import operator
-import os
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from benchcommon import SEED, D, describe, gemm_operands, run_gemm
 
 import tripmine
 
 NS = (256, 1024, 4096)
-D = 128
-SEED = 20240601
 
 pytestmark = pytest.mark.benchmark(
     min_rounds=15, max_time=1.5, warmup=True, warmup_iterations=5, disable_gc=True
 )
 
 
-def _find_openblas():
-    """(get_num_threads, set_num_threads) of the OpenBLAS NumPy uses, or None."""
-    np.ones((2, 2)) @ np.ones((2, 2))  # make sure BLAS is loaded
-    try:
-        with open("/proc/self/maps") as f:  # Linux only
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
-    except OSError:
-        return None
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("scipy_openblas_{}64_", "scipy_openblas_{}", "openblas_{}"):
-            get = getattr(lib, name.format("get_num_threads"), None)
-            put = getattr(lib, name.format("set_num_threads"), None)
-            if get is not None and put is not None:
-                get.restype = ctypes.c_int
-                put.argtypes = [ctypes.c_int]
-                return get, put
-    return None
-
-
-_BLAS = _find_openblas()
-
-
-def blas_threads() -> int | None:
-    return int(_BLAS[0]()) if _BLAS else None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def threads():
-    """Pin tripmine (and NumPy's OpenBLAS, when reachable) to TRIPMINE_BENCH_THREADS."""
-    n = int(os.environ.get("TRIPMINE_BENCH_THREADS", "2"))
-    old_tm, old_blas = tripmine.get_num_threads(), blas_threads()
-    tripmine.set_num_threads(n)
-    if _BLAS:
-        _BLAS[1](n)
-    yield n
-    tripmine.set_num_threads(old_tm)
-    if _BLAS and old_blas is not None:
-        _BLAS[1](old_blas)
-
-
 @pytest.fixture(scope="module", params=NS, ids=lambda n: f"N={n}")
 def data(request):
     n = request.param
     x = np.random.default_rng([SEED, n]).standard_normal((n, D), dtype=np.float32)
+    y, out = gemm_operands(x)
     return SimpleNamespace(
         n=n,
         x=x,
-        y=np.ascontiguousarray(x.T),
-        out=np.empty((n, n), dtype=np.float32),
+        y=y,
+        out=out,
         sq=np.empty(n, dtype=np.float32),
         tmp=np.empty_like(x),
     )
 
 
 def _setup(benchmark, data, case):
-    benchmark.group = f"pairwise N={data.n}"
-    benchmark.extra_info.update(
-        case=case,
-        n=data.n,
-        d=D,
-        dtype="float32",
-        isa=tripmine.build_info()["isa"],
-        tripmine_threads=tripmine.get_num_threads(),
-        blas_threads=blas_threads(),
-    )
+    describe(benchmark, f"pairwise N={data.n}", case, data.n)
 
 
 def numpy_gram(x, y, sq, tmp, out):
@@ -139,8 +85,7 @@ def test_numpy_gram(benchmark, data):
 
 def test_gemm(benchmark, data):
     _setup(benchmark, data, "gemm")
-    result = benchmark(np.matmul, data.x, data.y, out=data.out)
-    assert result is data.out
+    run_gemm(benchmark, data.x, data.y, data.out)
 
 
 def test_gemm_xxT(benchmark, data):

@@ -27,6 +27,18 @@ def distance_rtol(dtype, d: int) -> float:
     return 16 * float(np.finfo(np.float32).eps) * (np.sqrt(d) + 4)
 
 
+def loss_rtol(dtype, d: int) -> float:
+    """Error of a loss term relative to the distances entering it
+    (d(a,p) + d(a,n) + margin for a triplet, the distance for a pair).
+
+    The mined losses recompute their distances exactly, but batch-all and
+    contrastive take them from the tile, and normalize=True rounds the rows in
+    the input precision: the distance tolerance, with headroom for the few
+    distances (and the accumulation) in each term.
+    """
+    return 4 * distance_rtol(dtype, d)
+
+
 @pytest.fixture(params=_core.usable_isas())
 def isa(request):
     """Run a test once per instruction set this machine can execute."""

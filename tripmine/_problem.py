@@ -48,18 +48,21 @@ class Problem:
 
 def _normalize(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows divided by their L2 norm (zero rows stay zero), and the norms."""
-    norms = np.sqrt(np.einsum("ij,ij->i", a, a, dtype=np.float64))
-    safe = np.where(norms > 0, norms, 1.0)
-    return np.ascontiguousarray(a / safe[:, None].astype(a.dtype), dtype=a.dtype), norms
+    # Non-finite rows (possible only with check_finite=False) give NaN rows, silently.
+    with np.errstate(invalid="ignore", over="ignore"):
+        norms = np.sqrt(np.einsum("ij,ij->i", a, a, dtype=np.float64))
+        safe = np.where(norms > 0, norms, 1.0)
+        return np.ascontiguousarray(a / safe[:, None].astype(a.dtype), dtype=a.dtype), norms
 
 
 def _normalize_backward(grad: np.ndarray, unit: np.ndarray, norms: np.ndarray) -> np.ndarray:
     """d/dx of f(x / |x|) from g = df/du: (g - u (u . g)) / |x|; 0 for zero rows."""
     g = grad.astype(np.float64)
     u = unit.astype(np.float64)
-    radial = np.einsum("ij,ij->i", u, g)
-    safe = np.where(norms > 0, norms, np.inf)
-    return ((g - u * radial[:, None]) / safe[:, None]).astype(grad.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        radial = np.einsum("ij,ij->i", u, g)
+        safe = np.where(norms > 0, norms, np.inf)
+        return ((g - u * radial[:, None]) / safe[:, None]).astype(grad.dtype)
 
 
 def prepare(x: Any, labels: Any, ref: Any = None, ref_labels: Any = None, *,
