@@ -129,9 +129,10 @@ def triplet_loss(x: Any, labels: Any, *, mining: str | Triplets = "batch_hard",
         check.choice(mining, "mining", MINING)
     if reduction == "auto":
         reduction = "mean_nonzero" if mining == "batch_all" else "mean"
-    common = dict(ref=ref, ref_labels=ref_labels, metric=metric, check_finite=check_finite)
     problem = problems.prepare(x, labels, ref, ref_labels, metric=metric, normalize=normalize,
                                check_finite=check_finite, need_labels=not given)
+    # The miners see the prepared (validated, normalised) embeddings.
+    common = dict(ref=problem.ref, ref_labels=ref_labels, metric=metric, check_finite=False)
     used_seed = None
 
     if mining == "batch_all":
