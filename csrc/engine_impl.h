@@ -28,6 +28,8 @@
 #define TM_REF_BLOCK_BYTES (256 * 1024)
 #define TM_ANCHOR_BLOCK 96
 #define TM_MAX_REF_BLOCK 1024
+/* Below about this many multiply-adds a call is not worth a thread team. */
+#define TM_MIN_PARALLEL_WORK (1 << 18)
 #endif
 
 double TM_FN(tm_exact_sqeuclidean)(const TM_REAL *a, const TM_REAL *b, int64_t d)
@@ -268,7 +270,9 @@ int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
     const int64_t row_blocks = (n + mc - 1) / mc;
     const int64_t col_blocks = (m + nc - 1) / nc;
     const int64_t units = reducer->whole_rows ? row_blocks : row_blocks * col_blocks;
-    const int threads = tm_threads_for(units);
+    /* Tiny problems run on one thread: waking a team costs more than they do. */
+    const int64_t work = n * m * (d + 8);
+    const int threads = tm_threads_for(work < TM_MIN_PARALLEL_WORK ? 1 : units);
 
     /* Every allocation happens here, before any output is written. */
     size_t x_pack_bytes, ref_pack_bytes, tile_bytes, x_norm_bytes, ref_norm_bytes;

@@ -201,11 +201,15 @@ int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int6
  *   dL/dr_j  += (sum_a gamma_aj) r_j + sum_a beta_aj x_a
  * so that, per block of anchor rows, the two sums over pairs are matrix
  * products (coefficients x reference rows, and their transpose x anchor
- * rows) on the distance micro-kernels.  Gradients are kept unscaled (the
- * reduction's scale is known only at the end).  The reference side goes to
- * per-thread accumulators (O(threads * m * d)), summed in thread order at the
- * end, with blocks assigned to threads statically: a given thread count
- * always gives the same bits.  Contrastive keeps its positive (part 0) and
+ * rows) on the distance micro-kernels.  The anchor side is kept unscaled
+ * (the reduction's scale is known only once every row is seen).  The
+ * reference side goes to per-thread accumulators for a range of reference
+ * rows, summed in thread order after the pass, with blocks assigned to
+ * threads statically: a given thread count always gives the same bits.  The
+ * range covers all m rows when threads x m x d fits TM_REF_ACC_BYTES;
+ * otherwise the walk is repeated for successive ranges (recomputing the
+ * distances, never storing more), so memory stays bounded whatever the
+ * thread count.  Contrastive keeps its positive (part 0) and
  * negative (part 1) terms apart because "mean_nonzero" scales them
  * separately; in self mode its pair terms are symmetric, so the reference
  * side equals the anchor side and is not computed.
@@ -215,6 +219,10 @@ int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int6
  * visits the pairs instead of multiplying matrices. */
 #ifndef TM_SPARSE_RATIO
 #define TM_SPARSE_RATIO 16
+#endif
+/* Budget of all per-thread reference-gradient accumulators together. */
+#ifndef TM_REF_ACC_BYTES
+#define TM_REF_ACC_BYTES (32 * 1024 * 1024)
 #endif
 
 typedef struct {
@@ -232,11 +240,14 @@ typedef struct {
     int64_t *count[2], *active[2];
     /* gradient state, all unscaled */
     double *alpha[2];        /* n: sum of the row's alpha coefficients */
-    double *gamma[2];        /* threads x m: sum of gamma coefficients per reference */
+    double *gamma[2];        /* threads x span: sum of gamma coefficients per reference */
     TM_REAL *coef1;          /* threads x block_rows x m: part 1 coefficients */
     int64_t block_rows;
     TM_REAL *anchor_grad[2]; /* n x d */
-    TM_REAL *ref_acc[2];     /* threads x m x d */
+    TM_REAL *ref_acc[2];     /* threads x span x d, for reference rows [ref_lo, ref_hi) */
+    int64_t ref_lo, ref_hi, span; /* span: fixed before the first pass */
+    int max_threads;
+    int first_pass;          /* the pass that also does losses and the anchor side */
     TM_REAL *x_panels, *r_panels;
     int64_t *nonzeros;       /* threads x 2: coefficients set in the current block */
     TM_REAL *gemm_scratch;
@@ -245,52 +256,76 @@ typedef struct {
     TM_FN(row_scratch) scratch;
 } TM_FN(dense_op);
 
+/* Rows of the reference side one pass covers: all of them unless the
+ * per-thread accumulators would exceed TM_REF_ACC_BYTES. */
+static int64_t TM_FN(ref_span)(int64_t m, int64_t d, int nthreads, int parts)
+{
+    const int64_t per_row = (int64_t)nthreads * parts * (d > 0 ? d : 1) *
+                            (int64_t)sizeof(TM_REAL);
+    int64_t span = TM_REF_ACC_BYTES / per_row;
+    if (span < 64)
+        span = 64;
+    return span < m ? span : (m > 0 ? m : 1);
+}
+
 static int TM_FN(dense_setup)(void *op, int nthreads, int64_t block_rows)
 {
     TM_FN(dense_op) *s = op;
     const int64_t m = s->lv.m, d = s->d;
-    s->nthreads = nthreads;
-    s->block_rows = block_rows;
-    int status = TM_FN(scratch_alloc)(&s->scratch, nthreads, m);
-    if (status != TM_OK || !s->want_grad)
-        return status;
-    const int nr = TM_FN(kernel_nr)(s->kernels);
-    const int64_t d_padded = TM_FN(round_up)(d > 0 ? d : 1, nr);
-    size_t gamma_bytes, coef_bytes, acc_bytes, xp_bytes, rp_bytes, scratch_bytes;
-    s->scratch_elems = tm_gemm_scratch_elems(s->kernels);
-    if ((status = tm_bytes((int64_t)nthreads, m, sizeof(double), &gamma_bytes)) != TM_OK ||
-        (status = tm_bytes((int64_t)nthreads * block_rows, s->parts == 2 ? m : 0,
-                           sizeof(TM_REAL), &coef_bytes)) != TM_OK ||
-        (status = tm_bytes((int64_t)nthreads * (s->want_ref_side ? m : 0), d, sizeof(TM_REAL),
-                           &acc_bytes)) != TM_OK ||
-        (status = tm_bytes(s->want_ref_side ? s->n : 0, d_padded, sizeof(TM_REAL),
-                           &xp_bytes)) != TM_OK ||
-        (status = tm_bytes(m, d_padded, sizeof(TM_REAL), &rp_bytes)) != TM_OK ||
-        (status = tm_bytes((int64_t)nthreads, s->scratch_elems, sizeof(TM_REAL),
-                           &scratch_bytes)) != TM_OK)
-        return status;
-    s->coef1 = tm_alloc(coef_bytes);
-    s->nonzeros = tm_alloc((size_t)nthreads * 2 * sizeof(int64_t));
-    s->gemm_scratch = tm_alloc(scratch_bytes);
-    s->r_panels = tm_alloc(rp_bytes);
-    s->x_panels = s->want_ref_side ? (s->lv.self ? s->r_panels : tm_alloc(xp_bytes)) : NULL;
-    if (s->coef1 == NULL || s->nonzeros == NULL || s->gemm_scratch == NULL || s->r_panels == NULL ||
-        (s->want_ref_side && s->x_panels == NULL))
-        return TM_ERR_NOMEM;
-    for (int part = 0; part < s->parts; ++part) {
-        if (s->want_ref_side) {
+    if (s->scratch.positives != NULL) {
+        /* A later pass: same problem, so the same threads and blocks. */
+        if (nthreads != s->nthreads || block_rows != s->block_rows)
+            return TM_ERR_INVALID;
+    } else {
+        s->nthreads = nthreads;
+        s->block_rows = block_rows;
+        int status = TM_FN(scratch_alloc)(&s->scratch, nthreads, m);
+        if (status != TM_OK || !s->want_grad)
+            return status;
+        const int nr = TM_FN(kernel_nr)(s->kernels);
+        const int64_t d_padded = TM_FN(round_up)(d > 0 ? d : 1, nr);
+        if (nthreads > s->max_threads)
+            return TM_ERR_INVALID;
+        const int64_t span = s->span;
+        size_t gamma_bytes, coef_bytes, acc_bytes, xp_bytes, rp_bytes, scratch_bytes;
+        s->scratch_elems = tm_gemm_scratch_elems(s->kernels);
+        if ((status = tm_bytes((int64_t)nthreads, span, sizeof(double), &gamma_bytes)) != TM_OK ||
+            (status = tm_bytes((int64_t)nthreads * block_rows, s->parts == 2 ? m : 0,
+                               sizeof(TM_REAL), &coef_bytes)) != TM_OK ||
+            (status = tm_bytes((int64_t)nthreads * span, d, sizeof(TM_REAL), &acc_bytes)) !=
+                TM_OK ||
+            (status = tm_bytes(s->want_ref_side ? s->n : 0, d_padded, sizeof(TM_REAL),
+                               &xp_bytes)) != TM_OK ||
+            (status = tm_bytes(m, d_padded, sizeof(TM_REAL), &rp_bytes)) != TM_OK ||
+            (status = tm_bytes((int64_t)nthreads, s->scratch_elems, sizeof(TM_REAL),
+                               &scratch_bytes)) != TM_OK)
+            return status;
+        s->coef1 = tm_alloc(coef_bytes);
+        s->nonzeros = tm_alloc((size_t)nthreads * 2 * sizeof(int64_t));
+        s->gemm_scratch = tm_alloc(scratch_bytes);
+        s->r_panels = tm_alloc(rp_bytes);
+        s->x_panels = s->want_ref_side ? (s->lv.self ? s->r_panels : tm_alloc(xp_bytes)) : NULL;
+        if (s->coef1 == NULL || s->nonzeros == NULL || s->gemm_scratch == NULL ||
+            s->r_panels == NULL || (s->want_ref_side && s->x_panels == NULL))
+            return TM_ERR_NOMEM;
+        for (int part = 0; part < s->parts && s->want_ref_side; ++part) {
             s->gamma[part] = tm_alloc(gamma_bytes);
             s->ref_acc[part] = tm_alloc(acc_bytes);
             if (s->gamma[part] == NULL || s->ref_acc[part] == NULL)
                 return TM_ERR_NOMEM;
-            memset(s->gamma[part], 0, gamma_bytes);
-            memset(s->ref_acc[part], 0, acc_bytes);
         }
+        TM_FN(tm_pack_column_panels)(s->kernels, s->r, m, d, s->r_panels);
+        if (s->want_ref_side && !s->lv.self)
+            TM_FN(tm_pack_column_panels)(s->kernels, s->x, s->n, d, s->x_panels);
     }
+    if (!s->want_grad)
+        return TM_OK;
     memset(s->nonzeros, 0, (size_t)nthreads * 2 * sizeof(int64_t));
-    TM_FN(tm_pack_column_panels)(s->kernels, s->r, m, d, s->r_panels);
-    if (s->want_ref_side && !s->lv.self)
-        TM_FN(tm_pack_column_panels)(s->kernels, s->x, s->n, d, s->x_panels);
+    for (int part = 0; part < s->parts && s->want_ref_side; ++part) {
+        memset(s->gamma[part], 0, (size_t)nthreads * (size_t)s->span * sizeof(double));
+        memset(s->ref_acc[part], 0,
+               (size_t)nthreads * (size_t)s->span * (size_t)d * sizeof(TM_REAL));
+    }
     return TM_OK;
 }
 
@@ -321,8 +356,8 @@ static void TM_FN(dense_pair)(const TM_FN(dense_op) *s, int thread, int part, in
     coef_row[j] = (TM_REAL)c.beta;
     s->nonzeros[2 * thread + part] += 1;
     *alpha_sum += c.alpha;
-    if (s->want_ref_side)
-        s->gamma[part][(size_t)thread * (size_t)s->lv.m + (size_t)j] += c.gamma;
+    if (s->want_ref_side && j >= s->ref_lo && j < s->ref_hi)
+        s->gamma[part][(size_t)thread * (size_t)s->span + (size_t)(j - s->ref_lo)] += c.gamma;
 }
 
 /* Batch-all for one anchor: its positives sorted once; each negative finds,
@@ -476,21 +511,22 @@ static int TM_FN(dense_block)(void *op, int thread, int64_t row0, int64_t nrows,
     TM_FN(dense_op) *s = op;
     if (!s->want_grad)
         return TM_OK;
-    const int64_t m = s->lv.m, d = s->d;
+    const int64_t m = s->lv.m, d = s->d, lo = s->ref_lo, hi = s->ref_hi;
     TM_REAL *scratch = s->gemm_scratch + (size_t)thread * (size_t)s->scratch_elems;
     for (int part = 0; part < s->parts; ++part) {
         const TM_REAL *coef =
             part == 0 ? rows : s->coef1 + (size_t)thread * (size_t)(s->block_rows * m);
-        TM_REAL *anchor = s->anchor_grad[part] + row0 * d;
+        TM_REAL *anchor = s->first_pass ? s->anchor_grad[part] + row0 * d : NULL;
         TM_REAL *ref_acc = s->want_ref_side
-                               ? s->ref_acc[part] + (size_t)thread * (size_t)(m * d)
+                               ? s->ref_acc[part] + (size_t)thread * (size_t)(s->span * d)
                                : NULL;
-        for (int64_t i = 0; i < nrows; ++i) {
-            const double alpha = s->alpha[part][row0 + i];
-            const TM_REAL *xa = s->x + (row0 + i) * d;
-            for (int64_t k = 0; k < d; ++k)
-                anchor[i * d + k] = (TM_REAL)(alpha * (double)xa[k]);
-        }
+        if (anchor != NULL)
+            for (int64_t i = 0; i < nrows; ++i) {
+                const double alpha = s->alpha[part][row0 + i];
+                const TM_REAL *xa = s->x + (row0 + i) * d;
+                for (int64_t k = 0; k < d; ++k)
+                    anchor[i * d + k] = (TM_REAL)(alpha * (double)xa[k]);
+            }
         const int64_t nonzeros = s->nonzeros[2 * thread + part];
         s->nonzeros[2 * thread + part] = 0;
         if (nonzeros == 0)
@@ -499,16 +535,18 @@ static int TM_FN(dense_block)(void *op, int thread, int64_t row0, int64_t nrows,
             for (int64_t i = 0; i < nrows; ++i) {
                 const TM_REAL *crow = coef + i * m;
                 const TM_REAL *xa = s->x + (row0 + i) * d;
-                TM_REAL *ga = anchor + i * d;
                 for (int64_t j = 0; j < m; ++j) {
                     const TM_REAL beta = crow[j];
                     if (beta == 0)
                         continue;
-                    const TM_REAL *rj = s->r + j * d;
-                    for (int64_t k = 0; k < d; ++k)
-                        ga[k] += beta * rj[k];
-                    if (ref_acc != NULL) {
-                        TM_REAL *gj = ref_acc + j * d;
+                    if (anchor != NULL) {
+                        const TM_REAL *rj = s->r + j * d;
+                        TM_REAL *ga = anchor + i * d;
+                        for (int64_t k = 0; k < d; ++k)
+                            ga[k] += beta * rj[k];
+                    }
+                    if (ref_acc != NULL && j >= lo && j < hi) {
+                        TM_REAL *gj = ref_acc + (j - lo) * d;
                         for (int64_t k = 0; k < d; ++k)
                             gj[k] += beta * xa[k];
                     }
@@ -516,11 +554,12 @@ static int TM_FN(dense_block)(void *op, int thread, int64_t row0, int64_t nrows,
             }
             continue;
         }
-        TM_FN(tm_gemm_acc)(s->kernels, nrows, m, coef, m, 0, s->r_panels, m, 0, d, anchor, d,
-                           scratch);
+        if (anchor != NULL)
+            TM_FN(tm_gemm_acc)(s->kernels, nrows, m, coef, m, 0, s->r_panels, m, 0, d, anchor, d,
+                               scratch);
         if (ref_acc != NULL)
-            TM_FN(tm_gemm_acc)(s->kernels, m, nrows, coef, m, 1, s->x_panels, s->n, row0, d,
-                               ref_acc, d, scratch);
+            TM_FN(tm_gemm_acc)(s->kernels, hi - lo, nrows, coef + lo, m, 1, s->x_panels, s->n,
+                               row0, d, ref_acc, d, scratch);
     }
     return TM_OK;
 }
@@ -579,32 +618,72 @@ static void TM_FN(dense_release)(TM_FN(dense_op) *s)
     TM_FN(dense_free)(s);
 }
 
-/* out[i, :] = sum over parts of scale[p] * (anchor_p[i, :] + reference side of
- * row i), where the reference side is sum_t acc_p[t][i, :] + (sum_t
- * gamma_p[t][i]) * rows[i, :].  Any of anchor / acc may be absent. */
-static void TM_FN(combine)(const TM_FN(dense_op) *s, TM_REAL *out, int64_t count_rows,
-                           const double *scale, int use_anchor, int use_ref,
-                           const TM_REAL *rows)
+/* out = sum over parts of scale[p] * anchor_p (the scaled anchor side). */
+static void TM_FN(finish_anchor_side)(const TM_FN(dense_op) *s, TM_REAL *out,
+                                      const double *scale)
 {
-    const int64_t d = s->d, m = s->lv.m;
-    for (int64_t i = 0; i < count_rows; ++i) {
+    const size_t count = (size_t)(s->n * s->d);
+    for (size_t i = 0; i < count; ++i) {
+        double total = 0.0;
+        for (int part = 0; part < s->parts; ++part)
+            total += scale[part] * (double)s->anchor_grad[part][i];
+        out[i] = (TM_REAL)total;
+    }
+}
+
+/* out[j] += sum over parts of scale[p] * (sum_t acc_p[t][j] + (sum_t gamma_p[t][j]) r_j)
+ * for the reference rows [ref_lo, ref_hi) of this pass. */
+static void TM_FN(add_reference_side)(const TM_FN(dense_op) *s, TM_REAL *out,
+                                      const double *scale)
+{
+    const int64_t d = s->d, span = s->span;
+    for (int64_t j = s->ref_lo; j < s->ref_hi; ++j) {
+        const int64_t local = j - s->ref_lo;
+        const TM_REAL *rj = s->r + j * d;
         for (int64_t k = 0; k < d; ++k) {
-            double total = 0.0;
+            double total = (double)out[j * d + k];
             for (int part = 0; part < s->parts; ++part) {
-                double value = use_anchor ? (double)s->anchor_grad[part][i * d + k] : 0.0;
-                if (use_ref) {
-                    double gamma = 0.0;
-                    for (int t = 0; t < s->nthreads; ++t) {
-                        value += (double)s->ref_acc[part][((size_t)t * (size_t)m + (size_t)i) *
-                                                              (size_t)d + (size_t)k];
-                        gamma += s->gamma[part][(size_t)t * (size_t)m + (size_t)i];
-                    }
-                    value += gamma * (double)rows[i * d + k];
+                double value = 0.0, gamma = 0.0;
+                for (int t = 0; t < s->nthreads; ++t) {
+                    value += (double)s->ref_acc[part][((size_t)t * (size_t)span +
+                                                       (size_t)local) * (size_t)d + (size_t)k];
+                    gamma += s->gamma[part][(size_t)t * (size_t)span + (size_t)local];
                 }
-                total += scale[part] * value;
+                total += scale[part] * (value + gamma * (double)rj[k]);
             }
-            out[i * d + k] = (TM_REAL)total;
+            out[j * d + k] = (TM_REAL)total;
         }
+    }
+}
+
+/* Runs the row walk once per range of reference rows (once in the usual
+ * case).  The first pass also produces the losses and the anchor side, after
+ * which `finish` fills `scale` and writes the scaled anchor side.  Every pass
+ * then adds its range of the reference side to ref_out. */
+static int TM_FN(dense_run)(TM_FN(dense_op) *s, const TM_FN(tm_tile_problem) *problem,
+                            int (*row)(void *, int, int64_t, int64_t, TM_REAL *),
+                            void (*finish)(TM_FN(dense_op) *, void *, double *),
+                            void *finish_ctx, double *scale, TM_REAL *ref_out)
+{
+    const TM_FN(tm_row_op) op = {s, TM_FN(dense_setup), row, TM_FN(dense_block), 1};
+    const int64_t m = s->lv.m;
+    s->first_pass = 1;
+    for (int64_t lo = 0;;) {
+        const int64_t hi = s->want_ref_side && m - lo > s->span ? lo + s->span : m;
+        s->ref_lo = lo;
+        s->ref_hi = hi;
+        const int status = TM_FN(tm_run_rows)(problem, &op);
+        if (status != TM_OK)
+            return status;
+        if (s->first_pass) {
+            finish(s, finish_ctx, scale);
+            s->first_pass = 0;
+        }
+        if (s->want_ref_side)
+            TM_FN(add_reference_side)(s, ref_out, scale);
+        if (!s->want_ref_side || hi >= m)
+            return TM_OK;
+        lo = hi;
     }
 }
 
@@ -622,6 +701,42 @@ static int TM_FN(check_loss_args)(const TM_REAL *x, int64_t n, const TM_REAL *re
     return TM_OK;
 }
 
+/* Fixes the span of reference rows per pass; call after the options are set. */
+static void TM_FN(dense_plan)(TM_FN(dense_op) *s)
+{
+    s->max_threads = tm_get_num_threads();
+    s->span = s->want_ref_side ? TM_FN(ref_span)(s->lv.m, s->d, s->max_threads, s->parts) : 0;
+}
+
+typedef struct {
+    int reduction;
+    double *loss;
+    int64_t *n_triplets, *n_active;
+    double *per_anchor;
+    TM_REAL *grad;
+} TM_FN(batch_all_out);
+
+static void TM_FN(batch_all_finish)(TM_FN(dense_op) *s, void *ctx, double *scale)
+{
+    TM_FN(batch_all_out) *o = ctx;
+    double total = 0.0;
+    int64_t triplets = 0, active = 0;
+    for (int64_t a = 0; a < s->n; ++a) {
+        total += s->loss[0][a];
+        triplets += s->count[0][a];
+        active += s->active[0][a];
+        if (o->per_anchor != NULL)
+            o->per_anchor[a] = s->loss[0][a];
+    }
+    scale[0] = TM_FN(reduction_scale)(o->reduction, triplets, active);
+    scale[1] = 0.0;
+    *o->loss = o->reduction == TM_REDUCE_NONE ? total : total * scale[0];
+    *o->n_triplets = triplets;
+    *o->n_active = active;
+    if (o->grad != NULL)
+        TM_FN(finish_anchor_side)(s, o->grad, scale);
+}
+
 int TM_FN(tm_batch_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m,
                              int64_t d, int metric, const int64_t *labels,
                              const int64_t *ref_labels, double margin, int soft, int reduction,
@@ -635,44 +750,70 @@ int TM_FN(tm_batch_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, in
     if (n_triplets == NULL || n_active == NULL)
         return TM_ERR_INVALID;
     TM_FN(dense_op) s;
-    if ((status = TM_FN(dense_init)(&s, x, n, ref, m, d, metric, labels, ref_labels, 1)) !=
-        TM_OK)
-        goto done;
-    s.margin = margin;
-    s.soft = soft;
-    s.want_grad = grad != NULL;
-    s.want_ref_side = grad != NULL && (ref == NULL || ref_grad != NULL);
-    s.anchor_grad[0] = grad;
-    {
+    if ((status = TM_FN(dense_init)(&s, x, n, ref, m, d, metric, labels, ref_labels, 1)) ==
+        TM_OK) {
+        s.margin = margin;
+        s.soft = soft;
+        s.want_grad = grad != NULL;
+        s.want_ref_side = grad != NULL && (ref == NULL || ref_grad != NULL);
+        s.anchor_grad[0] = grad; /* unscaled during the walk, scaled by finish */
+        TM_FN(dense_plan)(&s);
+        if (ref != NULL && ref_grad != NULL)
+            memset(ref_grad, 0, (size_t)(m * d) * sizeof(TM_REAL));
+        /* In self mode x is also the reference set: both sides land in grad. */
+        TM_FN(batch_all_out) out = {reduction, loss, n_triplets, n_active, per_anchor, grad};
+        double scale[2];
         const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
-        const TM_FN(tm_row_op) op = {&s, TM_FN(dense_setup), TM_FN(batch_all_row),
-                                     TM_FN(dense_block), 1};
-        status = TM_FN(tm_run_rows)(&problem, &op);
+        status = TM_FN(dense_run)(&s, &problem, TM_FN(batch_all_row), TM_FN(batch_all_finish),
+                                  &out, scale, ref == NULL ? grad : ref_grad);
     }
-    if (status == TM_OK) {
-        double total = 0.0;
-        int64_t triplets = 0, active = 0;
-        for (int64_t a = 0; a < n; ++a) {
-            total += s.loss[0][a];
-            triplets += s.count[0][a];
-            active += s.active[0][a];
-            if (per_anchor != NULL)
-                per_anchor[a] = s.loss[0][a];
-        }
-        const double scale[2] = {TM_FN(reduction_scale)(reduction, triplets, active), 0.0};
-        *loss = reduction == TM_REDUCE_NONE ? total : total * scale[0];
-        *n_triplets = triplets;
-        *n_active = active;
-        if (grad != NULL) {
-            /* In self mode x is also the reference set: both sides land in grad. */
-            TM_FN(combine)(&s, grad, n, scale, 1, ref == NULL, x);
-            if (ref != NULL && ref_grad != NULL)
-                TM_FN(combine)(&s, ref_grad, m, scale, 0, 1, ref);
-        }
-    }
-done:
     TM_FN(dense_release)(&s);
     return status;
+}
+
+typedef struct {
+    int reduction, self;
+    double *loss;
+    int64_t *counts;
+    double *per_anchor;
+    TM_REAL *grad;
+} TM_FN(contrastive_out);
+
+static void TM_FN(contrastive_finish)(TM_FN(dense_op) *s, void *ctx, double *scale)
+{
+    TM_FN(contrastive_out) *o = ctx;
+    double sum_pos = 0.0, sum_neg = 0.0;
+    int64_t n_pos = 0, n_neg = 0, act_pos = 0, act_neg = 0;
+    for (int64_t a = 0; a < s->n; ++a) {
+        sum_pos += s->loss[0][a];
+        sum_neg += s->loss[1][a];
+        n_pos += s->count[0][a];
+        n_neg += s->count[1][a];
+        act_pos += s->active[0][a];
+        act_neg += s->active[1][a];
+        if (o->per_anchor != NULL)
+            o->per_anchor[a] = s->loss[0][a] + s->loss[1][a];
+    }
+    scale[0] = scale[1] = 1.0;
+    if (o->reduction == TM_REDUCE_MEAN) {
+        scale[0] = scale[1] = n_pos + n_neg > 0 ? 1.0 / (double)(n_pos + n_neg) : 0.0;
+    } else if (o->reduction == TM_REDUCE_MEAN_NONZERO) {
+        scale[0] = act_pos > 0 ? 1.0 / (double)act_pos : 0.0;
+        scale[1] = act_neg > 0 ? 1.0 / (double)act_neg : 0.0;
+    }
+    *o->loss = o->reduction == TM_REDUCE_NONE ? sum_pos + sum_neg
+                                              : scale[0] * sum_pos + scale[1] * sum_neg;
+    o->counts[0] = n_pos;
+    o->counts[1] = n_neg;
+    o->counts[2] = act_pos;
+    o->counts[3] = act_neg;
+    if (o->grad != NULL) {
+        /* Self mode: each unordered pair appears twice with equal terms, so
+         * the reference side doubles the anchor side. */
+        const double both = o->self ? 2.0 : 1.0;
+        const double anchor_scale[2] = {both * scale[0], both * scale[1]};
+        TM_FN(finish_anchor_side)(s, o->grad, anchor_scale);
+    }
 }
 
 int TM_FN(tm_contrastive_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m,
@@ -689,72 +830,32 @@ int TM_FN(tm_contrastive_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, 
         return TM_ERR_INVALID;
     TM_FN(dense_op) s;
     TM_REAL *anchor_neg = NULL;
-    if ((status = TM_FN(dense_init)(&s, x, n, ref, m, d, metric, labels, ref_labels, 2)) !=
-        TM_OK)
-        goto done;
-    s.pos_margin = pos_margin;
-    s.neg_margin = neg_margin;
-    s.power = power;
-    s.want_grad = grad != NULL;
-    s.want_ref_side = grad != NULL && ref != NULL && ref_grad != NULL;
-    if (grad != NULL) {
-        size_t bytes;
-        if ((status = tm_bytes(n, d, sizeof(TM_REAL), &bytes)) != TM_OK)
-            goto done;
-        anchor_neg = tm_alloc(bytes);
-        if (anchor_neg == NULL) {
-            status = TM_ERR_NOMEM;
-            goto done;
+    if ((status = TM_FN(dense_init)(&s, x, n, ref, m, d, metric, labels, ref_labels, 2)) ==
+        TM_OK) {
+        s.pos_margin = pos_margin;
+        s.neg_margin = neg_margin;
+        s.power = power;
+        s.want_grad = grad != NULL;
+        s.want_ref_side = grad != NULL && ref != NULL && ref_grad != NULL;
+        if (grad != NULL) {
+            size_t bytes;
+            if ((status = tm_bytes(n, d, sizeof(TM_REAL), &bytes)) == TM_OK &&
+                (anchor_neg = tm_alloc(bytes)) == NULL)
+                status = TM_ERR_NOMEM;
         }
-    }
-    s.anchor_grad[0] = grad;
-    s.anchor_grad[1] = anchor_neg;
-    {
-        const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
-        const TM_FN(tm_row_op) op = {&s, TM_FN(dense_setup), TM_FN(contrastive_row),
-                                     TM_FN(dense_block), 1};
-        status = TM_FN(tm_run_rows)(&problem, &op);
     }
     if (status == TM_OK) {
-        double sum_pos = 0.0, sum_neg = 0.0;
-        int64_t n_pos = 0, n_neg = 0, act_pos = 0, act_neg = 0;
-        for (int64_t a = 0; a < n; ++a) {
-            sum_pos += s.loss[0][a];
-            sum_neg += s.loss[1][a];
-            n_pos += s.count[0][a];
-            n_neg += s.count[1][a];
-            act_pos += s.active[0][a];
-            act_neg += s.active[1][a];
-            if (per_anchor != NULL)
-                per_anchor[a] = s.loss[0][a] + s.loss[1][a];
-        }
-        double scale[2] = {1.0, 1.0};
-        if (reduction == TM_REDUCE_MEAN) {
-            scale[0] = scale[1] = n_pos + n_neg > 0 ? 1.0 / (double)(n_pos + n_neg) : 0.0;
-        } else if (reduction == TM_REDUCE_MEAN_NONZERO) {
-            scale[0] = act_pos > 0 ? 1.0 / (double)act_pos : 0.0;
-            scale[1] = act_neg > 0 ? 1.0 / (double)act_neg : 0.0;
-        }
-        *loss = reduction == TM_REDUCE_NONE ? sum_pos + sum_neg
-                                            : scale[0] * sum_pos + scale[1] * sum_neg;
-        counts[0] = n_pos;
-        counts[1] = n_neg;
-        counts[2] = act_pos;
-        counts[3] = act_neg;
-        if (grad != NULL) {
-            if (ref == NULL) {
-                /* Each unordered pair appears twice with equal terms, so the
-                 * reference side doubles the anchor side. */
-                const double twice[2] = {2.0 * scale[0], 2.0 * scale[1]};
-                TM_FN(combine)(&s, grad, n, twice, 1, 0, x);
-            } else {
-                TM_FN(combine)(&s, grad, n, scale, 1, 0, x);
-                if (ref_grad != NULL)
-                    TM_FN(combine)(&s, ref_grad, m, scale, 0, 1, ref);
-            }
-        }
+        s.anchor_grad[0] = grad;
+        s.anchor_grad[1] = anchor_neg;
+        TM_FN(dense_plan)(&s);
+        if (s.want_ref_side)
+            memset(ref_grad, 0, (size_t)(m * d) * sizeof(TM_REAL));
+        TM_FN(contrastive_out) out = {reduction, ref == NULL, loss, counts, per_anchor, grad};
+        double scale[2];
+        const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
+        status = TM_FN(dense_run)(&s, &problem, TM_FN(contrastive_row),
+                                  TM_FN(contrastive_finish), &out, scale, ref_grad);
     }
-done:
     tm_free(anchor_neg);
     TM_FN(dense_release)(&s);
     return status;
