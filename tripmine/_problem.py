@@ -55,14 +55,23 @@ def _normalize(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.ascontiguousarray(a / safe[:, None].astype(a.dtype), dtype=a.dtype), norms
 
 
-def _normalize_backward(grad: np.ndarray, unit: np.ndarray, norms: np.ndarray) -> np.ndarray:
-    """d/dx of f(x / |x|) from g = df/du: (g - u (u . g)) / |x|; 0 for zero rows."""
-    g = grad.astype(np.float64)
-    u = unit.astype(np.float64)
+def _normalize_backward(grad: np.ndarray, unit: np.ndarray, norms: np.ndarray,
+                        block: int = 4096) -> np.ndarray:
+    """d/dx of f(x / |x|) from g = df/du: (g - u (u . g)) / |x|; 0 for zero rows.
+
+    Works in place on ``grad`` (a fresh array of ours), a block of rows at a
+    time, so it needs no N x D temporaries.
+    """
     with np.errstate(invalid="ignore", over="ignore"):
-        radial = np.einsum("ij,ij->i", u, g)
-        safe = np.where(norms > 0, norms, np.inf)
-        return ((g - u * radial[:, None]) / safe[:, None]).astype(grad.dtype)
+        for start in range(0, grad.shape[0], block):
+            g = grad[start:start + block]
+            u = unit[start:start + block]
+            radial = np.einsum("ij,ij->i", u, g, dtype=np.float64)
+            n = norms[start:start + block]
+            inverse = np.where(n > 0, 1.0 / np.where(n > 0, n, 1.0), 0.0)
+            g -= u * radial[:, None].astype(g.dtype)
+            g *= inverse[:, None].astype(g.dtype)
+    return grad
 
 
 def prepare(x: Any, labels: Any, ref: Any = None, ref_labels: Any = None, *,
