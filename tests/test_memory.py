@@ -1,0 +1,58 @@
+"""The memory contract: miners and losses never materialise N x M.
+
+At N = 16384, D = 128 (float32, 8 MiB of embeddings) an N x N float32 matrix
+would take 1 GiB; each loss must instead stay within 64 MB of peak-RSS growth
+(its outputs -- an 8 MiB gradient, the triplets -- included).  Each loss runs
+in a fresh interpreter so that one call's peak cannot hide another's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+LIMIT_KIB = 64 * 1000  # 64 MB
+
+SCRIPT = """
+import json, resource, sys, time
+import numpy as np
+import tripmine
+
+def peak_kib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+n, d, k = 16384, 128, 4
+x = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
+labels = np.arange(n) // k  # P x K with K = 4
+loss = {loss}
+loss(x[:64], labels[:64])  # warm-up: code paths, thread pool
+before = peak_kib()
+start = time.perf_counter()
+result = loss(x, labels)
+elapsed = time.perf_counter() - start
+print(json.dumps(dict(growth_kib=peak_kib() - before, seconds=elapsed,
+                      finite=bool(np.isfinite(result.loss)))))
+"""
+
+LOSSES = {
+    "batch_hard": "lambda x, y: tripmine.triplet_loss(x, y, mining='batch_hard')",
+    "batch_all": "lambda x, y: tripmine.triplet_loss(x, y, mining='batch_all')",
+    "semi_hard": "lambda x, y: tripmine.triplet_loss(x, y, mining='semi_hard')",
+    "distance_weighted": ("lambda x, y: tripmine.triplet_loss(x, y, mining='distance_weighted',"
+                          " normalize=True, seed=0)"),
+    "contrastive": "lambda x, y: tripmine.contrastive_loss(x, y)",
+}
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_peak_memory_growth_is_bounded(name):
+    """One N = 16384 loss + gradient grows the peak RSS by less than 64 MB."""
+    completed = subprocess.run([sys.executable, "-c", SCRIPT.format(loss=LOSSES[name])],
+                               capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report["finite"]
+    assert report["growth_kib"] < LIMIT_KIB, report
