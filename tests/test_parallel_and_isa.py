@@ -83,3 +83,28 @@ def test_unknown_isa_is_refused():
 def test_generic_isa_always_available():
     assert "generic" in _core.usable_isas()
     assert set(_core.usable_isas()) <= set(_core.compiled_isas())
+
+
+@pytest.mark.parametrize("loss", ["batch_all", "contrastive"])
+def test_dense_losses_with_many_threads_split_the_reference_side(threads, rng, loss):
+    """With 64 threads the per-thread reference-gradient accumulators would
+    exceed their byte budget, so the walk is repeated over ranges of reference
+    rows: the results must not change (beyond summation order)."""
+    x = rng.standard_normal((300, 128))
+    ref = rng.standard_normal((2000, 128))
+    labels, ref_labels = rng.integers(0, 20, 300), rng.integers(0, 20, 2000)
+
+    def run():
+        if loss == "contrastive":
+            return tripmine.contrastive_loss(x, labels, ref=ref, ref_labels=ref_labels,
+                                             neg_margin=18.0)
+        return tripmine.triplet_loss(x, labels, ref=ref, ref_labels=ref_labels,
+                                     mining="batch_all", margin=3.0)
+
+    tripmine.set_num_threads(1)
+    one = run()
+    tripmine.set_num_threads(64)
+    many = run()
+    assert many.loss == one.loss and many.n_active == one.n_active > 0
+    np.testing.assert_allclose(many.grad, one.grad, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(many.ref_grad, one.ref_grad, rtol=1e-10, atol=1e-14)
