@@ -11,7 +11,9 @@ import numpy as np
 
 from . import _core
 from .distances import pairwise_distances
+from .losses import contrastive_loss, triplet_loss
 from .masks import negative_mask, positive_mask, triplet_mask
+from .miners import batch_hard
 
 # Loose enough for float32 rounding, far tighter than any real bug.
 _TOLERANCE = {np.float32: 1e-4, np.float64: 1e-10}
@@ -66,4 +68,48 @@ def run(rng_seed: int = 0) -> list[tuple[str, bool, str]]:
             (same & ~eye)[:30, :30, None] & ~same[:30, None, :30]),
     }
     results.extend((name, ok, "") for name, ok in checks.items())
+    results.extend(_loss_checks(rng))
     return results
+
+
+def _loss_checks(rng: np.random.Generator) -> list[tuple[str, bool, str]]:
+    """Batch-hard mining, batch-all and contrastive losses and a gradient,
+    against direct NumPy computations on a small float64 batch."""
+    x = rng.standard_normal((40, 6))
+    labels = rng.integers(0, 5, size=40)
+    d = _numpy_distances(x, x, "euclidean")
+    same = labels[:, None] == labels[None, :]
+    pos = same & ~np.eye(40, dtype=bool)
+    neg = ~same
+    has = pos.any(1) & neg.any(1)
+    hardest_pos = np.where(pos, d, -np.inf).argmax(1)
+    hardest_neg = np.where(neg, d, np.inf).argmin(1)
+    mined = batch_hard(x, labels)
+    ok_mined = (np.array_equal(mined.anchor, np.flatnonzero(has))
+                and np.array_equal(mined.positive, hardest_pos[has])
+                and np.array_equal(mined.negative, hardest_neg[has]))
+    z = d[:, :, None] - d[:, None, :] + 0.3  # z[a, p, n]
+    valid = pos[:, :, None] & neg[:, None, :]
+    terms = np.maximum(z[valid], 0)
+    want_all = terms.sum() / max(int((terms > 0).sum()), 1)
+    result = triplet_loss(x, labels, mining="batch_all", margin=0.3)
+    ok_all = abs(result.loss - want_all) <= 1e-9 * (1 + want_all)
+    pos_terms = np.maximum(d[pos] - 0.5, 0)
+    neg_terms = np.maximum(2.0 - d[neg], 0)
+    want_pair = (pos_terms.sum() / max(int((pos_terms > 0).sum()), 1)
+                 + neg_terms.sum() / max(int((neg_terms > 0).sum()), 1))
+    pair = contrastive_loss(x, labels, pos_margin=0.5, neg_margin=2.0)
+    ok_pair = abs(pair.loss - want_pair) <= 1e-9 * (1 + want_pair)
+    direction = rng.standard_normal(x.shape)
+    h = 1e-6
+    numeric = (triplet_loss(x + h * direction, labels, mining="batch_all", margin=0.3).loss
+               - triplet_loss(x - h * direction, labels, mining="batch_all", margin=0.3).loss)
+    numeric /= 2 * h
+    analytic = float(np.sum(result.grad * direction))
+    ok_grad = abs(numeric - analytic) <= 1e-5 * (1 + abs(numeric))
+    return [
+        ("batch_hard triplets", ok_mined, ""),
+        ("batch-all triplet loss", ok_all, f"{result.loss:.6g} vs {want_all:.6g}"),
+        ("contrastive loss", ok_pair, f"{pair.loss:.6g} vs {want_pair:.6g}"),
+        ("batch-all gradient", ok_grad, f"{analytic:.6g} vs {numeric:.6g}"),
+    ]
