@@ -226,7 +226,7 @@ int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int6
 #endif
 
 typedef struct {
-    TM_FN(label_view) lv;
+    TM_FN(row_common) c;
     const TM_REAL *x, *r;
     int64_t n, d;
     int metric;
@@ -253,7 +253,6 @@ typedef struct {
     TM_REAL *gemm_scratch;
     int64_t scratch_elems;
     int nthreads;
-    TM_FN(row_scratch) scratch;
 } TM_FN(dense_op);
 
 /* Rows of the reference side one pass covers: all of them unless the
@@ -271,15 +270,15 @@ static int64_t TM_FN(ref_span)(int64_t m, int64_t d, int nthreads, int parts)
 static int TM_FN(dense_setup)(void *op, int nthreads, int64_t block_rows)
 {
     TM_FN(dense_op) *s = op;
-    const int64_t m = s->lv.m, d = s->d;
-    if (s->scratch.positives != NULL) {
+    const int64_t m = s->c.lv.m, d = s->d;
+    if (s->c.scratch.positives != NULL) {
         /* A later pass: same problem, so the same threads and blocks. */
         if (nthreads != s->nthreads || block_rows != s->block_rows)
             return TM_ERR_INVALID;
     } else {
         s->nthreads = nthreads;
         s->block_rows = block_rows;
-        int status = TM_FN(scratch_alloc)(&s->scratch, nthreads, m);
+        int status = TM_FN(scratch_alloc)(&s->c.scratch, nthreads, m);
         if (status != TM_OK || !s->want_grad)
             return status;
         const int nr = TM_FN(kernel_nr)(s->kernels);
@@ -304,7 +303,7 @@ static int TM_FN(dense_setup)(void *op, int nthreads, int64_t block_rows)
         s->nonzeros = tm_alloc((size_t)nthreads * 2 * sizeof(int64_t));
         s->gemm_scratch = tm_alloc(scratch_bytes);
         s->r_panels = tm_alloc(rp_bytes);
-        s->x_panels = s->want_ref_side ? (s->lv.self ? s->r_panels : tm_alloc(xp_bytes)) : NULL;
+        s->x_panels = s->want_ref_side ? (s->c.lv.self ? s->r_panels : tm_alloc(xp_bytes)) : NULL;
         if (s->coef1 == NULL || s->nonzeros == NULL || s->gemm_scratch == NULL ||
             s->r_panels == NULL || (s->want_ref_side && s->x_panels == NULL))
             return TM_ERR_NOMEM;
@@ -315,7 +314,7 @@ static int TM_FN(dense_setup)(void *op, int nthreads, int64_t block_rows)
                 return TM_ERR_NOMEM;
         }
         TM_FN(tm_pack_column_panels)(s->kernels, s->r, m, d, s->r_panels);
-        if (s->want_ref_side && !s->lv.self)
+        if (s->want_ref_side && !s->c.lv.self)
             TM_FN(tm_pack_column_panels)(s->kernels, s->x, s->n, d, s->x_panels);
     }
     if (!s->want_grad)
@@ -331,7 +330,7 @@ static int TM_FN(dense_setup)(void *op, int nthreads, int64_t block_rows)
 
 static void TM_FN(dense_free)(TM_FN(dense_op) *s)
 {
-    TM_FN(scratch_free)(&s->scratch);
+    TM_FN(scratch_free)(&s->c.scratch);
     tm_free(s->coef1);
     tm_free(s->nonzeros);
     tm_free(s->gemm_scratch);
@@ -371,26 +370,25 @@ static int TM_FN(batch_all_row)(void *op, int thread, int64_t a, int64_t row_in_
 {
     (void)row_in_block;
     TM_FN(dense_op) *s = op;
-    tm_scored *positives = TM_SCRATCH(&s->scratch, positives, thread);
-    tm_scored *negatives = TM_SCRATCH(&s->scratch, negatives, thread);
+    tm_scored *positives, *negatives;
     int64_t n_pos, n_neg;
-    TM_FN(split_row)(&s->lv, a, dist, positives, &n_pos, negatives, &n_neg);
+    TM_FN(split_for_thread)(&s->c, thread, a, dist, &positives, &n_pos, &negatives, &n_neg);
     s->loss[0][a] = 0.0;
     s->count[0][a] = n_pos * n_neg;
     s->active[0][a] = 0;
     TM_REAL *coef = s->want_grad ? dist : NULL; /* the distances are copied: reuse the row */
     double alpha = 0.0;
     if (coef != NULL)
-        memset(coef, 0, (size_t)s->lv.m * sizeof(TM_REAL));
+        memset(coef, 0, (size_t)s->c.lv.m * sizeof(TM_REAL));
     if (n_pos > 0 && n_neg > 0) {
         tm_sort_scored(positives, n_pos);
-        double *pos_weight = TM_SCRATCH(&s->scratch, work, thread); /* n_pos */
+        double *pos_weight = TM_SCRATCH(&s->c.scratch, work, thread); /* n_pos */
         double loss = 0.0;
         int64_t active = 0;
         if (!s->soft) {
             /* n_pos < m here (the anchor has a negative), so n_pos + 1 items fit. */
-            double *suffix = (double *)(void *)TM_SCRATCH(&s->scratch, best, thread);
-            int64_t *starts = TM_SCRATCH(&s->scratch, slots, thread);
+            double *suffix = (double *)(void *)TM_SCRATCH(&s->c.scratch, best, thread);
+            int64_t *starts = TM_SCRATCH(&s->c.scratch, slots, thread);
             suffix[n_pos] = 0.0;
             for (int64_t r = n_pos - 1; r >= 0; --r)
                 suffix[r] = suffix[r + 1] + positives[r].value;
@@ -455,18 +453,18 @@ static int TM_FN(contrastive_row)(void *op, int thread, int64_t a, int64_t row_i
     TM_FN(dense_op) *s = op;
     TM_REAL *coef_pos = s->want_grad ? dist : NULL;
     TM_REAL *coef_neg = s->want_grad ? s->coef1 + ((size_t)thread * (size_t)s->block_rows +
-                                                   (size_t)row_in_block) * (size_t)s->lv.m
+                                                   (size_t)row_in_block) * (size_t)s->c.lv.m
                                      : NULL;
-    const int64_t label = s->lv.labels[a];
+    const int64_t label = s->c.lv.labels[a];
     double loss_pos = 0.0, loss_neg = 0.0, alpha_pos = 0.0, alpha_neg = 0.0;
     int64_t n_pos = 0, n_neg = 0, act_pos = 0, act_neg = 0;
-    for (int64_t j = 0; j < s->lv.m; ++j) {
+    for (int64_t j = 0; j < s->c.lv.m; ++j) {
         const double v = (double)dist[j];
         if (coef_pos != NULL)
             coef_pos[j] = coef_neg[j] = 0;
-        if (s->lv.self && j == a)
+        if (s->c.lv.self && j == a)
             continue;
-        const int positive = s->lv.ref_labels[j] == label;
+        const int positive = s->c.lv.ref_labels[j] == label;
         const double t = positive ? v - s->pos_margin : s->neg_margin - v;
         if (positive)
             ++n_pos;
@@ -511,7 +509,7 @@ static int TM_FN(dense_block)(void *op, int thread, int64_t row0, int64_t nrows,
     TM_FN(dense_op) *s = op;
     if (!s->want_grad)
         return TM_OK;
-    const int64_t m = s->lv.m, d = s->d, lo = s->ref_lo, hi = s->ref_hi;
+    const int64_t m = s->c.lv.m, d = s->d, lo = s->ref_lo, hi = s->ref_hi;
     TM_REAL *scratch = s->gemm_scratch + (size_t)thread * (size_t)s->scratch_elems;
     for (int part = 0; part < s->parts; ++part) {
         const TM_REAL *coef =
@@ -570,10 +568,7 @@ static int TM_FN(dense_init)(TM_FN(dense_op) *s, const TM_REAL *x, int64_t n, co
                              const int64_t *ref_labels, int parts)
 {
     memset(s, 0, sizeof(*s));
-    s->lv.labels = labels;
-    s->lv.ref_labels = ref == NULL ? labels : ref_labels;
-    s->lv.self = ref == NULL;
-    s->lv.m = m;
+    TM_FN(row_common_init)(&s->c, labels, ref, ref_labels, m);
     s->x = x;
     s->r = ref == NULL ? x : ref;
     s->n = n;
@@ -666,7 +661,7 @@ static int TM_FN(dense_run)(TM_FN(dense_op) *s, const TM_FN(tm_tile_problem) *pr
                             void *finish_ctx, double *scale, TM_REAL *ref_out)
 {
     const TM_FN(tm_row_op) op = {s, TM_FN(dense_setup), row, TM_FN(dense_block), 1};
-    const int64_t m = s->lv.m;
+    const int64_t m = s->c.lv.m;
     s->first_pass = 1;
     for (int64_t lo = 0;;) {
         const int64_t hi = s->want_ref_side && m - lo > s->span ? lo + s->span : m;
@@ -705,7 +700,7 @@ static int TM_FN(check_loss_args)(const TM_REAL *x, int64_t n, const TM_REAL *re
 static void TM_FN(dense_plan)(TM_FN(dense_op) *s)
 {
     s->max_threads = tm_get_num_threads();
-    s->span = s->want_ref_side ? TM_FN(ref_span)(s->lv.m, s->d, s->max_threads, s->parts) : 0;
+    s->span = s->want_ref_side ? TM_FN(ref_span)(s->c.lv.m, s->d, s->max_threads, s->parts) : 0;
 }
 
 typedef struct {

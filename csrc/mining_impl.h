@@ -86,22 +86,13 @@ int TM_FN(tm_batch_hard)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_
 /* ---- semi-hard (closest / random) ----------------------------------------- */
 
 typedef struct {
-    TM_FN(label_view) lv;
+    TM_FN(row_common) c;
     double margin;
     int select;
     uint64_t seed;
     const int64_t *pos_offsets;
     int64_t *out_positive, *out_negative;
-    TM_FN(row_scratch) scratch;
-    int64_t m;
 } TM_FN(semi_hard_op);
-
-static int TM_FN(semi_hard_setup)(void *op, int nthreads, int64_t block_rows)
-{
-    (void)block_rows;
-    TM_FN(semi_hard_op) *s = op;
-    return TM_FN(scratch_alloc)(&s->scratch, nthreads, s->m);
-}
 
 /* closest: answer[r] for the positive of sorted rank r is the smallest negative
  * distance strictly above it.  One pass over the negatives records, for each
@@ -141,34 +132,31 @@ static void TM_FN(closest_negatives)(const tm_scored *sorted_pos, int64_t n_pos,
 }
 
 static int TM_FN(semi_hard_row)(void *op, int thread, int64_t a, int64_t row_in_block,
-                            TM_REAL *dist)
+                                TM_REAL *dist)
 {
     (void)row_in_block;
     TM_FN(semi_hard_op) *s = op;
-    tm_scored *positives = TM_SCRATCH(&s->scratch, positives, thread);
-    tm_scored *negatives = TM_SCRATCH(&s->scratch, negatives, thread);
+    tm_scored *positives, *negatives;
     int64_t n_pos, n_neg;
-    TM_FN(split_row)(&s->lv, a, dist, positives, &n_pos, negatives, &n_neg);
+    TM_FN(split_for_thread)(&s->c, thread, a, dist, &positives, &n_pos, &negatives, &n_neg);
     const int64_t base = s->pos_offsets[a];
-    if (s->pos_offsets[a + 1] - base != n_pos)
-        return TM_ERR_INVALID;
-    for (int64_t k = 0; k < n_pos; ++k) {
-        s->out_positive[base + k] = positives[k].index;
-        s->out_negative[base + k] = -1;
-    }
+    const int status = TM_FN(open_pair_slots)(s->pos_offsets, s->out_positive, s->out_negative,
+                                              a, positives, n_pos);
+    if (status != TM_OK)
+        return status;
     if (n_pos == 0 || n_neg == 0)
         return TM_OK;
     if (s->select == TM_SELECT_CLOSEST) {
         /* Sort the positives by distance, remembering each one's slot. */
-        int64_t *slot_of = TM_SCRATCH(&s->scratch, slots, thread);
-        int64_t *answer = TM_SCRATCH(&s->scratch, answer, thread);
+        int64_t *slot_of = TM_SCRATCH(&s->c.scratch, slots, thread);
+        int64_t *answer = TM_SCRATCH(&s->c.scratch, answer, thread);
         for (int64_t k = 0; k < n_pos; ++k)
             positives[k].index = k;
         tm_sort_scored(positives, n_pos);
         for (int64_t r = 0; r < n_pos; ++r)
             slot_of[r] = positives[r].index;
         TM_FN(closest_negatives)(positives, n_pos, negatives, n_neg,
-                                 TM_SCRATCH(&s->scratch, best, thread), answer);
+                                 TM_SCRATCH(&s->c.scratch, best, thread), answer);
         for (int64_t r = 0; r < n_pos; ++r)
             s->out_negative[base + slot_of[r]] = answer[r];
         return TM_OK;
@@ -216,52 +204,39 @@ int TM_FN(tm_semi_hard)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t
         return TM_ERR_INVALID;
     TM_FN(semi_hard_op) s;
     memset(&s, 0, sizeof(s));
-    s.lv.labels = labels;
-    s.lv.ref_labels = ref == NULL ? labels : ref_labels;
-    s.lv.self = ref == NULL;
-    s.lv.m = m;
+    TM_FN(row_common_init)(&s.c, labels, ref, ref_labels, m);
     s.margin = margin;
     s.select = select;
     s.seed = seed;
     s.pos_offsets = pos_offsets;
     s.out_positive = out_positive;
     s.out_negative = out_negative;
-    s.m = m;
     const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
-    const TM_FN(tm_row_op) op = {&s, TM_FN(semi_hard_setup), TM_FN(semi_hard_row), NULL, 0};
+    const TM_FN(tm_row_op) op = {&s, TM_FN(row_common_setup), TM_FN(semi_hard_row), NULL, 0};
     status = TM_FN(tm_run_rows)(&problem, &op);
-    TM_FN(scratch_free)(&s.scratch);
+    TM_FN(scratch_free)(&s.c.scratch);
     return status;
 }
 
 /* ---- semi-hard "all" -------------------------------------------------------- */
 
 typedef struct {
-    TM_FN(label_view) lv;
+    TM_FN(row_common) c;
     double margin;
     int64_t *counts;
     const int64_t *offsets, *keep;
     int64_t n_keep;
     int64_t *out_anchor, *out_positive, *out_negative;
-    TM_FN(row_scratch) scratch;
 } TM_FN(semi_hard_all_op);
 
-static int TM_FN(semi_hard_all_setup)(void *op, int nthreads, int64_t block_rows)
-{
-    (void)block_rows;
-    TM_FN(semi_hard_all_op) *s = op;
-    return TM_FN(scratch_alloc)(&s->scratch, nthreads, s->lv.m);
-}
-
 static int TM_FN(semi_hard_all_row)(void *op, int thread, int64_t a, int64_t row_in_block,
-                            TM_REAL *dist)
+                                    TM_REAL *dist)
 {
     (void)row_in_block;
     TM_FN(semi_hard_all_op) *s = op;
-    tm_scored *positives = TM_SCRATCH(&s->scratch, positives, thread);
-    tm_scored *negatives = TM_SCRATCH(&s->scratch, negatives, thread);
+    tm_scored *positives, *negatives;
     int64_t n_pos, n_neg;
-    TM_FN(split_row)(&s->lv, a, dist, positives, &n_pos, negatives, &n_neg);
+    TM_FN(split_for_thread)(&s->c, thread, a, dist, &positives, &n_pos, &negatives, &n_neg);
     if (s->offsets == NULL) {
         /* Counting pass: one sort of the negatives, two searches per positive. */
         tm_sort_scored(negatives, n_neg);
@@ -339,10 +314,7 @@ int TM_FN(tm_semi_hard_all)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int
     }
     TM_FN(semi_hard_all_op) s;
     memset(&s, 0, sizeof(s));
-    s.lv.labels = labels;
-    s.lv.ref_labels = ref == NULL ? labels : ref_labels;
-    s.lv.self = ref == NULL;
-    s.lv.m = m;
+    TM_FN(row_common_init)(&s.c, labels, ref, ref_labels, m);
     s.margin = margin;
     s.counts = counts;
     s.offsets = offsets;
@@ -352,47 +324,36 @@ int TM_FN(tm_semi_hard_all)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int
     s.out_positive = out_positive;
     s.out_negative = out_negative;
     const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
-    const TM_FN(tm_row_op) op = {&s, TM_FN(semi_hard_all_setup), TM_FN(semi_hard_all_row), NULL,
+    const TM_FN(tm_row_op) op = {&s, TM_FN(row_common_setup), TM_FN(semi_hard_all_row), NULL,
                                  0};
     status = TM_FN(tm_run_rows)(&problem, &op);
-    TM_FN(scratch_free)(&s.scratch);
+    TM_FN(scratch_free)(&s.c.scratch);
     return status;
 }
 
 /* ---- distance-weighted sampling --------------------------------------------- */
 
 typedef struct {
-    TM_FN(label_view) lv;
+    TM_FN(row_common) c;
     double cutoff, nonzero_loss_cutoff, dim;
     uint64_t seed;
     const int64_t *pos_offsets;
     int64_t *out_positive, *out_negative;
-    TM_FN(row_scratch) scratch;
 } TM_FN(weighted_op);
 
-static int TM_FN(weighted_setup)(void *op, int nthreads, int64_t block_rows)
-{
-    (void)block_rows;
-    TM_FN(weighted_op) *s = op;
-    return TM_FN(scratch_alloc)(&s->scratch, nthreads, s->lv.m);
-}
-
 static int TM_FN(weighted_row)(void *op, int thread, int64_t a, int64_t row_in_block,
-                            TM_REAL *dist)
+                               TM_REAL *dist)
 {
     (void)row_in_block;
     TM_FN(weighted_op) *s = op;
-    tm_scored *positives = TM_SCRATCH(&s->scratch, positives, thread);
-    tm_scored *negatives = TM_SCRATCH(&s->scratch, negatives, thread);
+    tm_scored *positives, *negatives;
     int64_t n_pos, n_neg;
-    TM_FN(split_row)(&s->lv, a, dist, positives, &n_pos, negatives, &n_neg);
+    TM_FN(split_for_thread)(&s->c, thread, a, dist, &positives, &n_pos, &negatives, &n_neg);
     const int64_t base = s->pos_offsets[a];
-    if (s->pos_offsets[a + 1] - base != n_pos)
-        return TM_ERR_INVALID;
-    for (int64_t k = 0; k < n_pos; ++k) {
-        s->out_positive[base + k] = positives[k].index;
-        s->out_negative[base + k] = -1;
-    }
+    const int status = TM_FN(open_pair_slots)(s->pos_offsets, s->out_positive, s->out_negative,
+                                              a, positives, n_pos);
+    if (status != TM_OK)
+        return status;
     if (n_pos == 0)
         return TM_OK;
     /* Log-weights of the eligible negatives (compacted in place). */
@@ -449,10 +410,7 @@ int TM_FN(tm_distance_weighted)(const TM_REAL *x, int64_t n, const TM_REAL *ref,
         return TM_ERR_INVALID;
     TM_FN(weighted_op) s;
     memset(&s, 0, sizeof(s));
-    s.lv.labels = labels;
-    s.lv.ref_labels = ref == NULL ? labels : ref_labels;
-    s.lv.self = ref == NULL;
-    s.lv.m = m;
+    TM_FN(row_common_init)(&s.c, labels, ref, ref_labels, m);
     s.cutoff = cutoff;
     s.nonzero_loss_cutoff = nonzero_loss_cutoff;
     s.dim = (double)d;
@@ -461,8 +419,8 @@ int TM_FN(tm_distance_weighted)(const TM_REAL *x, int64_t n, const TM_REAL *ref,
     s.out_positive = out_positive;
     s.out_negative = out_negative;
     const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, TM_METRIC_EUCLIDEAN};
-    const TM_FN(tm_row_op) op = {&s, TM_FN(weighted_setup), TM_FN(weighted_row), NULL, 0};
+    const TM_FN(tm_row_op) op = {&s, TM_FN(row_common_setup), TM_FN(weighted_row), NULL, 0};
     status = TM_FN(tm_run_rows)(&problem, &op);
-    TM_FN(scratch_free)(&s.scratch);
+    TM_FN(scratch_free)(&s.c.scratch);
     return status;
 }

@@ -93,3 +93,52 @@ static void TM_FN(split_row)(const TM_FN(label_view) *lv, int64_t a, const TM_RE
     *n_neg = nn;
 }
 
+
+/* What every row operation starts with (as its first member, so that one
+ * setup serves them all): which pairs are positives, and per-thread scratch. */
+typedef struct {
+    TM_FN(label_view) lv;
+    TM_FN(row_scratch) scratch;
+} TM_FN(row_common);
+
+static inline void TM_FN(row_common_init)(TM_FN(row_common) *c, const int64_t *labels,
+                                   const TM_REAL *ref, const int64_t *ref_labels, int64_t m)
+{
+    c->lv.labels = labels;
+    c->lv.ref_labels = ref == NULL ? labels : ref_labels;
+    c->lv.self = ref == NULL;
+    c->lv.m = m;
+}
+
+static inline int TM_FN(row_common_setup)(void *op, int nthreads, int64_t block_rows)
+{
+    (void)block_rows;
+    TM_FN(row_common) *c = op;
+    return TM_FN(scratch_alloc)(&c->scratch, nthreads, c->lv.m);
+}
+
+/* Per-positive-pair miners: give each positive of anchor a (index order) its
+ * slot, with no negative chosen yet. */
+static inline int TM_FN(open_pair_slots)(const int64_t *pos_offsets, int64_t *out_positive,
+                                  int64_t *out_negative, int64_t a, const tm_scored *positives,
+                                  int64_t n_pos)
+{
+    const int64_t base = pos_offsets[a];
+    if (pos_offsets[a + 1] - base != n_pos)
+        return TM_ERR_INVALID;
+    for (int64_t k = 0; k < n_pos; ++k) {
+        out_positive[base + k] = positives[k].index;
+        out_negative[base + k] = -1;
+    }
+    return TM_OK;
+}
+
+/* split_row into this thread's scratch. */
+static inline void TM_FN(split_for_thread)(TM_FN(row_common) *c, int thread, int64_t a,
+                                           const TM_REAL *dist, tm_scored **positives,
+                                           int64_t *n_pos, tm_scored **negatives, int64_t *n_neg)
+{
+    *positives = TM_SCRATCH(&c->scratch, positives, thread);
+    *negatives = TM_SCRATCH(&c->scratch, negatives, thread);
+    TM_FN(split_row)(&c->lv, a, dist, *positives, n_pos, *negatives, n_neg);
+}
