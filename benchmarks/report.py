@@ -2,8 +2,10 @@
 
     python benchmarks/report.py results.json [--baseline gemm] [--plot out.png]
 
-Prints one row per (group, case): median time in ms, IQR, rounds, and the ratio
-``case median / baseline median`` within the same group (baseline: ``gemm``).
+Prints one row per (group, case): median time in ms, IQR, rounds, the ratio
+``case median / baseline median`` within the same group (baseline: ``gemm``) and, when
+the cases recorded it (conftest.py does), the share of all CPUs that other processes
+used while the case ran: rows with a large share were timed on a contended machine.
 Rows whose IQR exceeds half the median are marked "noisy": rerun on a quieter machine.
 The load averages at the start and end of the run follow the table when recorded.
 Standard library only; ``--plot`` additionally needs matplotlib.
@@ -70,7 +72,8 @@ def collect(data: dict) -> dict[str, dict[str, dict]]:
     families: list[str] = []
     for bench in data.get("benchmarks", []):
         group = bench.get("group") or "(none)"
-        groups.setdefault(group, {})[_case(bench)] = bench["stats"]
+        stats = dict(bench["stats"], others_cpu=bench.get("extra_info", {}).get("others_cpu"))
+        groups.setdefault(group, {})[_case(bench)] = stats
         if _group_family(group) not in families:
             families.append(_group_family(group))
     return {
@@ -80,19 +83,25 @@ def collect(data: dict) -> dict[str, dict[str, dict]]:
 
 
 def markdown(groups: dict[str, dict[str, dict]], baseline: str) -> str:
+    load = any(st.get("others_cpu") is not None for cs in groups.values() for st in cs.values())
     lines = [
-        f"| group | case | median (ms) | IQR (ms) | rounds | / {baseline} |",
-        "|---|---|---:|---:|---:|---:|",
+        f"| group | case | median (ms) | IQR (ms) | rounds | / {baseline} |"
+        + (" others' CPU |" if load else ""),
+        "|---|---|---:|---:|---:|---:|" + ("---:|" if load else ""),
     ]
     for group, cases in groups.items():
         base = cases.get(baseline, {}).get("median")
         for case, st in cases.items():
             ratio = f"{st['median'] / base:.2f}" if base else "n/a"
             noisy = " (noisy)" if st["iqr"] > NOISY_IQR * st["median"] else ""
-            lines.append(
+            row = (
                 f"| {group} | {case} | {st['median'] * 1e3:.3f} | {st['iqr'] * 1e3:.3f}{noisy} "
                 f"| {st['rounds']} | {ratio} |"
             )
+            if load:
+                oc = st.get("others_cpu")
+                row += f" {oc:.0%} |" if oc is not None else " n/a |"
+            lines.append(row)
     return "\n".join(lines)
 
 

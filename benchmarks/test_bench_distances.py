@@ -20,9 +20,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from benchcommon import SEED, D, describe, gemm_operands, run_gemm
 
 import tripmine
+from benchcommon import SEED, D, describe, gemm_operands, run_gemm
 
 NS = (256, 1024, 4096)
 
