@@ -119,6 +119,7 @@ typedef struct {
     int metric, self;
     const TM_REAL *x_packed, *ref_packed;
     const double *x_norms, *ref_norms;
+    const TM_REAL *x_norms_real, *ref_norms_real; /* the same, rounded (euclidean metrics) */
     int mr, nr;
     int64_t mc, nc;
     TM_FN(tm_dot_kernel) dot;
@@ -164,15 +165,30 @@ static void TM_FN(compute_tile)(const TM_FN(engine_plan) *pl, int64_t row0,
                 t[j] = (TM_REAL)dist;
             }
         } else {
-            const int take_sqrt = pl->metric == TM_METRIC_EUCLIDEAN;
+            /* Three loops so that the common work vectorises: Gram identity
+             * (noting whether any pair is near), exact refinement of the near
+             * pairs (rare), clamp and square root. */
+            const TM_REAL norm_xr = pl->x_norms_real[row];
+            const TM_REAL *norm_r = pl->ref_norms_real + col0;
+            const TM_REAL refine = (TM_REAL)TM_REFINE;
+            int near = 0;
             for (int64_t j = 0; j < ncols; ++j) {
-                const double scale = norm_x + pl->ref_norms[col0 + j];
-                double d2 = scale - 2.0 * (double)t[j];
-                if (d2 < TM_REFINE * scale)
-                    d2 = TM_FN(tm_exact_sqeuclidean)(xi, pl->ref + (col0 + j) * d, d);
-                if (d2 < 0.0)
-                    d2 = 0.0;
-                t[j] = (TM_REAL)(take_sqrt ? sqrt(d2) : d2);
+                const TM_REAL scale = norm_xr + norm_r[j];
+                const TM_REAL d2 = scale - 2 * t[j];
+                t[j] = d2;
+                near |= d2 < refine * scale;
+            }
+            if (near)
+                for (int64_t j = 0; j < ncols; ++j)
+                    if (t[j] < refine * (norm_xr + norm_r[j]))
+                        t[j] = (TM_REAL)TM_FN(tm_exact_sqeuclidean)(
+                            xi, pl->ref + (col0 + j) * d, d);
+            if (pl->metric == TM_METRIC_EUCLIDEAN) {
+                for (int64_t j = 0; j < ncols; ++j)
+                    t[j] = TM_SQRT(t[j] < 0 ? 0 : t[j]);
+            } else {
+                for (int64_t j = 0; j < ncols; ++j)
+                    t[j] = t[j] < 0 ? 0 : t[j];
             }
         }
         if (pl->self && row >= col0 && row < col0 + ncols)
@@ -275,21 +291,23 @@ int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
     const int threads = tm_threads_for(work < TM_MIN_PARALLEL_WORK ? 1 : units);
 
     /* Every allocation happens here, before any output is written. */
-    size_t x_pack_bytes, ref_pack_bytes, tile_bytes, x_norm_bytes, ref_norm_bytes;
+    size_t x_pack_bytes, ref_pack_bytes, tile_bytes, x_norm_bytes, ref_norm_bytes, real_norm_bytes;
     int status;
     if ((status = tm_bytes(TM_FN(round_up)(n, plan.mr), d, sizeof(TM_REAL), &x_pack_bytes)) ||
         (status = tm_bytes(TM_FN(round_up)(m, plan.nr), d, sizeof(TM_REAL), &ref_pack_bytes)) ||
         (status = tm_bytes((int64_t)threads * mc, nc, sizeof(TM_REAL), &tile_bytes)) ||
         (status = tm_bytes(n, 1, sizeof(double), &x_norm_bytes)) ||
-        (status = tm_bytes(self ? 0 : m, 1, sizeof(double), &ref_norm_bytes)))
+        (status = tm_bytes(self ? 0 : m, 1, sizeof(double), &ref_norm_bytes)) ||
+        (status = tm_bytes(n + (self ? 0 : m), 1, sizeof(TM_REAL), &real_norm_bytes)))
         return status;
     TM_REAL *x_packed = tm_alloc(x_pack_bytes);
     TM_REAL *ref_packed = tm_alloc(ref_pack_bytes);
     TM_REAL *tiles = tm_alloc(tile_bytes);
     double *x_norms = tm_alloc(x_norm_bytes);
     double *ref_norms = self ? x_norms : tm_alloc(ref_norm_bytes);
+    TM_REAL *real_norms = tm_alloc(real_norm_bytes);
     if (x_packed == NULL || ref_packed == NULL || tiles == NULL ||
-        x_norms == NULL || ref_norms == NULL) {
+        x_norms == NULL || ref_norms == NULL || real_norms == NULL) {
         status = TM_ERR_NOMEM;
         goto done;
     }
@@ -305,6 +323,13 @@ int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
     plan.ref_packed = ref_packed;
     plan.x_norms = x_norms;
     plan.ref_norms = ref_norms;
+    for (int64_t i = 0; i < n; ++i)
+        real_norms[i] = (TM_REAL)x_norms[i];
+    if (!self)
+        for (int64_t j = 0; j < m; ++j)
+            real_norms[n + j] = (TM_REAL)ref_norms[j];
+    plan.x_norms_real = real_norms;
+    plan.ref_norms_real = self ? real_norms : real_norms + n;
 
     atomic_int shared_status = TM_OK;
     if (reducer->static_schedule) {
@@ -325,6 +350,7 @@ done:
     tm_free(x_norms);
     if (!self)
         tm_free(ref_norms);
+    tm_free(real_norms);
     return status;
 }
 

@@ -10,12 +10,15 @@
 #undef TM_FN_CAT2
 #define TM_FN_CAT2(name, suffix) name##suffix
 #define TM_FN_CAT(name, suffix) TM_FN_CAT2(name, suffix)
+#undef TM_SQRT
 #if TM_BITS == 32
 #define TM_REAL float
 #define TM_FN(name) TM_FN_CAT(name, _f32)
+#define TM_SQRT sqrtf
 #elif TM_BITS == 64
 #define TM_REAL double
 #define TM_FN(name) TM_FN_CAT(name, _f64)
+#define TM_SQRT sqrt
 #else
 #error "define TM_BITS as 32 or 64 before including template.h"
 #endif
