@@ -44,9 +44,47 @@ typedef struct {
 } tm_scored;
 
 void tm_sort_scored(tm_scored *items, int64_t count);
-/* Number of leading items (of a sorted array) whose value is < v, or <= v. */
-int64_t tm_count_below(const tm_scored *items, int64_t count, double v);
-int64_t tm_count_at_most(const tm_scored *items, int64_t count, double v);
+
+/* Number of leading items of a sorted array whose value is < v (or <= v):
+ * a branch-free scan for the few positives of a P x K batch, a binary search
+ * otherwise.  Inline: the row operations call them once per pair. */
+static inline int64_t tm_count_below(const tm_scored *items, int64_t count, double v)
+{
+    if (count <= 8) {
+        int64_t k = 0;
+        for (int64_t i = 0; i < count; ++i)
+            k += items[i].value < v;
+        return k;
+    }
+    int64_t lo = 0, hi = count;
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (items[mid].value < v)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+static inline int64_t tm_count_at_most(const tm_scored *items, int64_t count, double v)
+{
+    if (count <= 8) {
+        int64_t k = 0;
+        for (int64_t i = 0; i < count; ++i)
+            k += items[i].value <= v;
+        return k;
+    }
+    int64_t lo = 0, hi = count;
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (items[mid].value <= v)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
 
 /* Row buffers of tm_run_rows stay under this many bytes per thread. */
 #define TM_ROW_BUFFER_BYTES (4 * 1024 * 1024)

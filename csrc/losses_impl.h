@@ -15,8 +15,8 @@ typedef struct {
     double alpha, beta, gamma;
 } TM_FN(pair_coef);
 
-static TM_FN(pair_coef) TM_FN(pair_coefficients)(int metric, double w, double dist,
-                                                 double norm_a, double norm_j)
+static inline TM_FN(pair_coef) TM_FN(pair_coefficients)(int metric, double w, double dist,
+                                                        double norm_a, double norm_j)
 {
     TM_FN(pair_coef) c = {0.0, 0.0, 0.0};
     if (w == 0.0)
@@ -345,9 +345,9 @@ static void TM_FN(dense_free)(TM_FN(dense_op) *s)
 
 /* Records pair (a, j) with gradient weight w: beta into the coefficient row,
  * alpha into *alpha_sum, gamma into the thread's per-reference sums. */
-static void TM_FN(dense_pair)(const TM_FN(dense_op) *s, int thread, int part, int64_t a,
-                              int64_t j, double w, double dist, TM_REAL *coef_row,
-                              double *alpha_sum)
+static inline void TM_FN(dense_pair)(const TM_FN(dense_op) *s, int thread, int part,
+                                     int64_t a, int64_t j, double w, double dist,
+                                     TM_REAL *coef_row, double *alpha_sum)
 {
     const double norm_a = s->x_norms != NULL ? s->x_norms[a] : 0.0;
     const double norm_j = s->r_norms != NULL ? s->r_norms[j] : 0.0;

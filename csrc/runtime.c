@@ -139,28 +139,3 @@ void tm_sort_scored(tm_scored *items, int64_t count)
         qsort(items, (size_t)count, sizeof(tm_scored), compare_scored);
 }
 
-int64_t tm_count_below(const tm_scored *items, int64_t count, double v)
-{
-    int64_t lo = 0, hi = count;
-    while (lo < hi) {
-        const int64_t mid = lo + (hi - lo) / 2;
-        if (items[mid].value < v)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
-}
-
-int64_t tm_count_at_most(const tm_scored *items, int64_t count, double v)
-{
-    int64_t lo = 0, hi = count;
-    while (lo < hi) {
-        const int64_t mid = lo + (hi - lo) / 2;
-        if (items[mid].value <= v)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
-}
