@@ -66,9 +66,13 @@ def _fraction(active: int, total: int) -> float:
 
 
 def _given_triplets(triplets: Any, n: int, m: int) -> Triplets:
+    try:
+        triplets = tuple(triplets)
+    except TypeError:
+        triplets = ()
     if len(triplets) != 3:
-        raise ValueError("mining must be a mining rule name or Triplets(anchor, positive, "
-                         "negative)")
+        raise ValueError(f"mining must be one of {list(MINING)} or Triplets(anchor, positive, "
+                         f"negative)")
     arrays = []
     for name, values, limit, rows in zip(("anchor", "positive", "negative"), triplets,
                                          (n, m, m), ("x", "ref", "ref")):
