@@ -129,3 +129,9 @@ def test_failed_calls_leave_inputs_and_out_untouched():
 def test_check_finite_false_accepts_non_finite():
     got = tripmine.pairwise_distances(_with_nan(X), check_finite=False)
     assert got.shape == (4, 4)
+
+
+@pytest.mark.parametrize("mining", [5, None, (np.array([0]), np.array([1])), "hardest"])
+def test_mining_must_be_a_rule_or_triplets(mining):
+    with pytest.raises(ValueError, match="mining must be one of"):
+        tripmine.triplet_loss(X, [0, 0, 1, 1], mining=mining)
