@@ -65,9 +65,25 @@ int tm_set_num_threads(int n)
     return TM_OK;
 }
 
+/* GNU OpenMP's thread pool does not survive fork(): a child whose parent
+ * already ran a parallel region hangs in its first one.  So the C core
+ * notes when it has run threads, and a child forked after that runs
+ * single-threaded (tm_after_fork_child, called by the Python layer's fork
+ * hook). */
+static atomic_int ran_threads = 0;
+static atomic_int single_after_fork = 0;
+
+void tm_after_fork_child(void)
+{
+    if (atomic_load(&ran_threads))
+        atomic_store(&single_after_fork, 1);
+}
+
 int tm_get_num_threads(void)
 {
 #ifdef _OPENMP
+    if (atomic_load(&single_after_fork))
+        return 1;
     int n = requested_threads;
     return n > 0 ? n : omp_get_max_threads();
 #else
@@ -80,6 +96,8 @@ int tm_threads_for(int64_t work)
     int n = tm_get_num_threads();
     if (work < n)
         n = work > 1 ? (int)work : 1;
+    if (n > 1 && !atomic_load_explicit(&ran_threads, memory_order_relaxed))
+        atomic_store(&ran_threads, 1);
     return n;
 }
 

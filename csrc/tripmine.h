@@ -84,6 +84,10 @@ TM_PUBLIC int tm_openmp_version(void);
  * (omp_get_max_threads(), i.e. OMP_NUM_THREADS or the core count). */
 TM_PUBLIC int tm_set_num_threads(int n);
 TM_PUBLIC int tm_get_num_threads(void);
+/* Call in a child process right after fork(): if this process had already
+ * run threads, the child stays single-threaded (GNU OpenMP's pool cannot be
+ * used across fork). */
+TM_PUBLIC void tm_after_fork_child(void);
 
 /* Instruction sets for the micro-kernels: "generic" always, "avx2" (AVX2+FMA)
  * on x86-64 builds running on a CPU that has it.  The best one is chosen on

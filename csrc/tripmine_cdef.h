@@ -37,6 +37,7 @@ const char *tm_compiler(void);
 int tm_openmp_version(void);
 int tm_set_num_threads(int n);
 int tm_get_num_threads(void);
+void tm_after_fork_child(void);
 int tm_set_isa(const char *name);
 const char *tm_get_isa(void);
 int tm_isa_count(void);

@@ -114,3 +114,36 @@ def test_no_warnings_on_import():
         warnings.simplefilter("error")
         result = _run("import warnings; warnings.simplefilter('error'); import tripmine")
     assert result.returncode == 0, result.stderr
+
+
+_FORK_SCRIPT = """
+import multiprocessing as mp
+import numpy as np
+import tripmine
+
+x = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
+labels = np.repeat(np.arange(500), 4)
+tripmine.set_num_threads(2)
+parent = tripmine.triplet_loss(x, labels).loss  # runs a thread team when OpenMP is on
+
+
+def child(_):
+    return tripmine.triplet_loss(x, labels).loss, tripmine.get_num_threads()
+
+
+with mp.get_context("fork").Pool(2) as pool:
+    results = pool.map(child, range(2))
+assert all(loss == parent for loss, _ in results), (parent, results)
+assert all(threads == 1 for _, threads in results) or not tripmine.build_info()["openmp"]
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_forked_children_compute_instead_of_hanging():
+    """GNU OpenMP's pool does not survive fork(); a forked child must still
+    compute (single-threaded) and give the parent's result, not hang."""
+    result = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

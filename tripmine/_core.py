@@ -150,6 +150,11 @@ def _apply_environment() -> None:
 
 _apply_environment()
 
+# GNU OpenMP cannot run threads in a child forked from a process that already
+# ran them (the child would hang); such children compute single-threaded.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lib.tm_after_fork_child)
+
 
 # ---- miners and losses ------------------------------------------------------
 
