@@ -459,16 +459,23 @@ void TM_FN(tm_gemm_acc)(const tm_kernel_set *kernels, int64_t rows, int64_t k, c
             /* Pack A[r0 : r0 + nrows, p0 : p0 + kc] into MR-panels, k-major. */
             for (int64_t ip = 0; ip < row_panels; ++ip) {
                 TM_REAL *panel = a_packed + ip * mr * kc;
-                for (int i = 0; i < mr; ++i) {
-                    const int64_t row = r0 + ip * mr + i;
-                    if (row >= r0 + nrows) {
-                        for (int64_t p = 0; p < kc; ++p)
-                            panel[p * mr + i] = 0;
-                    } else if (transpose_a) {
-                        for (int64_t p = 0; p < kc; ++p)
-                            panel[p * mr + i] = a[(p0 + p) * lda + row];
-                    } else {
-                        const TM_REAL *src = a + row * lda + p0;
+                const int64_t first = r0 + ip * mr;
+                const int64_t valid = r0 + nrows - first < mr ? r0 + nrows - first : mr;
+                if (transpose_a) {
+                    /* A's rows are columns of a: read each k's mr values together. */
+                    for (int64_t p = 0; p < kc; ++p) {
+                        const TM_REAL *src = a + (p0 + p) * lda + first;
+                        for (int i = 0; i < mr; ++i)
+                            panel[p * mr + i] = i < valid ? src[i] : 0;
+                    }
+                } else {
+                    for (int i = 0; i < mr; ++i) {
+                        if (i >= valid) {
+                            for (int64_t p = 0; p < kc; ++p)
+                                panel[p * mr + i] = 0;
+                            continue;
+                        }
+                        const TM_REAL *src = a + (first + i) * lda + p0;
                         for (int64_t p = 0; p < kc; ++p)
                             panel[p * mr + i] = src[p];
                     }
