@@ -21,14 +21,28 @@
  * 2 * eps * sqrt(d) / REFINE.  Self-distances are exactly 0; none is negative.
  */
 
+/* Tuning constants; each can be overridden with -D for experiments. */
 #ifndef TM_REFINE
 #define TM_REFINE (1.0 / 64.0)
-/* Target bytes of one packed reference block (L2 is >= 512 KiB on every
- * x86-64 of the last decade; half of it leaves room for the anchor panels). */
+#endif
+/* Target bytes of one packed reference block, which every MR-panel of the
+ * anchor block streams past (L2 is >= 512 KiB per core on x86-64 of the last
+ * decade; the rest holds the anchor panels and the tile). */
+#ifndef TM_REF_BLOCK_BYTES
 #define TM_REF_BLOCK_BYTES (256 * 1024)
-#define TM_ANCHOR_BLOCK 96
+#endif
+/* Rows of an anchor block (fewer when a small batch needs more blocks to keep
+ * every thread busy).  Measured with batch-hard mining, 2 threads, float32
+ * (benchmarks/RESULTS.md, "Tile sizes"): 192 beat 48 and 96 by 10-15% at
+ * N = 4096 for D = 128 and 512; reference blocks of 256 and 512 KiB tied. */
+#ifndef TM_ANCHOR_BLOCK
+#define TM_ANCHOR_BLOCK 192
+#endif
+#ifndef TM_MAX_REF_BLOCK
 #define TM_MAX_REF_BLOCK 1024
+#endif
 /* Below about this many multiply-adds a call is not worth a thread team. */
+#ifndef TM_MIN_PARALLEL_WORK
 #define TM_MIN_PARALLEL_WORK (1 << 18)
 #endif
 
