@@ -367,7 +367,10 @@ static int TM_FN(weighted_row)(void *op, int thread, int64_t a, int64_t row_in_b
         const double inner = 1.0 - 0.25 * t * t;
         if (!(inner > 0.0))
             continue;
-        const double log_w = (2.0 - s->dim) * log(t) - 0.5 * (s->dim - 3.0) * log(inner);
+        /* Logarithms in the working precision: float32 rows need no more
+         * than float accuracy to sample, and logf is several times cheaper. */
+        const double log_w = (2.0 - s->dim) * (double)TM_LOG((TM_REAL)t) -
+                             0.5 * (s->dim - 3.0) * (double)TM_LOG((TM_REAL)inner);
         if (!(log_w > -HUGE_VAL && log_w < HUGE_VAL))
             continue;
         negatives[n_valid].value = log_w;
@@ -381,7 +384,7 @@ static int TM_FN(weighted_row)(void *op, int thread, int64_t a, int64_t row_in_b
     /* Cumulative weights relative to the largest (which contributes 1). */
     double total = 0.0;
     for (int64_t q = 0; q < n_valid; ++q) {
-        total += exp(negatives[q].value - max_log);
+        total += (double)TM_EXP((TM_REAL)(negatives[q].value - max_log));
         negatives[q].value = total;
     }
     for (int64_t k = 0; k < n_pos; ++k) {

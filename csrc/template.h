@@ -11,14 +11,20 @@
 #define TM_FN_CAT2(name, suffix) name##suffix
 #define TM_FN_CAT(name, suffix) TM_FN_CAT2(name, suffix)
 #undef TM_SQRT
+#undef TM_LOG
+#undef TM_EXP
 #if TM_BITS == 32
 #define TM_REAL float
 #define TM_FN(name) TM_FN_CAT(name, _f32)
 #define TM_SQRT sqrtf
+#define TM_LOG logf
+#define TM_EXP expf
 #elif TM_BITS == 64
 #define TM_REAL double
 #define TM_FN(name) TM_FN_CAT(name, _f64)
 #define TM_SQRT sqrt
+#define TM_LOG log
+#define TM_EXP exp
 #else
 #error "define TM_BITS as 32 or 64 before including template.h"
 #endif
