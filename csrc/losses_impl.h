@@ -38,15 +38,6 @@ static inline TM_FN(pair_coef) TM_FN(pair_coefficients)(int metric, double w, do
     return c;
 }
 
-/* acc += a * u + b * v over d elements (double accumulator). */
-static void TM_FN(axpby_double)(double *acc, double a, const TM_REAL *u, double b,
-                                const TM_REAL *v, int64_t d)
-{
-    for (int64_t k = 0; k < d; ++k)
-        acc[k] += a * (double)u[k] + b * (double)v[k];
-}
-
-
 static double TM_FN(norm_of)(const TM_REAL *row, int64_t d)
 {
     double s = 0.0;
@@ -92,6 +83,118 @@ static void TM_FN(store_scaled)(TM_REAL *out, const double *acc, size_t count, d
 {
     for (size_t i = 0; i < count; ++i)
         out[i] = (TM_REAL)(scale * acc[i]);
+}
+
+/* Stable counting sort of triplet numbers by the row that `rows_of` names:
+ * order[start[r] .. start[r + 1]) are the triplets touching row r, in order. */
+static void TM_FN(order_by_row)(const int64_t *rows_of, int64_t t, int64_t rows, int64_t *start,
+                                int64_t *order)
+{
+    memset(start, 0, (size_t)(rows + 1) * sizeof(int64_t));
+    for (int64_t i = 0; i < t; ++i)
+        start[rows_of[i] + 1] += 1;
+    for (int64_t r = 0; r < rows; ++r)
+        start[r + 1] += start[r];
+    for (int64_t i = 0; i < t; ++i)
+        order[start[rows_of[i]]++] = i; /* start[r] now ends row r */
+    for (int64_t r = rows; r > 0; --r)
+        start[r] = start[r - 1];
+    start[0] = 0;
+}
+
+/* Gradient of the triplet loss over given triplets, in double (gx: n x d;
+ * gr: m x d in reference mode, unused in self mode, where every role lands in
+ * gx).  Three passes, one per role (anchor, positive, negative), each
+ * parallel over the rows it writes, so no two threads touch a row and every
+ * row sums its terms in the same order on any number of threads. */
+static int TM_FN(triplet_gradient)(const TM_REAL *x, int64_t n, const TM_REAL *r, int64_t m,
+                                   int64_t d, int metric, const int64_t *anchor,
+                                   const int64_t *positive, const int64_t *negative, int64_t t,
+                                   double margin, int soft, double scale, const double *dists,
+                                   int self, double *gx, double *gr)
+{
+    memset(gx, 0, (size_t)(n * d) * sizeof(double));
+    if (!self && gr != NULL)
+        memset(gr, 0, (size_t)(m * d) * sizeof(double));
+    if (t == 0 || scale == 0.0)
+        return TM_OK;
+    size_t coef_bytes, order_bytes, start_bytes;
+    int status;
+    const int64_t rows = n > m ? n : m;
+    if ((status = tm_bytes(t, 6, sizeof(double), &coef_bytes)) != TM_OK ||
+        (status = tm_bytes(t, 1, sizeof(int64_t), &order_bytes)) != TM_OK ||
+        (status = tm_bytes(rows + 1, 1, sizeof(int64_t), &start_bytes)) != TM_OK)
+        return status;
+    double *coef = tm_alloc(coef_bytes); /* per triplet: (a,p) and (a,n) alpha, beta, gamma */
+    int64_t *order = tm_alloc(order_bytes);
+    int64_t *start = tm_alloc(start_bytes);
+    if (coef == NULL || order == NULL || start == NULL) {
+        tm_free(coef);
+        tm_free(order);
+        tm_free(start);
+        return TM_ERR_NOMEM;
+    }
+    const int threads = tm_threads_for(t * d / 4096 + 1);
+    (void)threads;
+    TM_OMP(parallel for num_threads(threads) schedule(static))
+    for (int64_t i = 0; i < t; ++i) {
+        const double dap = dists[3 * i], dan = dists[3 * i + 1];
+        const double z = dap - dan + margin;
+        const double g = scale * (soft ? TM_FN(sigmoid)(z) : (z > 0.0 ? 1.0 : 0.0));
+        const TM_REAL *xa = x + anchor[i] * d;
+        const int cosine = metric == TM_METRIC_COSINE;
+        const double norm_a = cosine ? TM_FN(norm_of)(xa, d) : 0.0;
+        const double norm_p = cosine ? TM_FN(norm_of)(r + positive[i] * d, d) : 0.0;
+        const double norm_n = cosine ? TM_FN(norm_of)(r + negative[i] * d, d) : 0.0;
+        const TM_FN(pair_coef) cp = TM_FN(pair_coefficients)(metric, g, dap, norm_a, norm_p);
+        const TM_FN(pair_coef) cn = TM_FN(pair_coefficients)(metric, -g, dan, norm_a, norm_n);
+        double *c = coef + 6 * i;
+        c[0] = cp.alpha;
+        c[1] = cp.beta;
+        c[2] = cp.gamma;
+        c[3] = cn.alpha;
+        c[4] = cn.beta;
+        c[5] = cn.gamma;
+    }
+    /* Role 0: the anchor's own row gets alpha x_a + beta r_j for both pairs. */
+    TM_FN(order_by_row)(anchor, t, n, start, order);
+    TM_OMP(parallel for num_threads(threads) schedule(dynamic, 64))
+    for (int64_t a = 0; a < n; ++a) {
+        double *acc = gx + a * d;
+        const TM_REAL *xa = x + a * d;
+        for (int64_t k = start[a]; k < start[a + 1]; ++k) {
+            const int64_t i = order[k];
+            const double *c = coef + 6 * i;
+            const TM_REAL *rp = r + positive[i] * d, *rn = r + negative[i] * d;
+            const double alpha = c[0] + c[3];
+            for (int64_t e = 0; e < d; ++e)
+                acc[e] += alpha * (double)xa[e] + c[1] * (double)rp[e] + c[4] * (double)rn[e];
+        }
+    }
+    /* Roles 1 and 2: the positive's and the negative's rows get
+     * gamma r_j + beta x_a. */
+    double *target = self ? gx : gr; /* NULL: the reference gradient is not wanted */
+    for (int role = 1; role <= 2 && target != NULL; ++role) {
+        const int64_t *rows_of = role == 1 ? positive : negative;
+        const int offset = role == 1 ? 0 : 3;
+        TM_FN(order_by_row)(rows_of, t, m, start, order);
+        TM_OMP(parallel for num_threads(threads) schedule(dynamic, 64))
+        for (int64_t j = 0; j < m; ++j) {
+            double *acc = target + j * d;
+            const TM_REAL *rj = r + j * d;
+            for (int64_t k = start[j]; k < start[j + 1]; ++k) {
+                const int64_t i = order[k];
+                const double *c = coef + 6 * i + offset;
+                const TM_REAL *xa = x + anchor[i] * d;
+                for (int64_t e = 0; e < d; ++e)
+                    acc[e] += c[2] * (double)rj[e] + c[1] * (double)xa[e];
+            }
+        }
+    }
+    tm_free(coef);
+    tm_free(order);
+    tm_free(start);
+    return TM_OK;
 }
 
 /* ---- triplet loss over given triplets -------------------------------------- */
@@ -155,40 +258,19 @@ int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int6
     *n_active = active;
 
     if (grad != NULL) {
-        memset(gx, 0, gx_bytes);
-        if (gr_bytes > 0)
-            memset(gr, 0, gr_bytes);
-        double *g_ref = self ? gx : gr;
-        for (int64_t i = 0; i < t; ++i) {
-            const double dap = work[3 * i], dan = work[3 * i + 1];
-            const double z = dap - dan + margin;
-            const double dz = soft ? TM_FN(sigmoid)(z) : (z > 0.0 ? 1.0 : 0.0);
-            if (dz == 0.0 || scale == 0.0)
-                continue;
-            const int64_t a = anchor[i];
-            const TM_REAL *xa = x + a * d;
-            const double norm_a = metric == TM_METRIC_COSINE ? TM_FN(norm_of)(xa, d) : 0.0;
-            const int64_t js[2] = {positive[i], negative[i]};
-            const double ws[2] = {scale * dz, -scale * dz};
-            const double ds[2] = {dap, dan};
-            for (int side = 0; side < 2; ++side) {
-                const TM_REAL *rj = r + js[side] * d;
-                const double norm_j = metric == TM_METRIC_COSINE ? TM_FN(norm_of)(rj, d) : 0.0;
-                const TM_FN(pair_coef) c =
-                    TM_FN(pair_coefficients)(metric, ws[side], ds[side], norm_a, norm_j);
-                TM_FN(axpby_double)(gx + a * d, c.alpha, xa, c.beta, rj, d);
-                if (g_ref != NULL && (self || gr_bytes > 0))
-                    TM_FN(axpby_double)(g_ref + js[side] * d, c.gamma, rj, c.beta, xa, d);
-            }
+        status = TM_FN(triplet_gradient)(x, n, r, m, d, metric, anchor, positive, negative, t,
+                                         margin, soft, scale, work, self, gx,
+                                         self || ref_grad == NULL ? NULL : gr);
+        if (status == TM_OK) {
+            TM_FN(store_scaled)(grad, gx, (size_t)(n * d), 1.0);
+            if (!self && ref_grad != NULL)
+                TM_FN(store_scaled)(ref_grad, gr, (size_t)(m * d), 1.0);
         }
-        TM_FN(store_scaled)(grad, gx, (size_t)(n * d), 1.0);
-        if (!self && ref_grad != NULL)
-            TM_FN(store_scaled)(ref_grad, gr, (size_t)(m * d), 1.0);
     }
     tm_free(work);
     tm_free(gx);
     tm_free(gr);
-    return TM_OK;
+    return status;
 }
 
 /* ---- dense losses: batch-all and contrastive --------------------------------
