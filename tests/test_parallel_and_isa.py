@@ -108,3 +108,29 @@ def test_dense_losses_with_many_threads_split_the_reference_side(threads, rng, l
     assert many.loss == one.loss and many.n_active == one.n_active > 0
     np.testing.assert_allclose(many.grad, one.grad, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(many.ref_grad, one.ref_grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["self", "ref"])
+def test_mined_losses_are_bit_identical_on_any_thread_count(threads, rng, mode):
+    """The README's promise: triplets, loss values and the gradients of losses over
+    mined (or given) triplets do not change by a bit with the thread count."""
+    x = rng.standard_normal((900, 24)).astype(np.float32)
+    labels = rng.integers(0, 60, 900)
+    ref = None if mode == "self" else rng.standard_normal((700, 24)).astype(np.float32)
+    ref_labels = None if mode == "self" else rng.integers(0, 60, 700)
+    results = {}
+    for count in (1, 2, 5):
+        tripmine.set_num_threads(count)
+        results[count] = [
+            tripmine.triplet_loss(x, labels, ref=ref, ref_labels=ref_labels, mining=mining,
+                                  margin=0.5, normalize=True, seed=9)
+            for mining in ("batch_hard", "semi_hard", "distance_weighted")
+        ]
+    for count in (2, 5):
+        for one, other in zip(results[1], results[count]):
+            assert other.loss == one.loss
+            assert np.array_equal(other.grad, one.grad)
+            if ref is not None:
+                assert np.array_equal(other.ref_grad, one.ref_grad)
+            for a, b in zip(one.triplets, other.triplets):
+                assert np.array_equal(a, b)
