@@ -435,7 +435,6 @@ static inline void TM_FN(dense_pair)(const TM_FN(dense_op) *s, int thread, int p
     const double norm_j = s->r_norms != NULL ? s->r_norms[j] : 0.0;
     const TM_FN(pair_coef) c = TM_FN(pair_coefficients)(s->metric, w, dist, norm_a, norm_j);
     coef_row[j] = (TM_REAL)c.beta;
-    s->nonzeros[2 * thread + part] += 1;
     *alpha_sum += c.alpha;
     if (s->want_ref_side && j >= s->ref_lo && j < s->ref_hi)
         s->gamma[part][(size_t)thread * (size_t)s->span + (size_t)(j - s->ref_lo)] += c.gamma;
@@ -460,6 +459,7 @@ static int TM_FN(batch_all_row)(void *op, int thread, int64_t a, int64_t row_in_
     s->active[0][a] = 0;
     TM_REAL *coef = s->want_grad ? dist : NULL; /* the distances are copied: reuse the row */
     double alpha = 0.0;
+    int64_t weighted = 0; /* pairs given a gradient weight (a local count: no memory chain) */
     if (coef != NULL)
         memset(coef, 0, (size_t)s->c.lv.m * sizeof(TM_REAL));
     if (n_pos > 0 && n_neg > 0) {
@@ -485,9 +485,11 @@ static int TM_FN(batch_all_row)(void *op, int thread, int64_t a, int64_t row_in_
                 loss += suffix[first] - (double)c * threshold;
                 active += c;
                 starts[first] += 1;
-                if (coef != NULL)
+                if (coef != NULL) {
                     TM_FN(dense_pair)(s, thread, 0, a, negatives[q].index, -(double)c, v, coef,
                                       &alpha);
+                    ++weighted;
+                }
             }
             int64_t running = 0;
             for (int64_t r = 0; r < n_pos; ++r) {
@@ -509,21 +511,27 @@ static int TM_FN(batch_all_row)(void *op, int thread, int64_t a, int64_t row_in_
                     pos_weight[r] += g;
                     neg_weight += g;
                 }
-                if (coef != NULL && neg_weight != 0.0)
+                if (coef != NULL && neg_weight != 0.0) {
                     TM_FN(dense_pair)(s, thread, 0, a, negatives[q].index, -neg_weight, v, coef,
                                       &alpha);
+                    ++weighted;
+                }
             }
         }
         if (coef != NULL)
             for (int64_t r = 0; r < n_pos; ++r)
-                if (pos_weight[r] != 0.0)
+                if (pos_weight[r] != 0.0) {
                     TM_FN(dense_pair)(s, thread, 0, a, positives[r].index, pos_weight[r],
                                       positives[r].value, coef, &alpha);
+                    ++weighted;
+                }
         s->loss[0][a] = loss;
         s->active[0][a] = active;
     }
-    if (coef != NULL)
+    if (coef != NULL) {
         s->alpha[0][a] = alpha;
+        s->nonzeros[2 * thread] += weighted;
+    }
     return TM_OK;
 }
 
@@ -577,6 +585,8 @@ static int TM_FN(contrastive_row)(void *op, int thread, int64_t a, int64_t row_i
     if (coef_pos != NULL) {
         s->alpha[0][a] = alpha_pos;
         s->alpha[1][a] = alpha_neg;
+        s->nonzeros[2 * thread] += act_pos;
+        s->nonzeros[2 * thread + 1] += act_neg;
     }
     return TM_OK;
 }
