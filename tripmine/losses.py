@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
+from . import _core, miners
 from . import _problem as problems
 from . import _validation as check
-from .miners import Triplets, batch_hard, distance_weighted, semi_hard
+from .miners import Triplets
 
 __all__ = ["TripletLossResult", "ContrastiveLossResult", "triplet_loss", "contrastive_loss"]
 
@@ -135,8 +135,6 @@ def triplet_loss(x: Any, labels: Any, *, mining: str | Triplets = "batch_hard",
         reduction = "mean_nonzero" if mining == "batch_all" else "mean"
     problem = problems.prepare(x, labels, ref, ref_labels, metric=metric, normalize=normalize,
                                check_finite=check_finite, need_labels=not given)
-    # The miners see the prepared (validated, normalised) embeddings.
-    common = dict(ref=problem.ref, ref_labels=ref_labels, metric=metric, check_finite=False)
     used_seed = None
 
     if mining == "batch_all":
@@ -150,14 +148,16 @@ def triplet_loss(x: Any, labels: Any, *, mining: str | Triplets = "batch_hard",
     if given:
         triplets = _given_triplets(mining, problem.n, problem.m)
     elif mining == "batch_hard":
-        triplets = batch_hard(problem.x, labels, normalize=False, **common)
+        triplets = miners.mine_batch_hard(problem)
     elif mining == "semi_hard":
-        triplets = semi_hard(problem.x, labels, margin=margin, select="closest",
-                             normalize=False, **common)
+        triplets = miners.mine_semi_hard(problem, margin, "closest", 0)
     else:
+        miners.check_weighted_metric(metric)
+        if not normalize:
+            miners.check_unit_norm(problem)
         used_seed = problems.resolve_seed(seed)
-        triplets = distance_weighted(problem.x, labels, seed=used_seed, normalize=False,
-                                     **common)
+        triplets = miners.mine_distance_weighted(problem, miners.DEFAULT_CUTOFF,
+                                                  miners.DEFAULT_NONZERO_LOSS_CUTOFF, used_seed)
     loss, active, per_triplet, g, rg = _core.triplet_loss(
         problem.x, problem.ref, problem.metric, triplets.anchor, triplets.positive,
         triplets.negative, margin, soft, reduction, want_grad, reduction == "none")

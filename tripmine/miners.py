@@ -19,6 +19,10 @@ from . import _validation as check
 
 __all__ = ["Triplets", "batch_hard", "semi_hard", "distance_weighted"]
 
+#: distance_weighted's defaults (Wu et al. 2017), also used by triplet_loss.
+DEFAULT_CUTOFF = 0.5
+DEFAULT_NONZERO_LOSS_CUTOFF = 1.4
+
 #: Rows must have |norm - 1| below this for distance_weighted without normalize.
 UNIT_NORM_TOLERANCE = 1e-3
 
@@ -67,8 +71,12 @@ def batch_hard(x: Any, labels: Any, *, ref: Any = None, ref_labels: Any = None,
     ``n* = argmin_{n negative} d(a, n)``; anchors without a positive or a
     negative are skipped.  One triplet per remaining anchor, in anchor order.
     """
-    problem = problems.prepare(x, labels, ref, ref_labels, metric=metric, normalize=normalize,
-                               check_finite=check_finite)
+    return mine_batch_hard(problems.prepare(x, labels, ref, ref_labels, metric=metric,
+                                            normalize=normalize, check_finite=check_finite))
+
+
+def mine_batch_hard(problem: problems.Problem) -> Triplets:
+    """batch_hard on an already prepared problem (used by the losses)."""
     if problem.n == 0:
         return _empty()
     positive, negative = _core.batch_hard(problem.x, problem.ref, problem.metric, problem.codes,
@@ -105,6 +113,12 @@ def semi_hard(x: Any, labels: Any, *, margin: float = 0.2, select: str = "closes
     seed_value = problems.resolve_seed(seed)
     problem = problems.prepare(x, labels, ref, ref_labels, metric=metric, normalize=normalize,
                                check_finite=check_finite)
+    return mine_semi_hard(problem, margin, select, seed_value, max_triplets)
+
+
+def mine_semi_hard(problem: problems.Problem, margin: float, select: str, seed_value: int,
+                   max_triplets: int | None = None) -> Triplets:
+    """semi_hard on an already prepared problem, with validated options."""
     if problem.n == 0:
         return _empty()
     args = (problem.x, problem.ref, problem.metric, problem.codes, problem.ref_codes, margin)
@@ -122,7 +136,13 @@ def semi_hard(x: Any, labels: Any, *, margin: float = 0.2, select: str = "closes
     return _subset(_per_pair(problem, positive, negative, offsets), max_triplets, seed_value)
 
 
-def _check_unit_norm(problem: problems.Problem) -> None:
+def check_weighted_metric(metric: str) -> None:
+    if metric != "euclidean":
+        raise ValueError(f"distance_weighted is defined for metric='euclidean' on the unit "
+                         f"sphere, got metric={metric!r}")
+
+
+def check_unit_norm(problem: problems.Problem) -> None:
     for name, rows in (("x", problem.x), ("ref", problem.ref)):
         if rows is None or rows.size == 0:
             continue
@@ -136,10 +156,11 @@ def _check_unit_norm(problem: problems.Problem) -> None:
             )
 
 
-def distance_weighted(x: Any, labels: Any, *, cutoff: float = 0.5,
-                      nonzero_loss_cutoff: float = 1.4, seed: int | None = None,
-                      ref: Any = None, ref_labels: Any = None, metric: str = "euclidean",
-                      normalize: bool = False, check_finite: bool = True) -> Triplets:
+def distance_weighted(x: Any, labels: Any, *, cutoff: float = DEFAULT_CUTOFF,
+                      nonzero_loss_cutoff: float = DEFAULT_NONZERO_LOSS_CUTOFF,
+                      seed: int | None = None, ref: Any = None, ref_labels: Any = None,
+                      metric: str = "euclidean", normalize: bool = False,
+                      check_finite: bool = True) -> Triplets:
     """Distance-weighted sampling (Wu, Manmatha, Smola & Krähenbühl 2017, "Sampling Matters").
 
     For each positive pair ``(a, p)`` one negative ``n`` is drawn with
@@ -154,16 +175,20 @@ def distance_weighted(x: Any, labels: Any, *, cutoff: float = 0.5,
     skipped.  Embeddings must be unit-norm (pass ``normalize=True``), and the
     metric euclidean.  Seeded like :func:`semi_hard`.
     """
-    if metric != "euclidean":
-        raise ValueError(f"distance_weighted is defined for metric='euclidean' on the unit "
-                         f"sphere, got metric={metric!r}")
+    check_weighted_metric(metric)
     cutoff = check.positive_real(cutoff, "cutoff")
     nonzero_loss_cutoff = check.positive_real(nonzero_loss_cutoff, "nonzero_loss_cutoff")
     seed_value = problems.resolve_seed(seed)
     problem = problems.prepare(x, labels, ref, ref_labels, metric=metric, normalize=normalize,
                                check_finite=check_finite)
     if not normalize:
-        _check_unit_norm(problem)
+        check_unit_norm(problem)
+    return mine_distance_weighted(problem, cutoff, nonzero_loss_cutoff, seed_value)
+
+
+def mine_distance_weighted(problem: problems.Problem, cutoff: float, nonzero_loss_cutoff: float,
+                           seed_value: int) -> Triplets:
+    """distance_weighted on an already prepared (unit-norm, euclidean) problem."""
     if problem.n == 0:
         return _empty()
     offsets = problems.positive_offsets(problem)
