@@ -90,8 +90,7 @@ typedef struct {
     double margin;
     int select;
     uint64_t seed;
-    const int64_t *pos_offsets;
-    int64_t *out_positive, *out_negative;
+    TM_FN(pair_slots) slots;
 } TM_FN(semi_hard_op);
 
 /* closest: answer[r] for the positive of sorted rank r is the smallest negative
@@ -138,12 +137,12 @@ static int TM_FN(semi_hard_row)(void *op, int thread, int64_t a, int64_t row_in_
     TM_FN(semi_hard_op) *s = op;
     tm_scored *positives, *negatives;
     int64_t n_pos, n_neg;
-    TM_FN(split_for_thread)(&s->c, thread, a, dist, &positives, &n_pos, &negatives, &n_neg);
-    const int64_t base = s->pos_offsets[a];
-    const int status = TM_FN(open_pair_slots)(s->pos_offsets, s->out_positive, s->out_negative,
-                                              a, positives, n_pos);
+    const int status = TM_FN(begin_pair_row)(&s->c, &s->slots, thread, a, dist, &positives,
+                                             &n_pos, &negatives, &n_neg);
     if (status != TM_OK)
         return status;
+    const int64_t base = s->slots.pos_offsets[a];
+    int64_t *out_negative = s->slots.out_negative;
     if (n_pos == 0 || n_neg == 0)
         return TM_OK;
     if (s->select == TM_SELECT_CLOSEST) {
@@ -158,7 +157,7 @@ static int TM_FN(semi_hard_row)(void *op, int thread, int64_t a, int64_t row_in_
         TM_FN(closest_negatives)(positives, n_pos, negatives, n_neg,
                                  TM_SCRATCH(&s->c.scratch, best, thread), answer);
         for (int64_t r = 0; r < n_pos; ++r)
-            s->out_negative[base + slot_of[r]] = answer[r];
+            out_negative[base + slot_of[r]] = answer[r];
         return TM_OK;
     }
     /* random: candidates in (d_ap, d_ap + margin), in (distance, index) order. */
@@ -169,7 +168,7 @@ static int TM_FN(semi_hard_row)(void *op, int thread, int64_t a, int64_t row_in_
         const int64_t hi = tm_count_below(negatives, n_neg, dap + s->margin);
         if (hi > lo) {
             const int64_t pick = tm_uniform_index(s->seed, a, positives[k].index, hi - lo);
-            s->out_negative[base + k] = negatives[lo + pick].index;
+            out_negative[base + k] = negatives[lo + pick].index;
         }
     }
     return TM_OK;
@@ -208,9 +207,9 @@ int TM_FN(tm_semi_hard)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t
     s.margin = margin;
     s.select = select;
     s.seed = seed;
-    s.pos_offsets = pos_offsets;
-    s.out_positive = out_positive;
-    s.out_negative = out_negative;
+    s.slots.pos_offsets = pos_offsets;
+    s.slots.out_positive = out_positive;
+    s.slots.out_negative = out_negative;
     const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
     const TM_FN(tm_row_op) op = {&s, TM_FN(row_common_setup), TM_FN(semi_hard_row), NULL, 0};
     status = TM_FN(tm_run_rows)(&problem, &op);
@@ -337,8 +336,7 @@ typedef struct {
     TM_FN(row_common) c;
     double cutoff, nonzero_loss_cutoff, dim;
     uint64_t seed;
-    const int64_t *pos_offsets;
-    int64_t *out_positive, *out_negative;
+    TM_FN(pair_slots) slots;
 } TM_FN(weighted_op);
 
 static int TM_FN(weighted_row)(void *op, int thread, int64_t a, int64_t row_in_block,
@@ -348,12 +346,12 @@ static int TM_FN(weighted_row)(void *op, int thread, int64_t a, int64_t row_in_b
     TM_FN(weighted_op) *s = op;
     tm_scored *positives, *negatives;
     int64_t n_pos, n_neg;
-    TM_FN(split_for_thread)(&s->c, thread, a, dist, &positives, &n_pos, &negatives, &n_neg);
-    const int64_t base = s->pos_offsets[a];
-    const int status = TM_FN(open_pair_slots)(s->pos_offsets, s->out_positive, s->out_negative,
-                                              a, positives, n_pos);
+    const int status = TM_FN(begin_pair_row)(&s->c, &s->slots, thread, a, dist, &positives,
+                                             &n_pos, &negatives, &n_neg);
     if (status != TM_OK)
         return status;
+    const int64_t base = s->slots.pos_offsets[a];
+    int64_t *out_negative = s->slots.out_negative;
     if (n_pos == 0)
         return TM_OK;
     /* Log-weights of the eligible negatives (compacted in place). */
@@ -393,7 +391,7 @@ static int TM_FN(weighted_row)(void *op, int thread, int64_t a, int64_t row_in_b
         int64_t pick = tm_count_at_most(negatives, n_valid, target);
         if (pick >= n_valid)
             pick = n_valid - 1;
-        s->out_negative[base + k] = negatives[pick].index;
+        out_negative[base + k] = negatives[pick].index;
     }
     return TM_OK;
 }
@@ -418,9 +416,9 @@ int TM_FN(tm_distance_weighted)(const TM_REAL *x, int64_t n, const TM_REAL *ref,
     s.nonzero_loss_cutoff = nonzero_loss_cutoff;
     s.dim = (double)d;
     s.seed = seed;
-    s.pos_offsets = pos_offsets;
-    s.out_positive = out_positive;
-    s.out_negative = out_negative;
+    s.slots.pos_offsets = pos_offsets;
+    s.slots.out_positive = out_positive;
+    s.slots.out_negative = out_negative;
     const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, TM_METRIC_EUCLIDEAN};
     const TM_FN(tm_row_op) op = {&s, TM_FN(row_common_setup), TM_FN(weighted_row), NULL, 0};
     status = TM_FN(tm_run_rows)(&problem, &op);

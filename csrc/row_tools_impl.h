@@ -117,22 +117,6 @@ static inline int TM_FN(row_common_setup)(void *op, int nthreads, int64_t block_
     return TM_FN(scratch_alloc)(&c->scratch, nthreads, c->lv.m);
 }
 
-/* Per-positive-pair miners: give each positive of anchor a (index order) its
- * slot, with no negative chosen yet. */
-static inline int TM_FN(open_pair_slots)(const int64_t *pos_offsets, int64_t *out_positive,
-                                  int64_t *out_negative, int64_t a, const tm_scored *positives,
-                                  int64_t n_pos)
-{
-    const int64_t base = pos_offsets[a];
-    if (pos_offsets[a + 1] - base != n_pos)
-        return TM_ERR_INVALID;
-    for (int64_t k = 0; k < n_pos; ++k) {
-        out_positive[base + k] = positives[k].index;
-        out_negative[base + k] = -1;
-    }
-    return TM_OK;
-}
-
 /* split_row into this thread's scratch. */
 static inline void TM_FN(split_for_thread)(TM_FN(row_common) *c, int thread, int64_t a,
                                            const TM_REAL *dist, tm_scored **positives,
@@ -141,4 +125,29 @@ static inline void TM_FN(split_for_thread)(TM_FN(row_common) *c, int thread, int
     *positives = TM_SCRATCH(&c->scratch, positives, thread);
     *negatives = TM_SCRATCH(&c->scratch, negatives, thread);
     TM_FN(split_row)(&c->lv, a, dist, *positives, n_pos, *negatives, n_neg);
+}
+
+/* Where per-positive-pair miners write: anchor a owns slots
+ * [pos_offsets[a], pos_offsets[a + 1]), one per positive in index order. */
+typedef struct {
+    const int64_t *pos_offsets;
+    int64_t *out_positive, *out_negative;
+} TM_FN(pair_slots);
+
+/* The common start of a per-pair miner's row: split it, and give each
+ * positive of anchor a its slot with no negative chosen yet. */
+static inline int TM_FN(begin_pair_row)(TM_FN(row_common) *c, const TM_FN(pair_slots) *slots,
+                                        int thread, int64_t a, const TM_REAL *dist,
+                                        tm_scored **positives, int64_t *n_pos,
+                                        tm_scored **negatives, int64_t *n_neg)
+{
+    TM_FN(split_for_thread)(c, thread, a, dist, positives, n_pos, negatives, n_neg);
+    const int64_t base = slots->pos_offsets[a];
+    if (slots->pos_offsets[a + 1] - base != *n_pos)
+        return TM_ERR_INVALID;
+    for (int64_t k = 0; k < *n_pos; ++k) {
+        slots->out_positive[base + k] = (*positives)[k].index;
+        slots->out_negative[base + k] = -1;
+    }
+    return TM_OK;
 }
