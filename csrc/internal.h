@@ -126,6 +126,8 @@ extern const tm_kernel_set tm_kernels_generic;
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
 #define TM_HAVE_AVX2_KERNELS 1
 extern const tm_kernel_set tm_kernels_avx2;
+#define TM_HAVE_AVX512_KERNELS 1
+extern const tm_kernel_set tm_kernels_avx512;
 #endif
 
 #endif /* TRIPMINE_INTERNAL_H */

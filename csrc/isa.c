@@ -14,6 +14,9 @@ static const tm_kernel_set *const kernel_sets[] = {
 #ifdef TM_HAVE_AVX2_KERNELS
     &tm_kernels_avx2,
 #endif
+#ifdef TM_HAVE_AVX512_KERNELS
+    &tm_kernels_avx512,
+#endif
 };
 #define N_KERNEL_SETS ((int)(sizeof(kernel_sets) / sizeof(kernel_sets[0])))
 

@@ -66,6 +66,15 @@ def test_environment_unknown_isa_warns_and_falls_back():
     assert result.stdout.strip() in _core.usable_isas()
 
 
+@pytest.mark.parametrize("isa", sorted(set(_core.compiled_isas()) - set(_core.usable_isas())))
+def test_environment_compiled_but_unusable_isa_warns(isa):
+    # e.g. avx512 on a CPU without AVX-512: never run, never crash.
+    result = _run("import tripmine; print(tripmine.build_info()['isa'])", TRIPMINE_ISA=isa)
+    assert result.returncode == 0, result.stderr
+    assert f"ignoring TRIPMINE_ISA='{isa}'" in result.stderr
+    assert result.stdout.strip() != isa
+
+
 def test_environment_sets_threads():
     result = _run("import tripmine; print(tripmine.get_num_threads())", TRIPMINE_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr

@@ -14,7 +14,7 @@ Architecture
                                     |
                                     v
                   tile engine: anchor blocks x reference blocks (OpenMP)
-                  micro-kernel (generic | avx2) -> tile of distances -> reducer
+                  micro-kernel (generic | avx2 | avx512) -> tile of distances -> reducer
 
 Every miner and loss is one walk of the tile engine with its own reducer; only
 functions whose *output* is a matrix (``pairwise_distances``, the masks)
