@@ -1,4 +1,5 @@
-/* tm_pairwise_distances_f32 / _f64 (distances_impl.h). */
+/* tm_pairwise_distances and tm_nearest_neighbors, _f32 / _f64 (distances_impl.h). */
+#include <math.h>
 #include <string.h>
 
 #include "internal.h"

@@ -110,6 +110,18 @@ TM_PUBLIC int tm_pairwise_distances_f64(const double *x, int64_t n,
                                         const double *ref, int64_t m,
                                         int64_t d, int metric, double *out);
 
+/* The k nearest reference rows of every x row, nearest first: out_index[i*k + r]
+ * and out_dist[i*k + r] (both n*k).  Ties rank by the lower reference index;
+ * self mode (ref == NULL) skips row i itself; rows with fewer than k
+ * candidates are padded with index -1 and distance +inf.  Memory: the outputs
+ * and one tile, never n x m. */
+TM_PUBLIC int tm_nearest_neighbors_f32(const float *x, int64_t n, const float *ref, int64_t m,
+                                       int64_t d, int metric, int64_t k, int64_t *out_index,
+                                       float *out_dist);
+TM_PUBLIC int tm_nearest_neighbors_f64(const double *x, int64_t n, const double *ref, int64_t m,
+                                       int64_t d, int metric, int64_t k, int64_t *out_index,
+                                       double *out_dist);
+
 /* ---- label masks ---------------------------------------------------------- */
 
 /* labels are int64 class codes.  ref_labels == NULL selects self mode (m == n),

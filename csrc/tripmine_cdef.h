@@ -49,6 +49,13 @@ int tm_pairwise_distances_f32(const float *x, int64_t n, const float *ref,
 int tm_pairwise_distances_f64(const double *x, int64_t n, const double *ref,
                               int64_t m, int64_t d, int metric, double *out);
 
+int tm_nearest_neighbors_f32(const float *x, int64_t n, const float *ref, int64_t m,
+                             int64_t d, int metric, int64_t k, int64_t *out_index,
+                             float *out_dist);
+int tm_nearest_neighbors_f64(const double *x, int64_t n, const double *ref, int64_t m,
+                             int64_t d, int metric, int64_t k, int64_t *out_index,
+                             double *out_dist);
+
 int tm_pair_masks(const int64_t *labels, int64_t n, const int64_t *ref_labels,
                   int64_t m, uint8_t *positive, uint8_t *negative);
 int tm_triplet_mask(const int64_t *labels, int64_t n, uint8_t *out);

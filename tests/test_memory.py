@@ -1,4 +1,4 @@
-"""The memory contract: miners and losses never materialise N x M.
+"""The memory contract: miners, losses and metrics never materialise N x M.
 
 At N = 16384, D = 128 (float32, 8 MiB of embeddings) an N x N float32 matrix
 would take 1 GiB; each loss must instead stay within 64 MB of peak-RSS growth
@@ -20,6 +20,7 @@ SCRIPT = """
 import json, resource, sys, time
 import numpy as np
 import tripmine
+import tripmine.metrics
 
 def peak_kib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -34,7 +35,7 @@ start = time.perf_counter()
 result = loss(x, labels)
 elapsed = time.perf_counter() - start
 print(json.dumps(dict(growth_kib=peak_kib() - before, seconds=elapsed,
-                      finite=bool(np.isfinite(result.loss)))))
+                      finite=bool(np.isfinite(getattr(result, 'loss', result))))))
 """
 
 LOSSES = {
@@ -44,6 +45,9 @@ LOSSES = {
     "distance_weighted": ("lambda x, y: tripmine.triplet_loss(x, y, mining='distance_weighted',"
                           " normalize=True, seed=0)"),
     "contrastive": "lambda x, y: tripmine.contrastive_loss(x, y)",
+    # Retrieval metrics: top-k neighbour lists (k = 5 and R = 3 here), no N x N.
+    "recall_at_k": "lambda x, y: tripmine.metrics.recall_at_k(x, y, k=5)",
+    "map_at_r": "lambda x, y: tripmine.metrics.mean_average_precision_at_r(x, y)",
 }
 
 

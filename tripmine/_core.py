@@ -285,3 +285,11 @@ def contrastive_loss(x, ref, metric, codes, ref_codes, pos_margin, neg_margin, p
 def uniform(seed: int, anchor: int, draw: int) -> float:
     """The C core's counter-based uniform number for (seed, anchor, draw)."""
     return float(lib.tm_uniform(seed, anchor, draw))
+
+
+def nearest_neighbors(x: np.ndarray, ref: np.ndarray | None, metric: int, k: int,
+                      indices: np.ndarray, distances: np.ndarray) -> None:
+    """Fill ``indices``/``distances`` (n x k) with each row's k nearest references."""
+    check(_typed("tm_nearest_neighbors", x.dtype)(*_problem_args(x, ref), metric, k,
+                                                  _ptr(indices), _ptr(distances)),
+          "nearest_neighbors")

@@ -1,0 +1,134 @@
+"""Retrieval metrics: Recall@K and MAP@R (mean average precision at R).
+
+These are the standard numbers of face verification, re-identification and
+image retrieval (Musgrave et al., "A Metric Learning Reality Check", 2020, for
+MAP@R).  Every query row of ``x`` ranks the reference rows by distance; the
+nearest neighbours come from the C core's tile engine (a streaming top-k per
+row), so no N x M distance matrix is ever held.
+
+Self mode (``ref=None``): the references are ``x`` itself and a query never
+retrieves itself (its own row is skipped, other rows with identical
+embeddings are not).  Reference mode: queries ``x`` against a separate
+gallery ``ref`` (``ref_labels`` required), nothing skipped.
+
+Ranking ties (equal distances) go to the lower reference index, the same rule
+as the miners.  Queries with no relevant reference (a class with a single
+sample in self mode, or a label absent from the gallery) cannot be scored;
+they are left out of both metrics (the convention of pytorch-metric-learning's
+``AccuracyCalculator``).  When no query can be scored the metrics are NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from . import _validation as check
+
+__all__ = ["nearest_neighbors", "recall_at_k", "mean_average_precision_at_r"]
+
+
+def nearest_neighbors(x: Any, k: int, ref: Any = None, *, metric: str = "euclidean",
+                      check_finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest reference rows of every row of ``x``, nearest first.
+
+    Returns ``(indices, distances)``, both of shape (N, k): int64 reference
+    row numbers and their distances (dtype of the computation).  In self mode a
+    row is never its own neighbour.  Where fewer than ``k`` references exist,
+    the missing slots hold index -1 and distance ``inf``.  Memory is
+    O(N k + tile), never O(N M).
+    """
+    k = check.positive_int(k, "k")
+    metric_id = check.metric_code(metric)
+    x_arr, ref_arr = check.embeddings(x, ref, check_finite=check_finite)
+    n = x_arr.shape[0]
+    indices = np.empty((n, k), dtype=np.int64)
+    distances = np.empty((n, k), dtype=x_arr.dtype)
+    if n:
+        _core.nearest_neighbors(x_arr, ref_arr, metric_id, k, indices, distances)
+    return indices, distances
+
+
+def _relevant_counts(codes: np.ndarray, gallery: np.ndarray, self_mode: bool) -> np.ndarray:
+    """R per query: the gallery rows sharing its label (minus itself in self mode)."""
+    classes, counts = np.unique(gallery, return_counts=True)
+    if len(classes) == 0:
+        return np.zeros(len(codes), dtype=np.int64)
+    slot = np.minimum(np.searchsorted(classes, codes), len(classes) - 1)
+    r = np.where(classes[slot] == codes, counts[slot], 0).astype(np.int64)
+    return r - 1 if self_mode else r
+
+
+def _relevance(x: Any, labels: Any, ref: Any, ref_labels: Any, metric: str, depth: int | None,
+               check_finite: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(relevant, r): whether each query's first ``depth`` neighbours share its label
+    (N x depth booleans; ``depth=None`` means the largest R), and R per query."""
+    if (ref is None) != (ref_labels is None):
+        raise ValueError("ref and ref_labels go together: give both (gallery mode) or "
+                         "neither (self mode)")
+    x_arr, ref_arr = check.embeddings(x, ref, check_finite=check_finite)
+    self_mode = ref_arr is None
+    n = x_arr.shape[0]
+    m = n if self_mode else ref_arr.shape[0]
+    codes, ref_codes = check.labels(labels, ref_labels, n=n, m=m)
+    gallery = codes if self_mode else ref_codes
+    r = _relevant_counts(codes, gallery, self_mode)
+    candidates = m - 1 if self_mode else m
+    if depth is None:
+        depth = int(r.max(initial=0))
+    depth = max(1, min(depth, candidates))
+    if n == 0 or candidates <= 0:
+        return np.zeros((n, depth), dtype=bool), r
+    indices, _ = nearest_neighbors(x_arr, depth, ref_arr, metric=metric, check_finite=False)
+    found = indices >= 0
+    return found & (gallery[np.where(found, indices, 0)] == codes[:, None]), r
+
+
+def recall_at_k(x: Any, labels: Any, k: int | Sequence[int] = (1, 5), *, ref: Any = None,
+                ref_labels: Any = None, metric: str = "euclidean",
+                check_finite: bool = True) -> float | dict[int, float]:
+    """Recall@K: the fraction of queries with a same-label reference among their K nearest.
+
+    ``k`` is one positive int (the result is a float) or a sequence of them
+    (the result is ``{k: recall}``).  Queries with no relevant reference are
+    left out (module docstring); NaN when none is left.
+    """
+    ks = [k] if isinstance(k, (int, np.integer)) else list(k)
+    if not ks:
+        raise ValueError("k must be a positive int or a non-empty sequence of them")
+    ks = [check.positive_int(v, "k") for v in ks]
+    relevant, r = _relevance(x, labels, ref, ref_labels, metric, max(ks), check_finite)
+    scored = r > 0
+    hits = np.cumsum(relevant, axis=1) > 0  # hit within the first j+1
+    out = {}
+    for v in ks:
+        column = min(v, relevant.shape[1]) - 1
+        out[v] = float(hits[scored, column].mean()) if scored.any() else float("nan")
+    return out[ks[0]] if isinstance(k, (int, np.integer)) else out
+
+
+def mean_average_precision_at_r(x: Any, labels: Any, *, ref: Any = None, ref_labels: Any = None,
+                                metric: str = "euclidean", check_finite: bool = True) -> float:
+    """MAP@R (Musgrave et al. 2020), averaged over the queries.
+
+    For a query with R relevant references, take its R nearest neighbours and
+    average ``P(i)`` (precision among the first i) over the ranks i that hold
+    a relevant reference, dividing by R: ``AP@R = sum_i P(i) rel(i) / R``.
+    It rewards a ranking that puts all same-class references first, unlike
+    Recall@1.  Queries with R = 0 are left out; NaN when none is left.
+    Memory: O(N * max R) for the neighbour lists, never O(N M).
+    """
+    relevant, r = _relevance(x, labels, ref, ref_labels, metric, None, check_finite)
+    scored = r > 0
+    if not scored.any():
+        return float("nan")
+    depth = relevant.shape[1]
+    ranks = np.arange(1, depth + 1)
+    within_r = ranks[None, :] <= r[:, None]
+    rel = relevant & within_r
+    precision = np.cumsum(rel, axis=1) / ranks[None, :]
+    ap = (precision * rel).sum(axis=1) / np.maximum(r, 1)
+    return float(ap[scored].mean())
