@@ -21,7 +21,7 @@ functions whose *output* is a matrix (``pairwise_distances``, the masks)
 allocate N x M.  See README.md for the semantics (metrics, self mode, ties).
 """
 
-from . import _core
+from . import _core, metrics, sampling
 from .distances import pairwise_distances
 from .losses import ContrastiveLossResult, TripletLossResult, contrastive_loss, triplet_loss
 from .masks import TRIPLET_MASK_MAX_N, negative_mask, positive_mask, triplet_mask
@@ -40,9 +40,11 @@ __all__ = [
     "contrastive_loss",
     "distance_weighted",
     "get_num_threads",
+    "metrics",
     "negative_mask",
     "pairwise_distances",
     "positive_mask",
+    "sampling",
     "semi_hard",
     "set_num_threads",
     "triplet_loss",
