@@ -45,6 +45,11 @@ typedef struct {
 
 void tm_sort_scored(tm_scored *items, int64_t count);
 
+/* v[i] = ln(v[i]) in place, for positive normal floats, to within a few ulp
+ * (not correctly rounded: see runtime.c).  Written in plain C that compilers
+ * vectorise, for the distance-weighted miner's per-negative logarithms. */
+void tm_log_array_f32(float *v, int64_t n);
+
 /* Number of leading items of a sorted array whose value is < v (or <= v):
  * a branch-free scan for the few positives of a P x K batch, a binary search
  * otherwise.  Inline: the row operations call them once per pair. */

@@ -354,31 +354,44 @@ static int TM_FN(weighted_row)(void *op, int thread, int64_t a, int64_t row_in_b
     int64_t *out_negative = s->slots.out_negative;
     if (n_pos == 0)
         return TM_OK;
-    /* Log-weights of the eligible negatives (compacted in place). */
+    /* Log-weights of the eligible negatives, compacted in place.  About half
+     * of the negatives of a typical batch are eligible, at random, so every
+     * loop is branch-free: the compaction always writes and advances by the
+     * eligibility flag.  t and 1 - t^2/4 go to scratch (float32: both in the
+     * m doubles of `work`; float64: `work` and `answer`), then both
+     * logarithms run as whole-array passes. */
+    TM_REAL *ts = (TM_REAL *)(void *)TM_SCRATCH(&s->c.scratch, work, thread);
+    TM_REAL *inners = TM_BITS == 32 ? ts + n_neg
+                                    : (TM_REAL *)(void *)TM_SCRATCH(&s->c.scratch, answer, thread);
     int64_t n_valid = 0;
-    double max_log = -HUGE_VAL;
     for (int64_t q = 0; q < n_neg; ++q) {
         const double v = negatives[q].value;
-        if (!(v < s->nonzero_loss_cutoff))
-            continue;
         const double t = v > s->cutoff ? v : s->cutoff;
         const double inner = 1.0 - 0.25 * t * t;
-        if (!(inner > 0.0))
-            continue;
-        /* Logarithms in the working precision: float32 rows need no more
-         * than float accuracy to sample, and logf is several times cheaper. */
-        const double log_w = (2.0 - s->dim) * (double)TM_LOG((TM_REAL)t) -
-                             0.5 * (s->dim - 3.0) * (double)TM_LOG((TM_REAL)inner);
-        if (!(log_w > -HUGE_VAL && log_w < HUGE_VAL))
-            continue;
-        negatives[n_valid].value = log_w;
+        ts[n_valid] = (TM_REAL)t;
+        inners[n_valid] = (TM_REAL)inner;
         negatives[n_valid].index = negatives[q].index;
-        if (log_w > max_log)
-            max_log = log_w;
-        ++n_valid;
+        n_valid += (v < s->nonzero_loss_cutoff) & (inner > 0.0);
     }
-    if (n_valid == 0)
-        return TM_OK;
+#if TM_BITS == 32
+    /* float32 rows need no more than float accuracy to sample. */
+    tm_log_array_f32(ts, n_valid);
+    tm_log_array_f32(inners, n_valid);
+#else
+    for (int64_t q = 0; q < n_valid; ++q) {
+        ts[q] = log(ts[q]);
+        inners[q] = log(inners[q]);
+    }
+#endif
+    double max_log = -HUGE_VAL;
+    const double c_t = 2.0 - s->dim, c_inner = -0.5 * (s->dim - 3.0);
+    for (int64_t q = 0; q < n_valid; ++q) {
+        const double log_w = c_t * (double)ts[q] + c_inner * (double)inners[q];
+        negatives[q].value = log_w;
+        max_log = log_w > max_log ? log_w : max_log;
+    }
+    if (!(max_log > -HUGE_VAL && max_log < HUGE_VAL))
+        return TM_OK; /* no eligible negative (or a degenerate dimension) */
     /* Cumulative weights relative to the largest (which contributes 1). */
     double total = 0.0;
     for (int64_t q = 0; q < n_valid; ++q) {
