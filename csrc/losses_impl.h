@@ -302,6 +302,11 @@ int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int6
 #ifndef TM_SPARSE_RATIO
 #define TM_SPARSE_RATIO 16
 #endif
+/* Up to this many positives per anchor, batch-all counts each negative's
+ * active positives by a linear scan rather than a binary search. */
+#ifndef TM_LINEAR_POSITIVES
+#define TM_LINEAR_POSITIVES 16
+#endif
 /* Budget of all per-thread reference-gradient accumulators together. */
 #ifndef TM_REF_ACC_BYTES
 #define TM_REF_ACC_BYTES (32 * 1024 * 1024)
@@ -467,7 +472,51 @@ static int TM_FN(batch_all_row)(void *op, int thread, int64_t a, int64_t row_in_
         double *pos_weight = TM_SCRATCH(&s->c.scratch, work, thread); /* n_pos */
         double loss = 0.0;
         int64_t active = 0;
-        if (!s->soft) {
+        if (!s->soft && n_pos <= TM_LINEAR_POSITIVES) {
+            /* Few positives (a P x K batch has K - 1): per negative, count and
+             * sum the active ones directly.  Branch-free, since whether a
+             * negative is active is a coin flip for much of training;
+             * starts[n_pos] collects the inactive negatives and is never read. */
+            int64_t *starts = TM_SCRATCH(&s->c.scratch, slots, thread);
+            const int fast_coef = coef != NULL && s->metric == TM_METRIC_EUCLIDEAN;
+            double *gamma_row = fast_coef && s->want_ref_side
+                                    ? s->gamma[0] + (size_t)thread * (size_t)s->span
+                                    : NULL;
+            for (int64_t r = 0; r <= n_pos; ++r)
+                starts[r] = 0;
+            for (int64_t q = 0; q < n_neg; ++q) {
+                const double v = negatives[q].value, threshold = v - s->margin;
+                int64_t c = 0;
+                double sum = 0.0;
+                for (int64_t r = 0; r < n_pos; ++r) {
+                    const double z = positives[r].value - threshold;
+                    c += z > 0.0;
+                    sum += z > 0.0 ? z : 0.0;
+                }
+                loss += sum;
+                active += c;
+                starts[n_pos - c] += 1;
+                if (fast_coef) {
+                    /* euclidean: beta = -w / d = c / d, alpha = -beta (0 at d = 0) */
+                    const int64_t j = negatives[q].index;
+                    const double beta = v > 0.0 ? (double)c / v : 0.0;
+                    coef[j] = (TM_REAL)beta;
+                    alpha -= beta;
+                    weighted += c > 0;
+                    if (gamma_row != NULL && j >= s->ref_lo && j < s->ref_hi)
+                        gamma_row[j - s->ref_lo] -= beta; /* gamma = alpha */
+                } else if (coef != NULL && c > 0) {
+                    TM_FN(dense_pair)(s, thread, 0, a, negatives[q].index, -(double)c, v, coef,
+                                      &alpha);
+                    ++weighted;
+                }
+            }
+            int64_t running = 0;
+            for (int64_t r = 0; r < n_pos; ++r) {
+                running += starts[r];
+                pos_weight[r] = (double)running;
+            }
+        } else if (!s->soft) {
             /* n_pos < m here (the anchor has a negative), so n_pos + 1 items fit. */
             double *suffix = (double *)(void *)TM_SCRATCH(&s->c.scratch, best, thread);
             int64_t *starts = TM_SCRATCH(&s->c.scratch, slots, thread);
