@@ -732,3 +732,43 @@ def test_check_finite_false_skips_the_check():
     tripmine.triplet_loss(_nan(X), LABELS, check_finite=False)
     tripmine.contrastive_loss(_nan(X), LABELS, check_finite=False)
     tripmine.batch_hard(_nan(X), LABELS, check_finite=False)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize("mode", ["self", "ref"])
+def test_batch_all_with_small_and_large_classes(rng, metric, mode):
+    """Anchors with few positives (linear scan) and with many (over 16: sorted
+    search) in one batch: loss, counts and gradient (central differences)."""
+    n, d = 48, 4
+    labels = np.concatenate([np.zeros(24, dtype=np.int64), np.repeat(np.arange(1, 9), 3)])
+    x = rng.standard_normal((n, d))
+    ref = ref_labels = None
+    if mode == "ref":
+        ref, ref_labels = rng.standard_normal((40, d)), np.concatenate(
+            [np.zeros(20, dtype=np.int64), np.repeat(np.arange(1, 11), 2)])
+    want = reference.batch_all_loss(x, labels, margin=0.3, metric=metric, reduction="sum",
+                                    ref=ref, ref_labels=ref_labels)
+    got = tripmine.triplet_loss(x, labels, ref=ref, ref_labels=ref_labels, mining="batch_all",
+                                margin=0.3, metric=metric, reduction="sum")
+    assert got.loss == pytest.approx(want.loss, rel=1e-10)
+    assert (got.n_triplets, got.n_active) == (want.n_triplets, want.n_active)
+    assert 0 < got.n_active < got.n_triplets
+
+    def loss_at(xx, rr):
+        return tripmine.triplet_loss(xx, labels, ref=rr, ref_labels=ref_labels,
+                                     mining="batch_all", margin=0.3, metric=metric,
+                                     reduction="sum").loss
+
+    h = 1e-6
+    for name, base in [("x", x)] + ([("ref", ref)] if ref is not None else []):
+        numeric = np.zeros_like(base)
+        for idx in np.ndindex(base.shape):
+            up, down = base.copy(), base.copy()
+            up[idx] += h
+            down[idx] -= h
+            if name == "x":
+                numeric[idx] = (loss_at(up, ref) - loss_at(down, ref)) / (2 * h)
+            else:
+                numeric[idx] = (loss_at(x, up) - loss_at(x, down)) / (2 * h)
+        analytic = got.grad if name == "x" else got.ref_grad
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-6 * np.abs(numeric).max())
