@@ -19,6 +19,34 @@ static int TM_FN(write_tile)(void *ctx, int thread, int64_t row0, int64_t nrows,
     return TM_OK;
 }
 
+/* Self mode: the engine computes the upper triangle (col >= row) once; each
+ * tile writes it and its mirror image, so the output is exactly symmetric
+ * and costs half the multiplications.  The mirror is written column by
+ * column of the tile, i.e. along the output's rows. */
+static int TM_FN(write_tile_symmetric)(void *ctx, int thread, int64_t row0, int64_t nrows,
+                                       int64_t col0, int64_t ncols, const TM_REAL *dist,
+                                       int64_t ld)
+{
+    (void)thread;
+    const TM_FN(write_ctx) *w = ctx;
+    for (int64_t i = 0; i < nrows; ++i) {
+        const int64_t skip = row0 + i > col0 ? row0 + i - col0 : 0;
+        if (skip < ncols)
+            memcpy(w->out + (row0 + i) * w->m + col0 + skip, dist + i * ld + skip,
+                   (size_t)(ncols - skip) * sizeof(TM_REAL));
+    }
+    for (int64_t j = 0; j < ncols; ++j) {
+        /* Column col0 + j mirrors into row col0 + j, at the tile's rows
+         * strictly above the diagonal. */
+        const int64_t col = col0 + j;
+        const int64_t rows = col - row0 < nrows ? col - row0 : nrows;
+        TM_REAL *dst = w->out + col * w->m + row0;
+        for (int64_t i = 0; i < rows; ++i)
+            dst[i] = dist[i * ld + j];
+    }
+    return TM_OK;
+}
+
 int TM_FN(tm_pairwise_distances)(const TM_REAL *x, int64_t n, const TM_REAL *ref,
                                  int64_t m, int64_t d, int metric, TM_REAL *out)
 {
@@ -30,7 +58,10 @@ int TM_FN(tm_pairwise_distances)(const TM_REAL *x, int64_t n, const TM_REAL *ref
         return TM_ERR_INVALID;
     TM_FN(write_ctx) ctx = {out, m};
     const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
-    const TM_FN(tm_reducer) reducer = {&ctx, 0, 0, 0, NULL, NULL, TM_FN(write_tile), NULL};
+    const TM_FN(tm_reducer) reducer = {&ctx, 0, 0, 0, NULL, NULL,
+                                       ref == NULL ? TM_FN(write_tile_symmetric)
+                                                   : TM_FN(write_tile),
+                                       NULL, ref == NULL};
     return TM_FN(tm_tile_engine)(&problem, &reducer);
 }
 
@@ -148,7 +179,7 @@ int TM_FN(tm_nearest_neighbors)(const TM_REAL *x, int64_t n, const TM_REAL *ref,
     TM_FN(knn_ctx) ctx = {out_index, out_dist, k, ref == NULL};
     const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
     const TM_FN(tm_reducer) reducer = {&ctx, 1, 0, 0, NULL, TM_FN(knn_begin), TM_FN(knn_tile),
-                                       TM_FN(knn_end)};
+                                       TM_FN(knn_end), 0};
     if (m == 0) { /* the engine visits no tile: pad every row here */
         if (n < 0)
             return TM_ERR_INVALID;

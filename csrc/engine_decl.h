@@ -21,8 +21,12 @@ typedef int (*TM_FN(tm_tile_fn))(void *ctx, int thread, int64_t row0,
  * after tm_tile_engine returns.  max_block_rows (0: no limit) caps the rows
  * of an anchor block, for reducers that buffer whole rows.  static_schedule
  * assigns anchor blocks to threads in a fixed round-robin, so per-thread
- * accumulations are reproducible for a given thread count.  Every callback
- * may be NULL except tile, and returns a tm_status. */
+ * accumulations are reproducible for a given thread count.  upper (self
+ * mode with whole_rows == 0 only; ignored otherwise) halves the work of a
+ * symmetric output: tiles hold only the pairs with col >= row (entries with
+ * col < row are unspecified, and tiles with none are skipped), so each
+ * unordered pair is seen once.  Every callback may be NULL except tile, and
+ * returns a tm_status. */
 typedef struct {
     void *ctx;
     int whole_rows;
@@ -32,6 +36,7 @@ typedef struct {
     int (*begin_rows)(void *ctx, int thread, int64_t row0, int64_t nrows);
     TM_FN(tm_tile_fn) tile;
     int (*end_rows)(void *ctx, int thread, int64_t row0, int64_t nrows);
+    int upper;
 } TM_FN(tm_reducer);
 
 /* x is n x d; ref is m x d, or NULL for self mode (ref = x, m = n, and the

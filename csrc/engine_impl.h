@@ -139,10 +139,12 @@ typedef struct {
     TM_FN(tm_dot_kernel) dot;
 } TM_FN(engine_plan);
 
-/* Fills tile[i*nc + j] with d(row0 + i, col0 + j). */
+/* Fills tile[i*nc + j] with d(row0 + i, col0 + j); with upper, only the
+ * entries with col0 + j >= row0 + i (micro-tiles wholly below the diagonal
+ * are not multiplied). */
 static void TM_FN(compute_tile)(const TM_FN(engine_plan) *pl, int64_t row0,
                                 int64_t nrows, int64_t col0, int64_t ncols,
-                                TM_REAL *tile)
+                                TM_REAL *tile, int upper)
 {
     const int64_t ld = pl->nc, d = pl->d;
     const int mr = pl->mr, nr = pl->nr;
@@ -153,23 +155,29 @@ static void TM_FN(compute_tile)(const TM_FN(engine_plan) *pl, int64_t row0,
     const TM_REAL *b0 = pl->ref_packed + col0 * d;
     for (int64_t jp = 0; jp < col_panels; ++jp)
         for (int64_t ip = 0; ip < row_panels; ++ip)
-            pl->dot(d, a0 + ip * mr * d, b0 + jp * nr * d,
-                    tile + ip * mr * ld + jp * nr, ld);
+            if (!upper || col0 + (jp + 1) * nr > row0 + ip * mr)
+                pl->dot(d, a0 + ip * mr * d, b0 + jp * nr * d,
+                        tile + ip * mr * ld + jp * nr, ld);
 
     for (int64_t i = 0; i < nrows; ++i) {
         const int64_t row = row0 + i;
         const TM_REAL *xi = pl->x + row * d;
         const double norm_x = pl->x_norms[row];
-        TM_REAL *t = tile + i * ld;
+        const int64_t skip = upper && row > col0 ? row - col0 : 0;
+        if (skip >= ncols)
+            continue;
+        /* From here on t and wanted cover the row's wanted entries only. */
+        TM_REAL *t = tile + i * ld + skip;
+        const int64_t first_col = col0 + skip, wanted = ncols - skip;
         if (pl->metric == TM_METRIC_COSINE) {
-            for (int64_t j = 0; j < ncols; ++j) {
-                const double norm_r = pl->ref_norms[col0 + j];
+            for (int64_t j = 0; j < wanted; ++j) {
+                const double norm_r = pl->ref_norms[first_col + j];
                 double dist = 1.0;
                 if (norm_x != 0.0 && norm_r != 0.0) {
                     dist = 1.0 - (double)t[j] / (norm_x * norm_r);
                     if (dist < TM_REFINE)
                         dist = TM_FN(exact_cosine)(xi, norm_x,
-                                                   pl->ref + (col0 + j) * d,
+                                                   pl->ref + (first_col + j) * d,
                                                    norm_r, d);
                     if (dist < 0.0)
                         dist = 0.0;
@@ -183,30 +191,30 @@ static void TM_FN(compute_tile)(const TM_FN(engine_plan) *pl, int64_t row0,
              * (noting whether any pair is near), exact refinement of the near
              * pairs (rare), clamp and square root. */
             const TM_REAL norm_xr = pl->x_norms_real[row];
-            const TM_REAL *norm_r = pl->ref_norms_real + col0;
+            const TM_REAL *norm_r = pl->ref_norms_real + first_col;
             const TM_REAL refine = (TM_REAL)TM_REFINE;
             int near = 0;
-            for (int64_t j = 0; j < ncols; ++j) {
+            for (int64_t j = 0; j < wanted; ++j) {
                 const TM_REAL scale = norm_xr + norm_r[j];
                 const TM_REAL d2 = scale - 2 * t[j];
                 t[j] = d2;
                 near |= d2 < refine * scale;
             }
             if (near)
-                for (int64_t j = 0; j < ncols; ++j)
+                for (int64_t j = 0; j < wanted; ++j)
                     if (t[j] < refine * (norm_xr + norm_r[j]))
                         t[j] = (TM_REAL)TM_FN(tm_exact_sqeuclidean)(
-                            xi, pl->ref + (col0 + j) * d, d);
+                            xi, pl->ref + (first_col + j) * d, d);
             if (pl->metric == TM_METRIC_EUCLIDEAN) {
-                for (int64_t j = 0; j < ncols; ++j)
+                for (int64_t j = 0; j < wanted; ++j)
                     t[j] = TM_SQRT(t[j] < 0 ? 0 : t[j]);
             } else {
-                for (int64_t j = 0; j < ncols; ++j)
+                for (int64_t j = 0; j < wanted; ++j)
                     t[j] = t[j] < 0 ? 0 : t[j];
             }
         }
-        if (pl->self && row >= col0 && row < col0 + ncols)
-            t[row - col0] = 0;
+        if (pl->self && row >= first_col && row < col0 + ncols)
+            t[row - first_col] = 0;
     }
 }
 
@@ -226,13 +234,16 @@ static void TM_FN(run_unit)(const TM_FN(engine_plan) *pl, const TM_FN(tm_reducer
     const int64_t nrows = pl->n - row0 < mc ? pl->n - row0 : mc;
     const int64_t cb_first = reducer->whole_rows ? 0 : unit % col_blocks;
     const int64_t cb_end = reducer->whole_rows ? col_blocks : cb_first + 1;
+    const int upper = pl->self && reducer->upper && !reducer->whole_rows;
     int st = TM_OK;
     if (reducer->whole_rows && reducer->begin_rows != NULL)
         st = reducer->begin_rows(reducer->ctx, thread, row0, nrows);
     for (int64_t cb = cb_first; cb < cb_end && st == TM_OK; ++cb) {
         const int64_t col0 = cb * nc;
         const int64_t ncols = pl->m - col0 < nc ? pl->m - col0 : nc;
-        TM_FN(compute_tile)(pl, row0, nrows, col0, ncols, tile);
+        if (upper && col0 + ncols <= row0)
+            continue; /* wholly below the diagonal */
+        TM_FN(compute_tile)(pl, row0, nrows, col0, ncols, tile, upper);
         st = reducer->tile(reducer->ctx, thread, row0, nrows, col0, ncols, tile, nc);
     }
     if (st == TM_OK && reducer->whole_rows && reducer->end_rows != NULL)
@@ -423,7 +434,7 @@ int TM_FN(tm_run_rows)(const TM_FN(tm_tile_problem) *problem, const TM_FN(tm_row
     int64_t max_rows = TM_ROW_BUFFER_BYTES / ((m > 0 ? m : 1) * (int64_t)sizeof(TM_REAL));
     const TM_FN(tm_reducer) reducer = {
         &rc, 1, max_rows > 0 ? max_rows : 1, op->static_schedule,
-        TM_FN(rows_setup), NULL, TM_FN(rows_tile), TM_FN(rows_end),
+        TM_FN(rows_setup), NULL, TM_FN(rows_tile), TM_FN(rows_end), 0,
     };
     const int status = TM_FN(tm_tile_engine)(problem, &reducer);
     tm_free(rc.buffer);

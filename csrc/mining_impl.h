@@ -77,7 +77,7 @@ int TM_FN(tm_batch_hard)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_
                                  positive, negative, best, best + n};
     const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
     const TM_FN(tm_reducer) reducer = {&ctx, 1, 0, 0, NULL, TM_FN(batch_hard_begin),
-                                       TM_FN(batch_hard_tile), NULL};
+                                       TM_FN(batch_hard_tile), NULL, 0};
     status = TM_FN(tm_tile_engine)(&problem, &reducer);
     tm_free(best);
     return status;

@@ -22,6 +22,7 @@ SHAPES = [
     (97, 130, 129),
     (150, 1100, 64),
     (301, 37, 1),
+    (1100, 40, 64),  # self mode over two reference blocks: whole tiles below the diagonal
 ]
 
 
