@@ -58,6 +58,137 @@ static int TM_FN(batch_hard_tile)(void *ctx, int thread, int64_t row0, int64_t n
     return TM_OK;
 }
 
+/* Self mode sees each unordered pair once (the engine's upper triangle) and
+ * offers it to both of its rows.  Tiles then come in any order on any
+ * thread, so each thread keeps its own best per row, merged at the end; the
+ * comparisons break ties on the index explicitly, so the result (the
+ * farthest positive and nearest negative, lowest index on ties) does not
+ * depend on the order or the thread count. */
+typedef struct {
+    const int64_t *labels;
+    int64_t n;
+    int nthreads;
+    TM_REAL *pos_val, *neg_val; /* threads x n */
+    int64_t *pos_idx, *neg_idx; /* threads x n; -1: none yet */
+} TM_FN(symmetric_hard_ctx);
+
+static inline int TM_FN(farther)(TM_REAL v, int64_t j, TM_REAL best, int64_t best_j)
+{
+    return best_j < 0 || v > best || (v == best && j < best_j);
+}
+
+static inline int TM_FN(nearer)(TM_REAL v, int64_t j, TM_REAL best, int64_t best_j)
+{
+    return best_j < 0 || v < best || (v == best && j < best_j);
+}
+
+static int TM_FN(symmetric_hard_setup)(void *ctx, int nthreads, int64_t block_rows)
+{
+    (void)block_rows;
+    TM_FN(symmetric_hard_ctx) *c = ctx;
+    size_t val_bytes, idx_bytes;
+    int status;
+    c->nthreads = nthreads;
+    if ((status = tm_bytes((int64_t)nthreads, c->n, sizeof(TM_REAL), &val_bytes)) != TM_OK ||
+        (status = tm_bytes((int64_t)nthreads, c->n, sizeof(int64_t), &idx_bytes)) != TM_OK)
+        return status;
+    c->pos_val = tm_alloc(val_bytes);
+    c->neg_val = tm_alloc(val_bytes);
+    c->pos_idx = tm_alloc(idx_bytes);
+    c->neg_idx = tm_alloc(idx_bytes);
+    if (c->pos_val == NULL || c->neg_val == NULL || c->pos_idx == NULL || c->neg_idx == NULL)
+        return TM_ERR_NOMEM;
+    memset(c->pos_idx, 0xff, idx_bytes); /* all -1 */
+    memset(c->neg_idx, 0xff, idx_bytes);
+    return TM_OK;
+}
+
+static int TM_FN(symmetric_hard_tile)(void *ctx, int thread, int64_t row0, int64_t nrows,
+                                      int64_t col0, int64_t ncols, const TM_REAL *dist,
+                                      int64_t ld)
+{
+    const TM_FN(symmetric_hard_ctx) *c = ctx;
+    const size_t off = (size_t)thread * (size_t)c->n;
+    TM_REAL *pv = c->pos_val + off, *nv = c->neg_val + off;
+    int64_t *pi = c->pos_idx + off, *ni = c->neg_idx + off;
+    const int64_t *labels = c->labels;
+    for (int64_t i = 0; i < nrows; ++i) {
+        const int64_t a = row0 + i, label = labels[a];
+        const int64_t first = a + 1 > col0 ? a + 1 - col0 : 0; /* pairs (a, col > a) */
+        const TM_REAL *row = dist + i * ld;
+        TM_REAL best_pos = pv[a], best_neg = nv[a];
+        int64_t pos = pi[a], neg = ni[a];
+        for (int64_t j = first; j < ncols; ++j) {
+            const int64_t col = col0 + j;
+            const TM_REAL v = row[j];
+            if (v != v)
+                continue;
+            if (labels[col] == label) {
+                if (TM_FN(farther)(v, col, best_pos, pos)) {
+                    best_pos = v;
+                    pos = col;
+                }
+                if (TM_FN(farther)(v, a, pv[col], pi[col])) {
+                    pv[col] = v;
+                    pi[col] = a;
+                }
+            } else {
+                if (TM_FN(nearer)(v, col, best_neg, neg)) {
+                    best_neg = v;
+                    neg = col;
+                }
+                if (TM_FN(nearer)(v, a, nv[col], ni[col])) {
+                    nv[col] = v;
+                    ni[col] = a;
+                }
+            }
+        }
+        pv[a] = best_pos;
+        nv[a] = best_neg;
+        pi[a] = pos;
+        ni[a] = neg;
+    }
+    return TM_OK;
+}
+
+static int TM_FN(batch_hard_symmetric)(const TM_FN(tm_tile_problem) *problem,
+                                       const int64_t *labels, int64_t *positive,
+                                       int64_t *negative)
+{
+    const int64_t n = problem->n;
+    TM_FN(symmetric_hard_ctx) ctx = {labels, n, 0, NULL, NULL, NULL, NULL};
+    const TM_FN(tm_reducer) reducer = {&ctx, 0, 0, 0, TM_FN(symmetric_hard_setup), NULL,
+                                       TM_FN(symmetric_hard_tile), NULL, 1};
+    int status = TM_FN(tm_tile_engine)(problem, &reducer);
+    if (status == TM_OK) {
+        TM_OMP(parallel for num_threads(tm_threads_for(n * ctx.nthreads)) schedule(static))
+        for (int64_t a = 0; a < n; ++a) {
+            int64_t pos = -1, neg = -1;
+            TM_REAL best_pos = 0, best_neg = 0;
+            for (int t = 0; t < ctx.nthreads; ++t) {
+                const size_t at = (size_t)t * (size_t)n + (size_t)a;
+                if (ctx.pos_idx[at] >= 0 &&
+                    TM_FN(farther)(ctx.pos_val[at], ctx.pos_idx[at], best_pos, pos)) {
+                    best_pos = ctx.pos_val[at];
+                    pos = ctx.pos_idx[at];
+                }
+                if (ctx.neg_idx[at] >= 0 &&
+                    TM_FN(nearer)(ctx.neg_val[at], ctx.neg_idx[at], best_neg, neg)) {
+                    best_neg = ctx.neg_val[at];
+                    neg = ctx.neg_idx[at];
+                }
+            }
+            positive[a] = pos;
+            negative[a] = neg;
+        }
+    }
+    tm_free(ctx.pos_val);
+    tm_free(ctx.neg_val);
+    tm_free(ctx.pos_idx);
+    tm_free(ctx.neg_idx);
+    return status;
+}
+
 int TM_FN(tm_batch_hard)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m, int64_t d,
                          int metric, const int64_t *labels, const int64_t *ref_labels,
                          int64_t *positive, int64_t *negative)
@@ -67,6 +198,10 @@ int TM_FN(tm_batch_hard)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_
         return status;
     if (n > 0 && (positive == NULL || negative == NULL))
         return TM_ERR_INVALID;
+    if (ref == NULL) {
+        const TM_FN(tm_tile_problem) problem = {x, n, NULL, n, d, metric};
+        return TM_FN(batch_hard_symmetric)(&problem, labels, positive, negative);
+    }
     size_t bytes;
     if ((status = tm_bytes(n, 2, sizeof(TM_REAL), &bytes)) != TM_OK)
         return status;
