@@ -7,6 +7,7 @@ irrelevant here; clarity is the point.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -358,3 +359,130 @@ def contrastive_loss(x, labels, *, pos_margin=0.0, neg_margin=1.0, power=1,
     n_active = sum(1 for v in positive_terms + negative_terms if v > 0)
     return ContrastiveReference(loss, len(positive_terms), len(negative_terms), n_active,
                                 np.array(gaps))
+
+
+# ---- retrieval metrics (nearest neighbours, Recall@K, MAP@R) ---------------
+#
+# Self mode (ref=None) ranks the other rows of x: a query never retrieves
+# itself.  Every ranking is a sort on (distance, reference index), so equal
+# distances go to the lower index.  A query with no same-label reference
+# (R = 0) cannot be scored and is left out; NaN when none is left.
+
+
+def distance_row(a, refs, metric: str) -> np.ndarray:
+    """d(a, refs[j]) for every j, in float64 by direct differences (never the
+    Gram identity), with :func:`distance`'s conventions (cosine distance is
+    half the squared distance of the unit vectors; a zero vector is at 1)."""
+    a = np.asarray(a, dtype=np.float64)
+    refs = np.asarray(refs, dtype=np.float64)
+    if metric == "cosine":
+        norm_a = math.sqrt(float(np.sum(a * a)))
+        norms = np.sqrt(np.sum(refs * refs, axis=1))
+        usable = (norms > 0) & (norm_a > 0)
+        unit_refs = refs / np.where(usable, norms, 1.0)[:, None]
+        unit_a = a / (norm_a if norm_a > 0 else 1.0)
+        diff = unit_refs - unit_a
+        return np.where(usable, np.sum(diff * diff, axis=1) / 2, 1.0)
+    diff = refs - a
+    squared = np.sum(diff * diff, axis=1)
+    return np.sqrt(squared) if metric == "euclidean" else squared
+
+
+_RANKING_MEMO: dict = {}
+
+
+def ranking(x, ref=None, metric="euclidean"):
+    """(order, distances), both (N, M) (M = N - 1 in self mode): row i lists
+    the references of query i nearest first, sorted on (distance, index),
+    with row i itself left out in self mode, and their distances.
+
+    Memoised on the exact inputs (the references rank one batch several
+    times); callers get copies.
+    """
+    key = tuple(None if a is None else (np.asarray(a).dtype.str, np.shape(a),
+                                        np.asarray(a).tobytes())
+                for a in (x, ref)) + (metric,)
+    if key not in _RANKING_MEMO:
+        x = np.asarray(x, dtype=np.float64)
+        self_mode = ref is None
+        ref = x if self_mode else np.asarray(ref, dtype=np.float64)
+        width = len(ref) - 1 if self_mode else len(ref)
+        order = np.zeros((len(x), max(width, 0)), dtype=np.int64)
+        distances = np.zeros((len(x), max(width, 0)))
+        for i in range(len(x)):
+            d = distance_row(x[i], ref, metric)
+            row = np.lexsort((np.arange(len(ref)), d))  # by distance, then by index
+            if self_mode:
+                row = row[row != i]
+            order[i] = row
+            distances[i] = d[row]
+        if len(_RANKING_MEMO) > 2:  # a large batch's ranking is N x M: keep few
+            _RANKING_MEMO.clear()
+        _RANKING_MEMO[key] = (order, distances)
+    order, distances = _RANKING_MEMO[key]
+    return order.copy(), distances.copy()
+
+
+def nearest_neighbors_reference(x, k, ref=None, metric="euclidean"):
+    """(indices int64, distances float64), both (N, k): the first k columns of
+    :func:`ranking`, slots beyond the available references -1 and inf."""
+    order, ranked = ranking(x, ref, metric)
+    available = min(k, order.shape[1])
+    indices = np.full((len(order), k), -1, dtype=np.int64)
+    distances = np.full((len(order), k), np.inf)
+    indices[:, :available] = order[:, :available]
+    distances[:, :available] = ranked[:, :available]
+    return indices, distances
+
+
+def _queries(x, labels, ref, ref_labels, metric):
+    """Per query: (its label, R, its ranked references' labels as an iterator),
+    R counting the same-label references (the query itself excluded in self mode)."""
+    labels = np.asarray(labels).tolist()
+    self_mode = ref_labels is None
+    gallery = labels if self_mode else np.asarray(ref_labels).tolist()
+    out = []
+    order, _ = ranking(x, ref, metric)
+    for i in range(len(labels)):
+        r = gallery.count(labels[i]) - (1 if self_mode else 0)
+        out.append((labels[i], r, (gallery[j] for j in order[i])))
+    return out
+
+
+def recall_at_k_reference(x, labels, ks, ref=None, ref_labels=None, metric="euclidean"):
+    """Recall@K: among the queries with R > 0, the fraction with at least one
+    same-label reference among their K nearest.  ``ks`` an int gives a float,
+    a sequence gives {K: recall}."""
+    ks_list = [ks] if isinstance(ks, int) else list(ks)
+    hits = dict.fromkeys(ks_list, 0)
+    scored = 0
+    for label, r, ranked_labels in _queries(x, labels, ref, ref_labels, metric):
+        if r == 0:
+            continue
+        scored += 1
+        first = list(itertools.islice(ranked_labels, max(ks_list)))
+        for k in ks_list:
+            if label in first[:k]:
+                hits[k] += 1
+    out = {k: hits[k] / scored if scored else math.nan for k in ks_list}
+    return out[ks] if isinstance(ks, int) else out
+
+
+def map_at_r_reference(x, labels, ref=None, ref_labels=None, metric="euclidean"):
+    """MAP@R (Musgrave et al. 2020): the mean, over the queries with R > 0, of
+    AP@R = (1/R) sum_{i=1..R} P(i) rel(i), P(i) the precision of the first i."""
+    total = 0.0
+    scored = 0
+    for label, r, ranked_labels in _queries(x, labels, ref, ref_labels, metric):
+        if r == 0:
+            continue
+        scored += 1
+        ap = 0.0
+        relevant_so_far = 0
+        for i, neighbour_label in enumerate(itertools.islice(ranked_labels, r), start=1):
+            rel = neighbour_label == label
+            relevant_so_far += rel
+            if rel:
+                ap += relevant_so_far / i  # P(i) rel(i)
+        total += ap / r
+    return total / scored if scored else math.nan
