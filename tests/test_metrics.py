@@ -20,6 +20,7 @@ import pytest
 import reference
 import tripmine
 from conftest import FLOAT_DTYPES, METRICS
+from tripmine import metrics
 from tripmine.metrics import mean_average_precision_at_r, nearest_neighbors, recall_at_k
 
 # (N queries, M references in gallery mode, D): single rows, primes, and sizes
@@ -493,11 +494,14 @@ BAD = [
     ("k = 0", lambda: recall_at_k(X, LABELS, 0), ValueError, r"k must be >= 1"),
     ("k negative in a list", lambda: recall_at_k(X, LABELS, [1, -2]), ValueError,
      r"k must be >= 1"),
-    ("k = True", lambda: recall_at_k(X, LABELS, True), TypeError, r"k must be an integer"),
+    ("k = True", lambda: recall_at_k(X, LABELS, True), TypeError,
+     r"k must be a positive int or a sequence"),
     ("k = [True]", lambda: recall_at_k(X, LABELS, [True]), TypeError, r"k must be an integer"),
     ("k empty", lambda: recall_at_k(X, LABELS, []), ValueError, r"k must be"),
-    ("k a string", lambda: recall_at_k(X, LABELS, "5"), TypeError, r"k must be an integer"),
-    ("k a float", lambda: recall_at_k(X, LABELS, 2.0), TypeError, None),
+    ("k a string", lambda: recall_at_k(X, LABELS, "5"), TypeError,
+     r"k must be a positive int or a sequence"),
+    ("k a float", lambda: recall_at_k(X, LABELS, 2.0), TypeError,
+     r"k must be a positive int or a sequence of them, got 2.0"),
     ("nn k = 0", lambda: nearest_neighbors(X, 0), ValueError, r"k must be >= 1"),
     ("nn k = True", lambda: nearest_neighbors(X, True), TypeError, r"k must be an integer"),
     ("nn k = None", lambda: nearest_neighbors(X, None), TypeError, r"k must be an integer"),
@@ -552,3 +556,24 @@ def test_inputs_are_not_modified(rng):
     nearest_neighbors(x, 4, ref)
     for a, b in zip((x, labels, ref, ref_labels), copies):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["self", "ref"])
+def test_blocked_scoring_equals_whole(monkeypatch, mode):
+    """Queries scored in blocks (bounded memory) give exactly the numbers of one
+    pass, including self mode's drop of the query itself when exact duplicates
+    tie with it."""
+    rng = np.random.default_rng(11)
+    x = rng.integers(-2, 3, size=(300, 3)).astype(np.float64)  # many exact duplicates
+    labels = rng.integers(0, 6, 300)
+    kw = {} if mode == "self" else dict(ref=x[::2] + 0.5, ref_labels=labels[::2])
+    whole = (metrics.recall_at_k(x, labels, k=(1, 3, 10), **kw),
+             metrics.mean_average_precision_at_r(x, labels, **kw))
+    monkeypatch.setattr(metrics, "_BLOCK_ENTRIES", 7 * 60)  # a handful of rows per block
+    blocked = (metrics.recall_at_k(x, labels, k=(1, 3, 10), **kw),
+               metrics.mean_average_precision_at_r(x, labels, **kw))
+    assert blocked[0] == whole[0]  # counts: exactly equal
+    assert blocked[1] == pytest.approx(whole[1], rel=1e-12)  # a sum in another order
+    want_recall = reference.recall_at_k_reference(x, labels, (1, 3, 10), **kw)
+    assert blocked[0] == pytest.approx(want_recall, rel=1e-12)
+    assert blocked[1] == pytest.approx(reference.map_at_r_reference(x, labels, **kw), rel=1e-12)

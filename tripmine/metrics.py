@@ -20,7 +20,7 @@ they are left out of both metrics (the convention of pytorch-metric-learning's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,10 +62,18 @@ def _relevant_counts(codes: np.ndarray, gallery: np.ndarray, self_mode: bool) ->
     return r - 1 if self_mode else r
 
 
-def _relevance(x: Any, labels: Any, ref: Any, ref_labels: Any, metric: str, depth: int | None,
-               check_finite: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(relevant, r): whether each query's first ``depth`` neighbours share its label
-    (N x depth booleans; ``depth=None`` means the largest R), and R per query."""
+# Neighbour-list entries held at once: queries are scored in blocks of
+# _BLOCK_ENTRIES // depth rows, so memory stays bounded even when a class is
+# as large as the batch (MAP@R's depth is the largest class).
+_BLOCK_ENTRIES = 1 << 21
+
+
+def _relevance_blocks(x: Any, labels: Any, ref: Any, ref_labels: Any, metric: str,
+                      depth: int | None, check_finite: bool
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (relevant, r) per block of queries: whether each query's first
+    ``depth`` neighbours share its label (rows x depth booleans; ``depth=None``
+    means the largest R), and R, the relevant references of each query."""
     if (ref is None) != (ref_labels is None):
         raise ValueError("ref and ref_labels go together: give both (gallery mode) or "
                          "neither (self mode)")
@@ -81,10 +89,28 @@ def _relevance(x: Any, labels: Any, ref: Any, ref_labels: Any, metric: str, dept
         depth = int(r.max(initial=0))
     depth = max(1, min(depth, candidates))
     if n == 0 or candidates <= 0:
-        return np.zeros((n, depth), dtype=bool), r
-    indices, _ = nearest_neighbors(x_arr, depth, ref_arr, metric=metric, check_finite=False)
-    found = indices >= 0
-    return found & (gallery[np.where(found, indices, 0)] == codes[:, None]), r
+        yield np.zeros((n, depth), dtype=bool), r
+        return
+    rows = max(1, _BLOCK_ENTRIES // depth)
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        if hi - lo == n:
+            indices, _ = nearest_neighbors(x_arr, depth, ref_arr, metric=metric,
+                                           check_finite=False)
+        elif not self_mode:
+            indices, _ = nearest_neighbors(x_arr[lo:hi], depth, ref_arr, metric=metric,
+                                           check_finite=False)
+        else:
+            # A block of queries against all of x: one neighbour more, then drop
+            # the query itself (or, if exact duplicates pushed it out, the last).
+            indices, _ = nearest_neighbors(x_arr[lo:hi], depth + 1, x_arr, metric=metric,
+                                           check_finite=False)
+            keep = indices != np.arange(lo, hi)[:, None]
+            keep[keep.all(axis=1), -1] = False
+            indices = indices[keep].reshape(hi - lo, depth)
+        found = indices >= 0
+        block_codes = codes[lo:hi, None]
+        yield found & (gallery[np.where(found, indices, 0)] == block_codes), r[lo:hi]
 
 
 def recall_at_k(x: Any, labels: Any, k: int | Sequence[int] = (1, 5), *, ref: Any = None,
@@ -94,20 +120,30 @@ def recall_at_k(x: Any, labels: Any, k: int | Sequence[int] = (1, 5), *, ref: An
 
     ``k`` is one positive int (the result is a float) or a sequence of them
     (the result is ``{k: recall}``).  Queries with no relevant reference are
-    left out (module docstring); NaN when none is left.
+    left out (module docstring); NaN when none is left.  Memory: O(N max(k))
+    at most, never O(N M).
     """
-    ks = [k] if isinstance(k, (int, np.integer)) else list(k)
+    single = isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_))
+    if single:
+        ks = [k]
+    elif isinstance(k, (str, bytes)) or not isinstance(k, Iterable):
+        raise TypeError(f"k must be a positive int or a sequence of them, got {k!r}")
+    else:
+        ks = list(k)
     if not ks:
         raise ValueError("k must be a positive int or a non-empty sequence of them")
     ks = [check.positive_int(v, "k") for v in ks]
-    relevant, r = _relevance(x, labels, ref, ref_labels, metric, max(ks), check_finite)
-    scored = r > 0
-    hits = np.cumsum(relevant, axis=1) > 0  # hit within the first j+1
-    out = {}
-    for v in ks:
-        column = min(v, relevant.shape[1]) - 1
-        out[v] = float(hits[scored, column].mean()) if scored.any() else float("nan")
-    return out[ks[0]] if isinstance(k, (int, np.integer)) else out
+    hits = dict.fromkeys(ks, 0)
+    scored = 0
+    for relevant, r in _relevance_blocks(x, labels, ref, ref_labels, metric, max(ks),
+                                         check_finite):
+        usable = r > 0
+        scored += int(usable.sum())
+        first_hit = np.cumsum(relevant, axis=1) > 0  # a hit within the first j + 1
+        for v in ks:
+            hits[v] += int(first_hit[usable, min(v, relevant.shape[1]) - 1].sum())
+    out = {v: hits[v] / scored if scored else float("nan") for v in ks}
+    return out[ks[0]] if single else out
 
 
 def mean_average_precision_at_r(x: Any, labels: Any, *, ref: Any = None, ref_labels: Any = None,
@@ -119,16 +155,17 @@ def mean_average_precision_at_r(x: Any, labels: Any, *, ref: Any = None, ref_lab
     a relevant reference, dividing by R: ``AP@R = sum_i P(i) rel(i) / R``.
     It rewards a ranking that puts all same-class references first, unlike
     Recall@1.  Queries with R = 0 are left out; NaN when none is left.
-    Memory: O(N * max R) for the neighbour lists, never O(N M).
+    Memory: neighbour lists for a block of queries at a time (about 2**21
+    entries), never O(N M).
     """
-    relevant, r = _relevance(x, labels, ref, ref_labels, metric, None, check_finite)
-    scored = r > 0
-    if not scored.any():
-        return float("nan")
-    depth = relevant.shape[1]
-    ranks = np.arange(1, depth + 1)
-    within_r = ranks[None, :] <= r[:, None]
-    rel = relevant & within_r
-    precision = np.cumsum(rel, axis=1) / ranks[None, :]
-    ap = (precision * rel).sum(axis=1) / np.maximum(r, 1)
-    return float(ap[scored].mean())
+    total, scored = 0.0, 0
+    for relevant, r in _relevance_blocks(x, labels, ref, ref_labels, metric, None,
+                                         check_finite):
+        usable = r > 0
+        ranks = np.arange(1, relevant.shape[1] + 1)
+        rel = relevant & (ranks[None, :] <= r[:, None])
+        precision = np.cumsum(rel, axis=1) / ranks[None, :]
+        ap = (precision * rel).sum(axis=1) / np.maximum(r, 1)
+        total += float(ap[usable].sum())
+        scored += int(usable.sum())
+    return total / scored if scored else float("nan")
