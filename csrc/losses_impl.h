@@ -511,11 +511,6 @@ static int TM_FN(batch_all_row)(void *op, int thread, int64_t a, int64_t row_in_
                     ++weighted;
                 }
             }
-            int64_t running = 0;
-            for (int64_t r = 0; r < n_pos; ++r) {
-                running += starts[r];
-                pos_weight[r] = (double)running;
-            }
         } else if (!s->soft) {
             /* n_pos < m here (the anchor has a negative), so n_pos + 1 items fit. */
             double *suffix = (double *)(void *)TM_SCRATCH(&s->c.scratch, best, thread);
@@ -540,11 +535,6 @@ static int TM_FN(batch_all_row)(void *op, int thread, int64_t a, int64_t row_in_
                     ++weighted;
                 }
             }
-            int64_t running = 0;
-            for (int64_t r = 0; r < n_pos; ++r) {
-                running += starts[r];
-                pos_weight[r] = (double)running;
-            }
         } else {
             for (int64_t r = 0; r < n_pos; ++r)
                 pos_weight[r] = 0.0;
@@ -565,6 +555,15 @@ static int TM_FN(batch_all_row)(void *op, int thread, int64_t a, int64_t row_in_
                                       &alpha);
                     ++weighted;
                 }
+            }
+        }
+        if (!s->soft) {
+            /* Positive r is active with every negative whose first active rank is <= r. */
+            const int64_t *starts = TM_SCRATCH(&s->c.scratch, slots, thread);
+            int64_t running = 0;
+            for (int64_t r = 0; r < n_pos; ++r) {
+                running += starts[r];
+                pos_weight[r] = (double)running;
             }
         }
         if (coef != NULL)
