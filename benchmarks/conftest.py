@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import tripmine
-from benchcommon import bench_threads, blas_threads, set_blas_threads
+from benchcommon import SKIPPED, bench_threads, blas_threads, set_blas_threads
 
 # Seconds to sleep before each benchmark so that the spinning worker threads of
 # the previous case's runtime (libgomp for tripmine, OpenBLAS for NumPy) go idle
@@ -72,12 +74,37 @@ def threads():
         set_blas_threads(old_blas)
 
 
+@pytest.fixture(scope="session")
+def peers():
+    """torch and pytorch-metric-learning, torch pinned to TRIPMINE_BENCH_THREADS threads
+    (intra-op; MKL and ATen's OpenMP pool), or a skip when the peers are off or missing.
+
+    torch is imported only here, so a run without TRIPMINE_BENCH_PEERS=1 never loads it
+    (nor its OpenMP runtime and MKL) into the process that times tripmine."""
+    if os.environ.get("TRIPMINE_BENCH_PEERS", "0") != "1":
+        pytest.skip("peer baselines are off (set TRIPMINE_BENCH_PEERS=1)")
+    torch = pytest.importorskip("torch")
+    pml = pytest.importorskip("pytorch_metric_learning")
+    from pytorch_metric_learning import distances, losses, miners, reducers
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(bench_threads())
+    yield SimpleNamespace(torch=torch, distances=distances, losses=losses, miners=miners,
+                          reducers=reducers, pml_version=pml.__version__)
+    torch.set_num_threads(old)
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["tripmine_build_info"] = tripmine.build_info()
     machine_info["numpy_version"] = np.__version__
     machine_info["bench_threads_env"] = os.environ.get("TRIPMINE_BENCH_THREADS", "2")
     machine_info["bench_peers_env"] = os.environ.get("TRIPMINE_BENCH_PEERS", "0")
     machine_info["nproc"] = os.cpu_count()
+    if "torch" in sys.modules:  # the peers ran (their thread count is in extra_info)
+        machine_info["torch_version"] = sys.modules["torch"].__version__
+    if "pytorch_metric_learning" in sys.modules:
+        machine_info["pml_version"] = sys.modules["pytorch_metric_learning"].__version__
+    machine_info["skipped_cases"] = list(SKIPPED)
     if LOADAVG_AT_START is not None:
         machine_info["loadavg_at_start"] = LOADAVG_AT_START
         machine_info["loadavg_at_end"] = os.getloadavg()

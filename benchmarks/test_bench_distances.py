@@ -7,6 +7,8 @@ Cases in each group:
 * ``numpy_gram`` -- vectorised NumPy Gram trick (norms + sgemm + clamp + sqrt), in place
 * ``gemm``       -- ``np.matmul(x, y, out=buf)`` with ``y = ascontiguousarray(x.T)`` (sgemm)
 * ``gemm_xxT``   -- ``x @ x.T`` (NumPy sends this to ssyrk, which is slower here)
+* ``torch_cdist`` -- ``torch.cdist(x, x)`` under ``torch.no_grad()`` (only with
+  ``TRIPMINE_BENCH_PEERS=1`` and torch importable; torch pinned to the same thread count)
 
 Threads: tripmine and NumPy's OpenBLAS are both set to ``TRIPMINE_BENCH_THREADS``
 (default 2) by the ``threads`` fixture in conftest.py.  Inputs and output buffers are
@@ -22,7 +24,7 @@ import numpy as np
 import pytest
 
 import tripmine
-from benchcommon import SEED, D, describe, gemm_operands, run_gemm
+from benchcommon import SEED, D, describe, gemm_operands, run_gemm, time_peer
 
 NS = (256, 1024, 4096)
 
@@ -46,8 +48,8 @@ def data(request):
     )
 
 
-def _setup(benchmark, data, case):
-    describe(benchmark, f"pairwise N={data.n}", case, data.n)
+def _setup(benchmark, data, case, op="distances", impl="tripmine", **extra):
+    describe(benchmark, f"pairwise N={data.n}", case, data.n, op=op, impl=impl, **extra)
 
 
 def numpy_gram(x, y, sq, tmp, out):
@@ -78,18 +80,40 @@ def test_tripmine(benchmark, data):
 
 
 def test_numpy_gram(benchmark, data):
-    _setup(benchmark, data, "numpy_gram")
+    _setup(benchmark, data, "numpy_gram", impl="numpy")
     result = benchmark(numpy_gram, data.x, data.y, data.sq, data.tmp, data.out)
     assert result is data.out
 
 
 def test_gemm(benchmark, data):
-    _setup(benchmark, data, "gemm")
+    _setup(benchmark, data, "gemm", op=None, impl="gemm (OpenBLAS sgemm)")
     run_gemm(benchmark, data.x, data.y, data.out)
 
 
 def test_gemm_xxT(benchmark, data):
-    _setup(benchmark, data, "gemm_xxT")
+    # Not a distance matrix: the Gram product alone, the other BLAS route to it.
+    _setup(benchmark, data, "gemm_xxT", op=None, impl="numpy x @ x.T (ssyrk)")
     xt = data.x.T
     result = benchmark(operator.matmul, data.x, xt)
     assert result.shape == (data.n, data.n)
+
+
+def test_peer_torch_cdist(benchmark, data, peers):
+    """``torch.cdist(x, x)``, euclidean: for more than 25 rows torch takes the Gram route
+    (MKL sgemm, then norms, clamp at 0 and sqrt), like ``numpy_gram``.  It has no ``out=``,
+    so unlike ``tripmine`` it allocates the N x N result in every call.  Forward only:
+    ``pairwise_distances`` has no gradient either."""
+    torch = peers.torch
+    _setup(benchmark, data, "torch_cdist", impl="torch.cdist",
+           torch_threads=torch.get_num_threads(), torch_version=torch.__version__)
+    xt = torch.from_numpy(data.x)
+
+    def cdist(a):
+        with torch.no_grad():
+            return torch.cdist(a, a)
+
+    result = time_peer(benchmark, cdist, xt)
+    # Recorded, not asserted: the Gram route loses precision near the diagonal.
+    err = np.abs(result.numpy().astype(np.float64) - _reference(data.x)).max()
+    benchmark.extra_info["max_abs_err_vs_float64"] = float(err)
+    assert result.shape == (data.n, data.n) and np.isfinite(err)
