@@ -445,6 +445,107 @@ static inline void TM_FN(dense_pair)(const TM_FN(dense_op) *s, int thread, int p
         s->gamma[part][(size_t)thread * (size_t)s->span + (size_t)(j - s->ref_lo)] += c.gamma;
 }
 
+/* sign * the sum of v[0..n), in double, as four interleaved partial sums: a
+ * fixed order (the same bits on every run and thread count) without one long
+ * chain of dependent additions.  Named accumulators, not an array: GCC keeps
+ * an indexed array in memory. */
+static double TM_FN(sum4)(const TM_REAL *v, int64_t n, double sign)
+{
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        s0 += (double)v[j];
+        s1 += (double)v[j + 1];
+        s2 += (double)v[j + 2];
+        s3 += (double)v[j + 3];
+    }
+    for (; j < n; ++j)
+        s0 += (double)v[j];
+    return sign * ((s0 + s1) + (s2 + s3));
+}
+
+/* Batch-all for an anchor with few positives (a P x K batch has K - 1), on
+ * the euclidean metrics, without splitting the row: whole-row passes that
+ * compilers vectorise, with no branch on whether a pair is active (a coin
+ * flip for much of training).  Per reference j: neg[j] (1 for a usable
+ * negative), thr[j] = d_j - margin; per positive r, a pass adds to cnt[j]
+ * and sum[j] the active triplets (a, r, j) and their losses, and counts
+ * r's active negatives; then the coefficient row is cnt[j] / d_j
+ * (euclidean) or 2 cnt[j] (sqeuclidean), written over the distances. */
+static void TM_FN(batch_all_row_few)(TM_FN(dense_op) *s, int thread, int64_t a, TM_REAL *dist,
+                                     const tm_scored *positives, int64_t n_pos)
+{
+    const int64_t m = s->c.lv.m, label = s->c.lv.labels[a];
+    const int64_t *ref_labels = s->c.lv.ref_labels;
+    /* 16 m bytes each: room for two rows of TM_REAL. */
+    TM_REAL *thr = (TM_REAL *)(void *)TM_SCRATCH(&s->c.scratch, negatives, thread);
+    TM_REAL *sum = thr + m;
+    TM_REAL *cnt = (TM_REAL *)(void *)TM_SCRATCH(&s->c.scratch, best, thread);
+    TM_REAL *neg = cnt + m;
+    double *pos_weight = TM_SCRATCH(&s->c.scratch, work, thread);
+    const TM_REAL margin = (TM_REAL)s->margin;
+    int64_t n_neg = 0;
+    for (int64_t j = 0; j < m; ++j) {
+        const TM_REAL v = dist[j];
+        const int usable = ref_labels[j] != label && v == v; /* never a itself */
+        neg[j] = usable ? 1 : 0;
+        thr[j] = v - margin;
+        cnt[j] = 0;
+        sum[j] = 0;
+        n_neg += usable;
+    }
+    for (int64_t r = 0; r < n_pos; ++r) {
+        const TM_REAL p = (TM_REAL)positives[r].value;
+        TM_COUNT hits = 0; /* an integer as wide as TM_REAL: the float loop vectorises */
+        for (int64_t j = 0; j < m; ++j) {
+            const TM_REAL z = p - thr[j];
+            /* a select of constants, then a product: no load under a condition */
+            const TM_REAL on = (z > 0 ? (TM_REAL)1 : (TM_REAL)0) * neg[j];
+            cnt[j] += on;
+            sum[j] += on * z;
+            hits += (TM_COUNT)on;
+        }
+        pos_weight[r] = (double)hits;
+    }
+    int64_t active = 0, weighted = 0;
+    for (int64_t j = 0; j < m; ++j) {
+        active += (int64_t)cnt[j];
+        weighted += cnt[j] > 0;
+    }
+    s->loss[0][a] = TM_FN(sum4)(sum, m, 1.0);
+    s->active[0][a] = active;
+    s->count[0][a] = n_pos * n_neg;
+    if (!s->want_grad)
+        return;
+    TM_REAL *coef = dist;
+    if (s->metric == TM_METRIC_EUCLIDEAN) {
+        for (int64_t j = 0; j < m; ++j) { /* beta = -w / d with w = -cnt; 0 at d = 0 */
+            const TM_REAL d = dist[j], safe = d > 0 ? d : 1; /* no division by 0 or NaN */
+            coef[j] = (TM_REAL)(d > 0) * (cnt[j] / safe);
+        }
+    } else {
+        for (int64_t j = 0; j < m; ++j) /* sqeuclidean: beta = -2w */
+            coef[j] = 2 * cnt[j];
+    }
+    double alpha = TM_FN(sum4)(coef, m, -1.0); /* alpha = gamma = -beta on both metrics */
+    if (s->want_ref_side) {
+        double *gamma_row = s->gamma[0] + (size_t)thread * (size_t)s->span;
+        for (int64_t j = s->ref_lo; j < s->ref_hi; ++j)
+            gamma_row[j - s->ref_lo] -= (double)coef[j];
+    }
+    for (int64_t r = 0; r < n_pos; ++r) {
+        const int64_t j = positives[r].index;
+        coef[j] = 0;
+        if (pos_weight[r] != 0.0) {
+            TM_FN(dense_pair)(s, thread, 0, a, j, pos_weight[r], positives[r].value, coef,
+                              &alpha);
+            ++weighted;
+        }
+    }
+    s->alpha[0][a] = alpha;
+    s->nonzeros[2 * thread] += weighted;
+}
+
 /* Batch-all for one anchor: its positives sorted once; each negative finds,
  * by binary search, how many positives it is active with (d(a,p) > d(a,q) -
  * margin) and their distance sum (suffix sums): loss, active count and the
@@ -458,6 +559,14 @@ static int TM_FN(batch_all_row)(void *op, int thread, int64_t a, int64_t row_in_
     TM_FN(dense_op) *s = op;
     tm_scored *positives, *negatives;
     int64_t n_pos, n_neg;
+    if (!s->soft && s->metric != TM_METRIC_COSINE) {
+        positives = TM_SCRATCH(&s->c.scratch, positives, thread);
+        n_pos = TM_FN(gather_positives)(&s->c.lv, a, dist, positives, TM_LINEAR_POSITIVES + 1);
+        if (n_pos <= TM_LINEAR_POSITIVES) {
+            TM_FN(batch_all_row_few)(s, thread, a, dist, positives, n_pos);
+            return TM_OK;
+        }
+    }
     TM_FN(split_for_thread)(&s->c, thread, a, dist, &positives, &n_pos, &negatives, &n_neg);
     s->loss[0][a] = 0.0;
     s->count[0][a] = n_pos * n_neg;
@@ -472,46 +581,7 @@ static int TM_FN(batch_all_row)(void *op, int thread, int64_t a, int64_t row_in_
         double *pos_weight = TM_SCRATCH(&s->c.scratch, work, thread); /* n_pos */
         double loss = 0.0;
         int64_t active = 0;
-        if (!s->soft && n_pos <= TM_LINEAR_POSITIVES) {
-            /* Few positives (a P x K batch has K - 1): per negative, count and
-             * sum the active ones directly.  Branch-free, since whether a
-             * negative is active is a coin flip for much of training;
-             * starts[n_pos] collects the inactive negatives and is never read. */
-            int64_t *starts = TM_SCRATCH(&s->c.scratch, slots, thread);
-            const int fast_coef = coef != NULL && s->metric == TM_METRIC_EUCLIDEAN;
-            double *gamma_row = fast_coef && s->want_ref_side
-                                    ? s->gamma[0] + (size_t)thread * (size_t)s->span
-                                    : NULL;
-            for (int64_t r = 0; r <= n_pos; ++r)
-                starts[r] = 0;
-            for (int64_t q = 0; q < n_neg; ++q) {
-                const double v = negatives[q].value, threshold = v - s->margin;
-                int64_t c = 0;
-                double sum = 0.0;
-                for (int64_t r = 0; r < n_pos; ++r) {
-                    const double z = positives[r].value - threshold;
-                    c += z > 0.0;
-                    sum += z > 0.0 ? z : 0.0;
-                }
-                loss += sum;
-                active += c;
-                starts[n_pos - c] += 1;
-                if (fast_coef) {
-                    /* euclidean: beta = -w / d = c / d, alpha = -beta (0 at d = 0) */
-                    const int64_t j = negatives[q].index;
-                    const double beta = v > 0.0 ? (double)c / v : 0.0;
-                    coef[j] = (TM_REAL)beta;
-                    alpha -= beta;
-                    weighted += c > 0;
-                    if (gamma_row != NULL && j >= s->ref_lo && j < s->ref_hi)
-                        gamma_row[j - s->ref_lo] -= beta; /* gamma = alpha */
-                } else if (coef != NULL && c > 0) {
-                    TM_FN(dense_pair)(s, thread, 0, a, negatives[q].index, -(double)c, v, coef,
-                                      &alpha);
-                    ++weighted;
-                }
-            }
-        } else if (!s->soft) {
+        if (!s->soft) {
             /* n_pos < m here (the anchor has a negative), so n_pos + 1 items fit. */
             double *suffix = (double *)(void *)TM_SCRATCH(&s->c.scratch, best, thread);
             int64_t *starts = TM_SCRATCH(&s->c.scratch, slots, thread);

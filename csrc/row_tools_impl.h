@@ -94,6 +94,25 @@ static void TM_FN(split_row)(const TM_FN(label_view) *lv, int64_t a, const TM_RE
 }
 
 
+/* Anchor a's positives (index order, NaN distances kept, as split_row), at
+ * most `limit` of them: returns how many were stored, `limit` meaning "at
+ * least that many". */
+static inline int64_t TM_FN(gather_positives)(const TM_FN(label_view) *lv, int64_t a,
+                                              const TM_REAL *dist, tm_scored *positives,
+                                              int64_t limit)
+{
+    const int64_t label = lv->labels[a];
+    int64_t np = 0;
+    for (int64_t j = 0; j < lv->m && np < limit; ++j) {
+        if (lv->ref_labels[j] != label || (lv->self && j == a))
+            continue;
+        positives[np].value = (double)dist[j];
+        positives[np].index = j;
+        ++np;
+    }
+    return np;
+}
+
 /* What every row operation starts with (as its first member, so that one
  * setup serves them all): which pairs are positives, and per-thread scratch. */
 typedef struct {

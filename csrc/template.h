@@ -13,18 +13,21 @@
 #undef TM_SQRT
 #undef TM_LOG
 #undef TM_EXP
+#undef TM_COUNT
 #if TM_BITS == 32
 #define TM_REAL float
 #define TM_FN(name) TM_FN_CAT(name, _f32)
 #define TM_SQRT sqrtf
 #define TM_LOG logf
 #define TM_EXP expf
+#define TM_COUNT int32_t /* an integer as wide as TM_REAL */
 #elif TM_BITS == 64
 #define TM_REAL double
 #define TM_FN(name) TM_FN_CAT(name, _f64)
 #define TM_SQRT sqrt
 #define TM_LOG log
 #define TM_EXP exp
+#define TM_COUNT int64_t
 #else
 #error "define TM_BITS as 32 or 64 before including template.h"
 #endif
