@@ -302,8 +302,9 @@ int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int6
 #ifndef TM_SPARSE_RATIO
 #define TM_SPARSE_RATIO 16
 #endif
-/* Up to this many positives per anchor, batch-all counts each negative's
- * active positives by a linear scan rather than a binary search. */
+/* Up to this many positives per anchor (hinge, euclidean metrics), batch-all
+ * takes one whole-row pass per positive (batch_all_row_few) instead of
+ * sorting the positives and searching them once per negative. */
 #ifndef TM_LINEAR_POSITIVES
 #define TM_LINEAR_POSITIVES 16
 #endif
