@@ -479,34 +479,38 @@ static int TM_FN(weighted_row)(void *op, int thread, int64_t a, int64_t row_in_b
 {
     (void)row_in_block;
     TM_FN(weighted_op) *s = op;
-    tm_scored *positives, *negatives;
-    int64_t n_pos, n_neg;
-    const int status = TM_FN(begin_pair_row)(&s->c, &s->slots, thread, a, dist, &positives,
-                                             &n_pos, &negatives, &n_neg);
+    const int64_t m = s->c.lv.m, label = s->c.lv.labels[a];
+    const int64_t *ref_labels = s->c.lv.ref_labels;
+    /* The positives only: the negatives are read straight from the row. */
+    tm_scored *positives = TM_SCRATCH(&s->c.scratch, positives, thread);
+    tm_scored *negatives = TM_SCRATCH(&s->c.scratch, negatives, thread);
+    const int64_t n_pos = TM_FN(gather_positives)(&s->c.lv, a, dist, positives, m);
+    const int status = TM_FN(open_pair_slots)(&s->slots, a, positives, n_pos);
     if (status != TM_OK)
         return status;
     const int64_t base = s->slots.pos_offsets[a];
     int64_t *out_negative = s->slots.out_negative;
     if (n_pos == 0)
         return TM_OK;
-    /* Log-weights of the eligible negatives, compacted in place.  About half
-     * of the negatives of a typical batch are eligible, at random, so every
-     * loop is branch-free: the compaction always writes and advances by the
-     * eligibility flag.  t and 1 - t^2/4 go to scratch (float32: both in the
-     * m doubles of `work`; float64: `work` and `answer`), then both
-     * logarithms run as whole-array passes. */
+    /* Log-weights of the eligible negatives (another label, distance below
+     * nonzero_loss_cutoff, 1 - t^2/4 > 0; never a itself, never NaN),
+     * compacted from the row.  About half of the negatives of a typical batch
+     * are eligible, at random, so the loop is branch-free: it always writes
+     * and advances by the eligibility flag.  t and 1 - t^2/4 go to scratch
+     * (float32: both in the m doubles of `work`; float64: `work` and
+     * `answer`), then both logarithms run as whole-array passes. */
     TM_REAL *ts = (TM_REAL *)(void *)TM_SCRATCH(&s->c.scratch, work, thread);
-    TM_REAL *inners = TM_BITS == 32 ? ts + n_neg
+    TM_REAL *inners = TM_BITS == 32 ? ts + m
                                     : (TM_REAL *)(void *)TM_SCRATCH(&s->c.scratch, answer, thread);
     int64_t n_valid = 0;
-    for (int64_t q = 0; q < n_neg; ++q) {
-        const double v = negatives[q].value;
+    for (int64_t j = 0; j < m; ++j) {
+        const double v = (double)dist[j];
         const double t = v > s->cutoff ? v : s->cutoff;
         const double inner = 1.0 - 0.25 * t * t;
         ts[n_valid] = (TM_REAL)t;
         inners[n_valid] = (TM_REAL)inner;
-        negatives[n_valid].index = negatives[q].index;
-        n_valid += (v < s->nonzero_loss_cutoff) & (inner > 0.0);
+        negatives[n_valid].index = j;
+        n_valid += (ref_labels[j] != label) & (v < s->nonzero_loss_cutoff) & (inner > 0.0);
     }
 #if TM_BITS == 32
     /* float32 rows need no more than float accuracy to sample. */

@@ -153,6 +153,20 @@ typedef struct {
     int64_t *out_positive, *out_negative;
 } TM_FN(pair_slots);
 
+/* Gives each of anchor a's positives its slot, with no negative chosen yet. */
+static inline int TM_FN(open_pair_slots)(const TM_FN(pair_slots) *slots, int64_t a,
+                                         const tm_scored *positives, int64_t n_pos)
+{
+    const int64_t base = slots->pos_offsets[a];
+    if (slots->pos_offsets[a + 1] - base != n_pos)
+        return TM_ERR_INVALID;
+    for (int64_t k = 0; k < n_pos; ++k) {
+        slots->out_positive[base + k] = positives[k].index;
+        slots->out_negative[base + k] = -1;
+    }
+    return TM_OK;
+}
+
 /* The common start of a per-pair miner's row: split it, and give each
  * positive of anchor a its slot with no negative chosen yet. */
 static inline int TM_FN(begin_pair_row)(TM_FN(row_common) *c, const TM_FN(pair_slots) *slots,
@@ -161,12 +175,5 @@ static inline int TM_FN(begin_pair_row)(TM_FN(row_common) *c, const TM_FN(pair_s
                                         tm_scored **negatives, int64_t *n_neg)
 {
     TM_FN(split_for_thread)(c, thread, a, dist, positives, n_pos, negatives, n_neg);
-    const int64_t base = slots->pos_offsets[a];
-    if (slots->pos_offsets[a + 1] - base != *n_pos)
-        return TM_ERR_INVALID;
-    for (int64_t k = 0; k < *n_pos; ++k) {
-        slots->out_positive[base + k] = (*positives)[k].index;
-        slots->out_negative[base + k] = -1;
-    }
-    return TM_OK;
+    return TM_FN(open_pair_slots)(slots, a, *positives, *n_pos);
 }
