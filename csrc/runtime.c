@@ -34,6 +34,17 @@ const char *tm_version(void)
     return TM_VERSION_STRING;
 }
 
+/* The -fsanitize list this build was compiled with ("" for a release build),
+ * passed by tripmine/_build.py as TM_SANITIZE. */
+const char *tm_sanitizers(void)
+{
+#ifdef TM_SANITIZE
+    return TM_SANITIZE;
+#else
+    return "";
+#endif
+}
+
 const char *tm_compiler(void)
 {
 #if defined(__clang__)

@@ -77,6 +77,8 @@ TM_PUBLIC const char *tm_strerror(int status);
 
 TM_PUBLIC const char *tm_version(void);
 TM_PUBLIC const char *tm_compiler(void);
+/* Sanitizers compiled in (e.g. "address,undefined"), "" for a normal build. */
+TM_PUBLIC const char *tm_sanitizers(void);
 /* The _OPENMP date macro of the build, or 0 when built without OpenMP. */
 TM_PUBLIC int tm_openmp_version(void);
 

@@ -34,6 +34,7 @@ typedef enum {
 const char *tm_strerror(int status);
 const char *tm_version(void);
 const char *tm_compiler(void);
+const char *tm_sanitizers(void);
 int tm_openmp_version(void);
 int tm_set_num_threads(int n);
 int tm_get_num_threads(void);

@@ -11,6 +11,12 @@ import tripmine
 from tripmine import _core
 
 FLOAT_DTYPES = (np.float32, np.float64)
+
+#: A TRIPMINE_SANITIZE build (README, "Reliability"): memory bounds do not apply there.
+SANITIZED = bool(tripmine.build_info()["sanitizers"])
+skip_if_sanitized = pytest.mark.skipif(
+    SANITIZED, reason="memory bounds are measured on a release build: ASan's shadow memory and "
+                      "quarantine inflate RSS and it reserves terabytes of address space")
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 
 

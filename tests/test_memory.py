@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from conftest import skip_if_sanitized
+
 LIMIT_KIB = 64 * 1000  # 64 MB
 
 SCRIPT = """
@@ -51,6 +53,7 @@ LOSSES = {
 }
 
 
+@skip_if_sanitized
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_peak_memory_growth_is_bounded(name):
     """One N = 16384 loss + gradient grows the peak RSS by less than 64 MB."""

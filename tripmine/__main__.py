@@ -19,6 +19,8 @@ def _info() -> int:
     print(f"  ISA in use    {facts['isa']}  (usable: {', '.join(facts['isas_usable'])}; "
           f"compiled: {', '.join(facts['isas_compiled'])})")
     print(f"  threads       {facts['num_threads']}")
+    if facts["sanitizers"]:
+        print(f"  sanitizers    {facts['sanitizers']} (a checking build, not for speed)")
     start = time.perf_counter()
     results = _selfcheck.run()
     elapsed = time.perf_counter() - start

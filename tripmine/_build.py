@@ -62,19 +62,39 @@ def _compile_args() -> list[str]:
             "-fvisibility=hidden"]
 
 
+def _sanitizer_flags() -> tuple[list[str], list[str]]:
+    """TRIPMINE_SANITIZE=address,undefined (any -fsanitize list) builds a checked
+    extension: (compile args, link args).  Run Python with the sanitizer runtime
+    preloaded (README, "Reliability"); never for release builds."""
+    wanted = os.environ.get("TRIPMINE_SANITIZE", "").strip()
+    if not wanted:
+        return [], []
+    names = [n.strip() for n in wanted.split(",") if n.strip()]
+    if not names or not all(n.replace("-", "").isalnum() for n in names):
+        raise ValueError(f"TRIPMINE_SANITIZE={wanted!r}: expected a comma-separated list "
+                         f"such as 'address,undefined'")
+    joined = ",".join(names)
+    compile_args = [f"-fsanitize={joined}", "-fno-omit-frame-pointer", "-g",
+                    f'-DTM_SANITIZE="{joined}"']
+    if "undefined" in names:
+        compile_args.append("-fno-sanitize-recover=undefined")  # UB aborts: tests fail
+    return compile_args, [f"-fsanitize={joined}"]
+
+
 ffibuilder = FFI()
 with open(os.path.join(_CSRC, "tripmine_cdef.h")) as _fh:
     ffibuilder.cdef(_fh.read())
 
 _omp_compile, _omp_link = _openmp_flags()
+_san_compile, _san_link = _sanitizer_flags()
 ffibuilder.set_source(
     "tripmine._native",
     '#include "tripmine.h"\n',
     sources=sorted(_relative(p) for p in glob.glob(os.path.join(_CSRC, "*.c"))),
     include_dirs=[_relative(_CSRC)],
     depends=sorted(_relative(p) for p in glob.glob(os.path.join(_CSRC, "*.h"))),
-    extra_compile_args=_compile_args() + _omp_compile,
-    extra_link_args=_omp_link,
+    extra_compile_args=_compile_args() + _omp_compile + _san_compile,
+    extra_link_args=_omp_link + _san_link,
     libraries=[] if sys.platform == "win32" else ["m"],
 )
 

@@ -123,6 +123,7 @@ def build_facts() -> dict:
         "version": _string(lib.tm_version()),
         "compiler": _string(lib.tm_compiler()),
         "openmp": int(lib.tm_openmp_version()),
+        "sanitizers": _string(lib.tm_sanitizers()),
     }
 
 

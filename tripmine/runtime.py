@@ -26,7 +26,8 @@ def get_num_threads() -> int:
 
 
 def build_info() -> dict[str, Any]:
-    """Facts about this build: version, compiler, OpenMP, instruction sets, threads."""
+    """Facts about this build: version, compiler, OpenMP, sanitizers (``""`` unless built
+    with ``TRIPMINE_SANITIZE``), instruction sets, threads."""
     facts = _core.build_facts()
     facts.update(
         isa=_core.get_isa(),
