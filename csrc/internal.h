@@ -35,6 +35,10 @@ int tm_bytes(int64_t a, int64_t b, size_t elem_size, size_t *out);
 
 /* Number of threads to use for `work` independent items (at least 1). */
 int tm_threads_for(int64_t work);
+/* Pin this thread's view of the thread count (see runtime.c); returns the
+ * previous pin, for tm_unpin_threads. */
+int tm_pin_threads(void);
+void tm_unpin_threads(int previous);
 
 /* A value with the reference index it belongs to, ordered by (value, index)
  * with NaN after everything, so ties resolve to the lowest index. */

@@ -335,6 +335,7 @@ typedef struct {
     TM_REAL *ref_acc[2];     /* threads x span x d, for reference rows [ref_lo, ref_hi) */
     int64_t ref_lo, ref_hi, span; /* span: fixed before the first pass */
     int max_threads;
+    int pinned, previous_pin; /* the thread count is pinned from dense_plan to release */
     int first_pass;          /* the pass that also does losses and the anchor side */
     TM_REAL *x_panels, *r_panels;
     int64_t *nonzeros;       /* threads x 2: coefficients set in the current block */
@@ -819,6 +820,8 @@ static int TM_FN(dense_init)(TM_FN(dense_op) *s, const TM_REAL *x, int64_t n, co
 
 static void TM_FN(dense_release)(TM_FN(dense_op) *s)
 {
+    if (s->pinned)
+        tm_unpin_threads(s->previous_pin);
     tm_free(s->loss[0]);
     tm_free((void *)s->x_norms);
     TM_FN(dense_free)(s);
@@ -910,6 +913,10 @@ static int TM_FN(check_loss_args)(const TM_REAL *x, int64_t n, const TM_REAL *re
 /* Fixes the span of reference rows per pass; call after the options are set. */
 static void TM_FN(dense_plan)(TM_FN(dense_op) *s)
 {
+    /* Every pass must see the same thread count (the same blocks and per-thread
+     * buffers), even if another thread calls tm_set_num_threads meanwhile. */
+    s->previous_pin = tm_pin_threads();
+    s->pinned = 1;
     s->max_threads = tm_get_num_threads();
     s->span = s->want_ref_side ? TM_FN(ref_span)(s->c.lv.m, s->d, s->max_threads, s->parts) : 0;
 }
