@@ -32,87 +32,62 @@
 #define AVX512_NR_F64 16
 
 /* One kernel body for both precisions: VEC is the register type, LANES the
- * lanes per register, SUF the intrinsic suffix (ps/pd), BCAST the broadcast.
- * The 24 accumulators are named variables (see kernels_avx2.c on why not an
- * array). */
-#define AVX512_ROW(i, c0, c1)                                                \
+ * lanes per register, SUF the intrinsic suffix (ps or pd).  The 24
+ * accumulators are named variables (see kernels_avx2.c on why not an array). */
+#define AVX512_ROW(VEC, SUF, i, c0, c1)                                      \
     do {                                                                     \
-        const VEC ai = BCAST(ap[i]);                                         \
-        c0 = FMADD(ai, b0, c0);                                              \
-        c1 = FMADD(ai, b1, c1);                                              \
+        const VEC ai = _mm512_set1_##SUF(ap[i]);                             \
+        c0 = _mm512_fmadd_##SUF(ai, b0, c0);                                 \
+        c1 = _mm512_fmadd_##SUF(ai, b1, c1);                                 \
     } while (0)
 
-#define AVX512_KERNEL(NAME, T)                                               \
+#define AVX512_STORE2(SUF, LANES, i, c0, c1)                                 \
+    do {                                                                     \
+        _mm512_storeu_##SUF(c + (i) * ldc, c0);                              \
+        _mm512_storeu_##SUF(c + (i) * ldc + (LANES), c1);                    \
+    } while (0)
+
+#define AVX512_KERNEL(NAME, T, VEC, LANES, SUF)                              \
     static void NAME(int64_t k, const T *a, const T *b, T *c, int64_t ldc)   \
     {                                                                        \
-        VEC c00 = ZERO(), c01 = ZERO(), c10 = ZERO(), c11 = ZERO();          \
-        VEC c20 = ZERO(), c21 = ZERO(), c30 = ZERO(), c31 = ZERO();          \
-        VEC c40 = ZERO(), c41 = ZERO(), c50 = ZERO(), c51 = ZERO();          \
-        VEC c60 = ZERO(), c61 = ZERO(), c70 = ZERO(), c71 = ZERO();          \
-        VEC c80 = ZERO(), c81 = ZERO(), c90 = ZERO(), c91 = ZERO();          \
-        VEC ca0 = ZERO(), ca1 = ZERO(), cb0 = ZERO(), cb1 = ZERO();          \
+        VEC c00 = _mm512_setzero_##SUF(), c01 = c00, c10 = c00, c11 = c00;   \
+        VEC c20 = c00, c21 = c00, c30 = c00, c31 = c00, c40 = c00;           \
+        VEC c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00;           \
+        VEC c70 = c00, c71 = c00, c80 = c00, c81 = c00, c90 = c00;           \
+        VEC c91 = c00, ca0 = c00, ca1 = c00, cb0 = c00, cb1 = c00;           \
         for (int64_t p = 0; p < k; ++p) {                                    \
-            const VEC b0 = LOAD(b + p * 2 * LANES);                          \
-            const VEC b1 = LOAD(b + p * 2 * LANES + LANES);                  \
+            const VEC b0 = _mm512_loadu_##SUF(b + p * 2 * (LANES));          \
+            const VEC b1 = _mm512_loadu_##SUF(b + p * 2 * (LANES) + (LANES)); \
             const T *ap = a + p * AVX512_MR;                                 \
-            AVX512_ROW(0, c00, c01);                                         \
-            AVX512_ROW(1, c10, c11);                                         \
-            AVX512_ROW(2, c20, c21);                                         \
-            AVX512_ROW(3, c30, c31);                                         \
-            AVX512_ROW(4, c40, c41);                                         \
-            AVX512_ROW(5, c50, c51);                                         \
-            AVX512_ROW(6, c60, c61);                                         \
-            AVX512_ROW(7, c70, c71);                                         \
-            AVX512_ROW(8, c80, c81);                                         \
-            AVX512_ROW(9, c90, c91);                                         \
-            AVX512_ROW(10, ca0, ca1);                                        \
-            AVX512_ROW(11, cb0, cb1);                                        \
+            AVX512_ROW(VEC, SUF, 0, c00, c01);                               \
+            AVX512_ROW(VEC, SUF, 1, c10, c11);                               \
+            AVX512_ROW(VEC, SUF, 2, c20, c21);                               \
+            AVX512_ROW(VEC, SUF, 3, c30, c31);                               \
+            AVX512_ROW(VEC, SUF, 4, c40, c41);                               \
+            AVX512_ROW(VEC, SUF, 5, c50, c51);                               \
+            AVX512_ROW(VEC, SUF, 6, c60, c61);                               \
+            AVX512_ROW(VEC, SUF, 7, c70, c71);                               \
+            AVX512_ROW(VEC, SUF, 8, c80, c81);                               \
+            AVX512_ROW(VEC, SUF, 9, c90, c91);                               \
+            AVX512_ROW(VEC, SUF, 10, ca0, ca1);                              \
+            AVX512_ROW(VEC, SUF, 11, cb0, cb1);                              \
         }                                                                    \
-        STORE(c + 0 * ldc, c00);  STORE(c + 0 * ldc + LANES, c01);           \
-        STORE(c + 1 * ldc, c10);  STORE(c + 1 * ldc + LANES, c11);           \
-        STORE(c + 2 * ldc, c20);  STORE(c + 2 * ldc + LANES, c21);           \
-        STORE(c + 3 * ldc, c30);  STORE(c + 3 * ldc + LANES, c31);           \
-        STORE(c + 4 * ldc, c40);  STORE(c + 4 * ldc + LANES, c41);           \
-        STORE(c + 5 * ldc, c50);  STORE(c + 5 * ldc + LANES, c51);           \
-        STORE(c + 6 * ldc, c60);  STORE(c + 6 * ldc + LANES, c61);           \
-        STORE(c + 7 * ldc, c70);  STORE(c + 7 * ldc + LANES, c71);           \
-        STORE(c + 8 * ldc, c80);  STORE(c + 8 * ldc + LANES, c81);           \
-        STORE(c + 9 * ldc, c90);  STORE(c + 9 * ldc + LANES, c91);           \
-        STORE(c + 10 * ldc, ca0); STORE(c + 10 * ldc + LANES, ca1);          \
-        STORE(c + 11 * ldc, cb0); STORE(c + 11 * ldc + LANES, cb1);          \
+        AVX512_STORE2(SUF, LANES, 0, c00, c01);                              \
+        AVX512_STORE2(SUF, LANES, 1, c10, c11);                              \
+        AVX512_STORE2(SUF, LANES, 2, c20, c21);                              \
+        AVX512_STORE2(SUF, LANES, 3, c30, c31);                              \
+        AVX512_STORE2(SUF, LANES, 4, c40, c41);                              \
+        AVX512_STORE2(SUF, LANES, 5, c50, c51);                              \
+        AVX512_STORE2(SUF, LANES, 6, c60, c61);                              \
+        AVX512_STORE2(SUF, LANES, 7, c70, c71);                              \
+        AVX512_STORE2(SUF, LANES, 8, c80, c81);                              \
+        AVX512_STORE2(SUF, LANES, 9, c90, c91);                              \
+        AVX512_STORE2(SUF, LANES, 10, ca0, ca1);                             \
+        AVX512_STORE2(SUF, LANES, 11, cb0, cb1);                             \
     }
 
-#define VEC __m512
-#define LANES 16
-#define ZERO _mm512_setzero_ps
-#define BCAST _mm512_set1_ps
-#define FMADD _mm512_fmadd_ps
-#define LOAD _mm512_loadu_ps
-#define STORE _mm512_storeu_ps
-AVX512_KERNEL(dot_avx512_f32, float)
-#undef VEC
-#undef LANES
-#undef ZERO
-#undef BCAST
-#undef FMADD
-#undef LOAD
-#undef STORE
-
-#define VEC __m512d
-#define LANES 8
-#define ZERO _mm512_setzero_pd
-#define BCAST _mm512_set1_pd
-#define FMADD _mm512_fmadd_pd
-#define LOAD _mm512_loadu_pd
-#define STORE _mm512_storeu_pd
-AVX512_KERNEL(dot_avx512_f64, double)
-#undef VEC
-#undef LANES
-#undef ZERO
-#undef BCAST
-#undef FMADD
-#undef LOAD
-#undef STORE
+AVX512_KERNEL(dot_avx512_f32, float, __m512, 16, ps)
+AVX512_KERNEL(dot_avx512_f64, double, __m512d, 8, pd)
 
 #ifndef TM_AVX512_EMULATE
 #pragma GCC pop_options
