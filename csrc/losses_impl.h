@@ -561,7 +561,10 @@ static int TM_FN(batch_all_row)(void *op, int thread, int64_t a, int64_t row_in_
     TM_FN(dense_op) *s = op;
     tm_scored *positives, *negatives;
     int64_t n_pos, n_neg;
-    if (!s->soft && s->metric != TM_METRIC_COSINE) {
+    /* The row passes run in the working precision: a margin far beyond it (float32
+     * max is 3.4e38) takes the double-precision path below instead. */
+    if (!s->soft && s->metric != TM_METRIC_COSINE &&
+        fabs(s->margin) <= (TM_BITS == 32 ? 1e30 : 1e300)) {
         positives = TM_SCRATCH(&s->c.scratch, positives, thread);
         n_pos = TM_FN(gather_positives)(&s->c.lv, a, dist, positives, TM_LINEAR_POSITIVES + 1);
         if (n_pos <= TM_LINEAR_POSITIVES) {

@@ -68,9 +68,11 @@ def _normalize_backward(grad: np.ndarray, unit: np.ndarray, norms: np.ndarray,
             u = unit[start:start + block]
             radial = np.einsum("ij,ij->i", u, g, dtype=np.float64)
             n = norms[start:start + block]
-            inverse = np.where(n > 0, 1.0 / np.where(n > 0, n, 1.0), 0.0)
             g -= u * radial[:, None].astype(g.dtype)
-            g *= inverse[:, None].astype(g.dtype)
+            # Divide by |x| (kept in float64) rather than multiply by 1/|x|: for a
+            # float32 row below 2.9e-39 the reciprocal overflows float32 (0 * inf = NaN).
+            safe = np.where(n > 0, n, 1.0)[:, None]
+            g[:] = np.where(n[:, None] > 0, g / safe, 0.0)
     return grad
 
 

@@ -43,7 +43,8 @@ def _as_array(value: Any, name: str) -> np.ndarray:
 
 def compute_dtype(*arrays: np.ndarray | None) -> np.dtype:
     """float64 if any input is float64, else float32 (float16 computes in float32)."""
-    if any(a is not None and a.dtype == np.float64 for a in arrays):
+    # itemsize, not dtype equality: a byte-swapped '>f8' is float64 too.
+    if any(a is not None and a.dtype.itemsize == 8 for a in arrays):
         return np.dtype(np.float64)
     return np.dtype(np.float32)
 
@@ -108,6 +109,11 @@ def labels(labels: Any, ref_labels: Any = None, *, n: int | None = None, m: int 
     lab = _label_vector(labels, "labels", n, x_name)
     ref_lab = None if ref_labels is None else _label_vector(ref_labels, "ref_labels", m, ref_name)
     arrays = [lab] if ref_lab is None else [lab, ref_lab]
+    if any(a.dtype.kind == "u" and a.dtype.itemsize == 8 and a.size and a.max() >= 2**63
+           for a in arrays):
+        # uint64 codes past int64's range: compare them as Python ints, never wrapped.
+        arrays = [a.astype(object) for a in arrays]
+        lab, ref_lab = arrays[0], (arrays[1] if ref_lab is not None else None)
     if all(a.dtype.kind in "biu" for a in arrays):
         codes = [np.ascontiguousarray(a, dtype=np.int64) for a in arrays]
     else:

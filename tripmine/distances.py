@@ -39,7 +39,10 @@ def pairwise_distances(x: Any, ref: Any = None, *, metric: str = "euclidean",
     metric_id = check.metric_code(metric)
     x_arr, ref_arr = check.embeddings(x, ref, check_finite=check_finite)
     m = x_arr.shape[0] if ref_arr is None else ref_arr.shape[0]
-    result = check.output(out, (x_arr.shape[0], m), x_arr.dtype, (x_arr, ref_arr))
+    # The caller's arrays too: a strided or converted x is copied, but out must not
+    # overwrite the original either.
+    originals = tuple(a for a in (x, ref) if isinstance(a, np.ndarray))
+    result = check.output(out, (x_arr.shape[0], m), x_arr.dtype, (x_arr, ref_arr, *originals))
     if result.size:
         _core.pairwise_distances(x_arr, ref_arr, metric_id, result)
     return result

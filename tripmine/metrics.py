@@ -77,6 +77,7 @@ def _relevance_blocks(x: Any, labels: Any, ref: Any, ref_labels: Any, metric: st
     if (ref is None) != (ref_labels is None):
         raise ValueError("ref and ref_labels go together: give both (gallery mode) or "
                          "neither (self mode)")
+    check.metric_code(metric)  # even when the batch is too small to search
     x_arr, ref_arr = check.embeddings(x, ref, check_finite=check_finite)
     self_mode = ref_arr is None
     n = x_arr.shape[0]
@@ -132,7 +133,7 @@ def recall_at_k(x: Any, labels: Any, k: int | Sequence[int] = (1, 5), *, ref: An
         ks = list(k)
     if not ks:
         raise ValueError("k must be a positive int or a non-empty sequence of them")
-    ks = [check.positive_int(v, "k") for v in ks]
+    ks = list(dict.fromkeys(check.positive_int(v, "k") for v in ks))  # each k once
     hits = dict.fromkeys(ks, 0)
     scored = 0
     for relevant, r in _relevance_blocks(x, labels, ref, ref_labels, metric, max(ks),
