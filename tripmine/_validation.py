@@ -41,6 +41,12 @@ def _as_array(value: Any, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be array-like, got {_describe(value)}: {exc}") from None
 
 
+def c_array(arr: np.ndarray, dtype: Any) -> np.ndarray:
+    """``arr`` as the C core reads it: C-contiguous, aligned, native byte order
+    (a copy only when needed; a misaligned view would be undefined behaviour in C)."""
+    return np.require(arr, dtype=np.dtype(dtype).newbyteorder("="), requirements=["C", "A"])
+
+
 def compute_dtype(*arrays: np.ndarray | None) -> np.dtype:
     """float64 if any input is float64, else float32 (float16 computes in float32)."""
     # itemsize, not dtype equality: a byte-swapped '>f8' is float64 too.
@@ -76,9 +82,9 @@ def embeddings(x: Any, ref: Any = None, *, check_finite: bool = True,
         raise ValueError(f"{ref_name} has {ref_arr.shape[1]} features per row but {x_name} has "
                          f"{x_arr.shape[1]}: they must match")
     dtype = compute_dtype(x_arr, ref_arr)
-    x_arr = np.ascontiguousarray(x_arr, dtype=dtype)
+    x_arr = c_array(x_arr, dtype)
     if ref_arr is not None:
-        ref_arr = np.ascontiguousarray(ref_arr, dtype=dtype)
+        ref_arr = c_array(ref_arr, dtype)
     return x_arr, ref_arr
 
 
@@ -115,7 +121,7 @@ def labels(labels: Any, ref_labels: Any = None, *, n: int | None = None, m: int 
         arrays = [a.astype(object) for a in arrays]
         lab, ref_lab = arrays[0], (arrays[1] if ref_lab is not None else None)
     if all(a.dtype.kind in "biu" for a in arrays):
-        codes = [np.ascontiguousarray(a, dtype=np.int64) for a in arrays]
+        codes = [c_array(a, np.int64) for a in arrays]
     else:
         if ref_lab is not None and _kind_family(lab) != _kind_family(ref_lab):
             raise TypeError(f"labels ({lab.dtype}) and ref_labels ({ref_lab.dtype}) must be "
@@ -126,7 +132,7 @@ def labels(labels: Any, ref_labels: Any = None, *, n: int | None = None, m: int 
         except TypeError as exc:
             raise TypeError(f"labels must be sortable by numpy.unique (all ints, all strings, "
                             f"...): {exc}") from None
-        inverse = np.ascontiguousarray(inverse.reshape(-1), dtype=np.int64)
+        inverse = c_array(inverse.reshape(-1), np.int64)
         codes = [inverse[: lab.shape[0]], inverse[lab.shape[0]:]]
     return codes[0], (codes[1] if ref_lab is not None else None)
 
@@ -159,6 +165,8 @@ def output(out: Any, shape: tuple[int, ...], dtype: np.dtype,
         raise ValueError(f"out must have dtype {dtype} (the result dtype), got {out.dtype}")
     if not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous")
+    if not out.flags.aligned:
+        raise ValueError("out must be aligned to its dtype (a misaligned view of a buffer)")
     if not out.flags.writeable:
         raise ValueError("out is read-only")
     if any(a is not None and np.may_share_memory(out, a) for a in inputs):

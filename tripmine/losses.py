@@ -81,7 +81,7 @@ def _given_triplets(triplets: Any, n: int, m: int) -> Triplets:
             raise ValueError(f"mining.{name} must be 1-D, got shape {arr.shape}")
         if arr.size and arr.dtype.kind not in "iu":
             raise ValueError(f"mining.{name} must hold integer indices, got dtype {arr.dtype}")
-        arr = np.ascontiguousarray(arr, dtype=np.int64)
+        arr = check.c_array(arr, np.int64)
         if arr.size and (arr.min() < 0 or arr.max() >= limit):
             raise ValueError(f"mining.{name} has indices outside [0, {limit}) (the rows of "
                              f"{rows})")
