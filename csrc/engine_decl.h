@@ -123,6 +123,15 @@ static inline TM_FN(tm_dot_kernel) TM_FN(kernel_dot)(const tm_kernel_set *k)
 #endif
 }
 
+static inline tm_batch_all_row_kernel TM_FN(kernel_batch_all_row)(const tm_kernel_set *k)
+{
+#if TM_BITS == 32
+    return k->batch_all_row_f32;
+#else
+    return k->batch_all_row_f64;
+#endif
+}
+
 static inline int64_t TM_FN(round_up)(int64_t value, int64_t multiple)
 {
     return (value + multiple - 1) / multiple * multiple;

@@ -104,6 +104,45 @@ typedef void (*tm_dot_kernel_f32)(int64_t k, const float *a, const float *b, flo
 typedef void (*tm_dot_kernel_f64)(int64_t k, const double *a, const double *b, double *c,
                                   int64_t ldc);
 
+/* Batch-all's few-positives row pass (row_kernel_impl.h).  In: the anchor's
+ * distance row dist (m elements of the working precision), the references'
+ * labels, the anchor's label, the margin, its n_pos <= TM_LINEAR_POSITIVES
+ * positives' distances, the metric (squared: sqeuclidean, else euclidean);
+ * coef (m elements, may be dist itself) receives the gradient coefficients
+ * cnt / d (2 cnt) of the negatives, or NULL for no gradient; gamma, when not
+ * NULL, has -coef[j] added at gamma[j - gamma_lo] for j in [gamma_lo,
+ * gamma_hi).  Out: the row's loss, active triplets and hits per positive (its
+ * active negatives), usable negatives, nonzero coefficients and their sum.
+ * Two-sided rows (self mode): with pos_t, column j's own positives' distances
+ * pos_t[r * pos_stride + j] for r < n_pos_t (-inf past j's last) also count,
+ * so that coef[j] = (cnt_a[j] + cnt_j[a]) / d: the coefficient of the pair
+ * from both of its anchors' rows. */
+#ifndef TM_LINEAR_POSITIVES
+#define TM_LINEAR_POSITIVES 16
+#endif
+typedef struct {
+    const void *dist;
+    const int64_t *ref_labels;
+    int64_t m, label, n_pos;
+    const double *positive_values;
+    double margin;
+    int squared;
+    void *coef;
+    double *gamma;
+    int64_t gamma_lo, gamma_hi;
+    const void *pos_t;
+    int64_t pos_stride, n_pos_t;
+} tm_batch_all_row_args;
+
+typedef struct {
+    double loss, coef_sum;
+    int64_t active, n_neg, nonzero;
+    int64_t hits[TM_LINEAR_POSITIVES];
+} tm_batch_all_row_result;
+
+typedef void (*tm_batch_all_row_kernel)(const tm_batch_all_row_args *args,
+                                        tm_batch_all_row_result *res);
+
 /* One instruction set's micro-kernels, for both precisions. */
 typedef struct {
     const char *name;
@@ -112,6 +151,7 @@ typedef struct {
     tm_dot_kernel_f32 dot_f32;
     int mr_f64, nr_f64;
     tm_dot_kernel_f64 dot_f64;
+    tm_batch_all_row_kernel batch_all_row_f32, batch_all_row_f64;
 } tm_kernel_set;
 
 /* Elements of scratch tm_gemm_acc needs. */

@@ -104,6 +104,16 @@ static void dot_avx2_f64(int64_t k, const double *a, const double *b, double *c,
     _mm256_storeu_pd(c + 5 * ldc + 4, c51);
 }
 
+/* The row kernels, vectorised for this instruction set. */
+#define TM_BITS 32
+#include "template.h"
+#include "row_kernel_impl.h"
+#undef TM_BITS
+#define TM_BITS 64
+#include "template.h"
+#include "row_kernel_impl.h"
+#undef TM_BITS
+
 #pragma GCC pop_options
 
 static int avx2_usable(void)
@@ -116,6 +126,7 @@ const tm_kernel_set tm_kernels_avx2 = {
     "avx2",  avx2_usable,
     AVX2_MR, AVX2_NR_F32, dot_avx2_f32,
     AVX2_MR, AVX2_NR_F64, dot_avx2_f64,
+    batch_all_row_kernel_f32, batch_all_row_kernel_f64,
 };
 
 #else

@@ -89,6 +89,16 @@
 AVX512_KERNEL(dot_avx512_f32, float, __m512, 16, ps)
 AVX512_KERNEL(dot_avx512_f64, double, __m512d, 8, pd)
 
+/* The row kernels, vectorised for this instruction set. */
+#define TM_BITS 32
+#include "template.h"
+#include "row_kernel_impl.h"
+#undef TM_BITS
+#define TM_BITS 64
+#include "template.h"
+#include "row_kernel_impl.h"
+#undef TM_BITS
+
 #ifndef TM_AVX512_EMULATE
 #pragma GCC pop_options
 #endif
@@ -109,6 +119,7 @@ const tm_kernel_set tm_kernels_avx512 = {
     "avx512",  avx512_usable,
     AVX512_MR, AVX512_NR_F32, dot_avx512_f32,
     AVX512_MR, AVX512_NR_F64, dot_avx512_f64,
+    batch_all_row_kernel_f32, batch_all_row_kernel_f64,
 };
 
 #else

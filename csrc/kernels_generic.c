@@ -4,12 +4,14 @@
 #define TM_BITS 32
 #include "template.h"
 #include "kernel_generic_impl.h"
+#include "row_kernel_impl.h"
 #undef TM_BITS
 #undef TM_GENERIC_MR
 #undef TM_GENERIC_NR
 #define TM_BITS 64
 #include "template.h"
 #include "kernel_generic_impl.h"
+#include "row_kernel_impl.h"
 #undef TM_BITS
 
 static int generic_usable(void)
@@ -21,4 +23,5 @@ const tm_kernel_set tm_kernels_generic = {
     "generic",         generic_usable,
     TM_GENERIC_MR,     TM_GENERIC_NR, dot_generic_f32,
     TM_GENERIC_MR,     TM_GENERIC_NR, dot_generic_f64,
+    batch_all_row_kernel_f32, batch_all_row_kernel_f64,
 };

@@ -305,9 +305,6 @@ int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int6
 /* Up to this many positives per anchor (hinge, euclidean metrics), batch-all
  * takes one whole-row pass per positive (batch_all_row_few) instead of
  * sorting the positives and searching them once per negative. */
-#ifndef TM_LINEAR_POSITIVES
-#define TM_LINEAR_POSITIVES 16
-#endif
 /* Budget of all per-thread reference-gradient accumulators together. */
 #ifndef TM_REF_ACC_BYTES
 #define TM_REF_ACC_BYTES (32 * 1024 * 1024)
@@ -342,6 +339,12 @@ typedef struct {
     TM_REAL *gemm_scratch;
     int64_t scratch_elems;
     int nthreads;
+    /* batch-all's two-sided rows (two_sided_setup) */
+    int two_sided;
+    int64_t max_pos;   /* positives per anchor, at most */
+    TM_REAL *pos_t;    /* max_pos x n: distance to anchor j's r-th positive, -inf past the last */
+    int64_t *pos_idx;  /* max_pos x n: that positive's index, -1 past the last */
+    int64_t *pos_hits; /* n x max_pos: active negatives of anchor j's r-th positive */
 } TM_FN(dense_op);
 
 /* Rows of the reference side one pass covers: all of them unless the
@@ -430,6 +433,9 @@ static void TM_FN(dense_free)(TM_FN(dense_op) *s)
         tm_free(s->gamma[part]);
         tm_free(s->ref_acc[part]);
     }
+    tm_free(s->pos_t);
+    tm_free(s->pos_idx);
+    tm_free(s->pos_hits);
 }
 
 /* Records pair (a, j) with gradient weight w: beta into the coefficient row,
@@ -447,105 +453,191 @@ static inline void TM_FN(dense_pair)(const TM_FN(dense_op) *s, int thread, int p
         s->gamma[part][(size_t)thread * (size_t)s->span + (size_t)(j - s->ref_lo)] += c.gamma;
 }
 
-/* sign * the sum of v[0..n), in double, as four interleaved partial sums: a
- * fixed order (the same bits on every run and thread count) without one long
- * chain of dependent additions.  Named accumulators, not an array: GCC keeps
- * an indexed array in memory. */
-static double TM_FN(sum4)(const TM_REAL *v, int64_t n, double sign)
-{
-    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        s0 += (double)v[j];
-        s1 += (double)v[j + 1];
-        s2 += (double)v[j + 2];
-        s3 += (double)v[j + 3];
-    }
-    for (; j < n; ++j)
-        s0 += (double)v[j];
-    return sign * ((s0 + s1) + (s2 + s3));
-}
-
 /* Batch-all for an anchor with few positives (a P x K batch has K - 1), on
- * the euclidean metrics, without splitting the row: whole-row passes that
- * compilers vectorise, with no branch on whether a pair is active (a coin
- * flip for much of training).  Per reference j: neg[j] (1 for a usable
- * negative), thr[j] = d_j - margin; per positive r, a pass adds to cnt[j]
- * and sum[j] the active triplets (a, r, j) and their losses, and counts
- * r's active negatives; then the coefficient row is cnt[j] / d_j
- * (euclidean) or 2 cnt[j] (sqeuclidean), written over the distances. */
+ * the euclidean metrics, without splitting the row: one pass of the
+ * kernel set's row kernel (row_kernel_impl.h), vectorised for the machine,
+ * with no branch on whether a pair is active (a coin flip for much of
+ * training).  The coefficient row is written over the distances; the
+ * positives' coefficients are then set from their hit counts. */
 static void TM_FN(batch_all_row_few)(TM_FN(dense_op) *s, int thread, int64_t a, TM_REAL *dist,
                                      const tm_scored *positives, int64_t n_pos)
 {
-    const int64_t m = s->c.lv.m, label = s->c.lv.labels[a];
-    const int64_t *ref_labels = s->c.lv.ref_labels;
-    /* 16 m bytes each: room for two rows of TM_REAL. */
-    TM_REAL *thr = (TM_REAL *)(void *)TM_SCRATCH(&s->c.scratch, negatives, thread);
-    TM_REAL *sum = thr + m;
-    TM_REAL *cnt = (TM_REAL *)(void *)TM_SCRATCH(&s->c.scratch, best, thread);
-    TM_REAL *neg = cnt + m;
-    double *pos_weight = TM_SCRATCH(&s->c.scratch, work, thread);
-    const TM_REAL margin = (TM_REAL)s->margin;
-    int64_t n_neg = 0;
-    for (int64_t j = 0; j < m; ++j) {
-        const TM_REAL v = dist[j];
-        const int usable = ref_labels[j] != label && v == v; /* never a itself */
-        neg[j] = usable ? 1 : 0;
-        thr[j] = v - margin;
-        cnt[j] = 0;
-        sum[j] = 0;
-        n_neg += usable;
-    }
-    for (int64_t r = 0; r < n_pos; ++r) {
-        const TM_REAL p = (TM_REAL)positives[r].value;
-        TM_COUNT hits = 0; /* an integer as wide as TM_REAL: the float loop vectorises */
-        for (int64_t j = 0; j < m; ++j) {
-            const TM_REAL z = p - thr[j];
-            /* a select of constants, then a product: no load under a condition */
-            const TM_REAL on = (z > 0 ? (TM_REAL)1 : (TM_REAL)0) * neg[j];
-            cnt[j] += on;
-            sum[j] += on * z;
-            hits += (TM_COUNT)on;
-        }
-        pos_weight[r] = (double)hits;
-    }
-    int64_t active = 0, weighted = 0;
-    for (int64_t j = 0; j < m; ++j) {
-        active += (int64_t)cnt[j];
-        weighted += cnt[j] > 0;
-    }
-    s->loss[0][a] = TM_FN(sum4)(sum, m, 1.0);
-    s->active[0][a] = active;
-    s->count[0][a] = n_pos * n_neg;
+    double values[TM_LINEAR_POSITIVES];
+    for (int64_t r = 0; r < n_pos; ++r)
+        values[r] = positives[r].value;
+    const int ref_side = s->want_grad && s->want_ref_side;
+    const tm_batch_all_row_args args = {
+        dist, s->c.lv.ref_labels, s->c.lv.m, s->c.lv.labels[a], n_pos, values, s->margin,
+        s->metric == TM_METRIC_SQEUCLIDEAN, s->want_grad ? (void *)dist : NULL,
+        ref_side ? s->gamma[0] + (size_t)thread * (size_t)s->span : NULL, s->ref_lo,
+        s->ref_hi, NULL, 0, 0};
+    tm_batch_all_row_result res;
+    TM_FN(kernel_batch_all_row)(s->kernels)(&args, &res);
+    s->loss[0][a] = res.loss;
+    s->active[0][a] = res.active;
+    s->count[0][a] = n_pos * res.n_neg;
     if (!s->want_grad)
         return;
     TM_REAL *coef = dist;
-    if (s->metric == TM_METRIC_EUCLIDEAN) {
-        for (int64_t j = 0; j < m; ++j) { /* beta = -w / d with w = -cnt; 0 at d = 0 */
-            const TM_REAL d = dist[j], safe = d > 0 ? d : 1; /* no division by 0 or NaN */
-            coef[j] = (TM_REAL)(d > 0) * (cnt[j] / safe);
-        }
-    } else {
-        for (int64_t j = 0; j < m; ++j) /* sqeuclidean: beta = -2w */
-            coef[j] = 2 * cnt[j];
-    }
-    double alpha = TM_FN(sum4)(coef, m, -1.0); /* alpha = gamma = -beta on both metrics */
-    if (s->want_ref_side) {
-        double *gamma_row = s->gamma[0] + (size_t)thread * (size_t)s->span;
-        for (int64_t j = s->ref_lo; j < s->ref_hi; ++j)
-            gamma_row[j - s->ref_lo] -= (double)coef[j];
-    }
+    double alpha = -res.coef_sum; /* alpha = gamma = -beta on both metrics */
+    int64_t weighted = res.nonzero;
     for (int64_t r = 0; r < n_pos; ++r) {
         const int64_t j = positives[r].index;
         coef[j] = 0;
-        if (pos_weight[r] != 0.0) {
-            TM_FN(dense_pair)(s, thread, 0, a, j, pos_weight[r], positives[r].value, coef,
+        if (res.hits[r] != 0) {
+            TM_FN(dense_pair)(s, thread, 0, a, j, (double)res.hits[r], positives[r].value, coef,
                               &alpha);
             ++weighted;
         }
     }
     s->alpha[0][a] = alpha;
     s->nonzeros[2 * thread] += weighted;
+}
+
+/* Batch-all's two-sided rows.  In self mode, the pair (a, j) with j a
+ * negative of a gets a gradient coefficient from a's row (a's positives that
+ * are active with j) and from j's row (j's positives active with a).  The
+ * second needs only d(j, a), which row a holds, and j's few positive
+ * distances: computed here once, for every anchor, when no class has more
+ * than TM_LINEAR_POSITIVES + 1 members.  Each row then writes its pairs'
+ * whole coefficients, the gradient is one product of that symmetric
+ * coefficient matrix with x (no reference side: no second product, no
+ * per-thread accumulators), and the positive pairs' other side, few, is
+ * added after the walk (two_sided_positives).  The rows use these positive
+ * distances for their loss too, so loss and gradient agree at every hinge. */
+static int TM_FN(label_index_order)(const void *pa, const void *pb)
+{
+    const int64_t *a = pa, *b = pb;
+    if (a[0] != b[0])
+        return a[0] < b[0] ? -1 : 1;
+    return a[1] < b[1] ? -1 : (a[1] > b[1]);
+}
+
+/* Sets s->two_sided when the batch qualifies, with the positives' tables. */
+static int TM_FN(two_sided_setup)(TM_FN(dense_op) *s)
+{
+    const int64_t n = s->n, d = s->d;
+    size_t bytes;
+    int status;
+    if (n == 0 || (status = tm_bytes(n, 2, sizeof(int64_t), &bytes)) != TM_OK)
+        return n == 0 ? TM_OK : status;
+    int64_t *order = tm_alloc(bytes); /* (label, index) pairs, sorted */
+    if (order == NULL)
+        return TM_ERR_NOMEM;
+    for (int64_t j = 0; j < n; ++j) {
+        order[2 * j] = s->c.lv.labels[j];
+        order[2 * j + 1] = j;
+    }
+    qsort(order, (size_t)n, 2 * sizeof(int64_t), TM_FN(label_index_order));
+    int64_t largest = 0;
+    for (int64_t g0 = 0, g1; g0 < n; g0 = g1) {
+        for (g1 = g0 + 1; g1 < n && order[2 * g1] == order[2 * g0]; ++g1)
+            ;
+        largest = g1 - g0 > largest ? g1 - g0 : largest;
+    }
+    const int64_t max_pos = largest - 1;
+    const int64_t slots = max_pos > 0 ? max_pos : 1;
+    size_t real_bytes, index_bytes;
+    if (max_pos > TM_LINEAR_POSITIVES ||
+        (status = tm_bytes(slots, n, sizeof(TM_REAL), &real_bytes)) != TM_OK ||
+        (status = tm_bytes(slots, n, sizeof(int64_t), &index_bytes)) != TM_OK) {
+        tm_free(order);
+        return max_pos > TM_LINEAR_POSITIVES ? TM_OK : status;
+    }
+    s->pos_t = tm_alloc(real_bytes);
+    s->pos_idx = tm_alloc(index_bytes);
+    s->pos_hits = tm_alloc(index_bytes);
+    if (s->pos_t == NULL || s->pos_idx == NULL || s->pos_hits == NULL) {
+        tm_free(order);
+        return TM_ERR_NOMEM;
+    }
+    for (int64_t i = 0; i < slots * n; ++i) {
+        s->pos_t[i] = (TM_REAL)-INFINITY;
+        s->pos_idx[i] = -1;
+        s->pos_hits[i] = 0;
+    }
+    const int squared = s->metric == TM_METRIC_SQEUCLIDEAN;
+    for (int64_t g0 = 0, g1; g0 < n; g0 = g1) {
+        for (g1 = g0 + 1; g1 < n && order[2 * g1] == order[2 * g0]; ++g1)
+            ;
+        for (int64_t u = g0; u < g1; ++u) { /* members in index order */
+            const int64_t a = order[2 * u + 1];
+            int64_t r = 0;
+            for (int64_t v = g0; v < g1; ++v) {
+                const int64_t p = order[2 * v + 1];
+                if (p == a)
+                    continue;
+                /* the direct difference, in double: the pair's distance
+                 * rounded once, the same from both of its anchors */
+                const TM_REAL *xa = s->x + a * d, *xp = s->x + p * d;
+                double sq = 0.0;
+                for (int64_t k = 0; k < d; ++k) {
+                    const double diff = (double)xa[k] - (double)xp[k];
+                    sq += diff * diff;
+                }
+                s->pos_t[r * n + a] = (TM_REAL)(squared ? sq : sqrt(sq));
+                s->pos_idx[r * n + a] = p;
+                ++r;
+            }
+        }
+    }
+    tm_free(order);
+    s->max_pos = max_pos;
+    s->two_sided = 1;
+    return TM_OK;
+}
+
+static void TM_FN(batch_all_row_two_sided)(TM_FN(dense_op) *s, int thread, int64_t a,
+                                           TM_REAL *dist)
+{
+    const int64_t n = s->n, max_pos = s->max_pos;
+    double values[TM_LINEAR_POSITIVES];
+    int64_t n_pos = 0;
+    while (n_pos < max_pos && s->pos_idx[n_pos * n + a] >= 0) {
+        values[n_pos] = (double)s->pos_t[n_pos * n + a];
+        ++n_pos;
+    }
+    const tm_batch_all_row_args args = {
+        dist, s->c.lv.ref_labels, s->c.lv.m, s->c.lv.labels[a], n_pos, values, s->margin,
+        s->metric == TM_METRIC_SQEUCLIDEAN, dist, NULL, 0, 0, s->pos_t, n, max_pos};
+    tm_batch_all_row_result res;
+    TM_FN(kernel_batch_all_row)(s->kernels)(&args, &res);
+    s->loss[0][a] = res.loss;
+    s->active[0][a] = res.active;
+    s->count[0][a] = n_pos * res.n_neg;
+    double alpha = -res.coef_sum; /* alpha = gamma = -beta on both metrics */
+    int64_t weighted = res.nonzero;
+    for (int64_t r = 0; r < n_pos; ++r) {
+        const int64_t j = s->pos_idx[r * n + a];
+        s->pos_hits[a * max_pos + r] = res.hits[r];
+        dist[j] = 0;
+        if (res.hits[r] != 0) {
+            TM_FN(dense_pair)(s, thread, 0, a, j, (double)res.hits[r], values[r], dist, &alpha);
+            ++weighted;
+        }
+    }
+    s->alpha[0][a] = alpha;
+    s->nonzeros[2 * thread] += weighted;
+}
+
+/* The positive pairs' reference side, after the walk: positive p of anchor a
+ * with h active negatives adds scale (gamma x_p + beta x_a) to p's gradient. */
+static void TM_FN(two_sided_positives)(const TM_FN(dense_op) *s, TM_REAL *grad, double scale)
+{
+    const int64_t n = s->n, d = s->d, max_pos = s->max_pos;
+    for (int64_t a = 0; a < n; ++a)
+        for (int64_t r = 0; r < max_pos && s->pos_idx[r * n + a] >= 0; ++r) {
+            const int64_t p = s->pos_idx[r * n + a], h = s->pos_hits[a * max_pos + r];
+            if (h == 0)
+                continue;
+            const TM_FN(pair_coef) c =
+                TM_FN(pair_coefficients)(s->metric, (double)h, (double)s->pos_t[r * n + a], 0, 0);
+            const TM_REAL *xa = s->x + a * d, *xp = s->x + p * d;
+            TM_REAL *gp = grad + p * d;
+            for (int64_t k = 0; k < d; ++k)
+                gp[k] = (TM_REAL)((double)gp[k] +
+                                  scale * (c.gamma * (double)xp[k] + c.beta * (double)xa[k]));
+        }
 }
 
 /* Batch-all for one anchor: its positives sorted once; each negative finds,
@@ -559,6 +651,10 @@ static int TM_FN(batch_all_row)(void *op, int thread, int64_t a, int64_t row_in_
 {
     (void)row_in_block;
     TM_FN(dense_op) *s = op;
+    if (s->two_sided) {
+        TM_FN(batch_all_row_two_sided)(s, thread, a, dist);
+        return TM_OK;
+    }
     tm_scored *positives, *negatives;
     int64_t n_pos, n_neg;
     /* The row passes run in the working precision: a margin far beyond it (float32
@@ -973,6 +1069,11 @@ int TM_FN(tm_batch_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, in
         s.want_grad = grad != NULL;
         s.want_ref_side = grad != NULL && (ref == NULL || ref_grad != NULL);
         s.anchor_grad[0] = grad; /* unscaled during the walk, scaled by finish */
+        if (ref == NULL && grad != NULL && !soft && metric != TM_METRIC_COSINE &&
+            fabs(margin) <= (TM_BITS == 32 ? 1e30 : 1e300))
+            status = TM_FN(two_sided_setup)(&s);
+        if (s.two_sided)
+            s.want_ref_side = 0; /* the rows' coefficients cover both sides */
         TM_FN(dense_plan)(&s);
         if (ref != NULL && ref_grad != NULL)
             memset(ref_grad, 0, (size_t)(m * d) * sizeof(TM_REAL));
@@ -980,8 +1081,12 @@ int TM_FN(tm_batch_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, in
         TM_FN(batch_all_out) out = {reduction, loss, n_triplets, n_active, per_anchor, grad};
         double scale[2];
         const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
-        status = TM_FN(dense_run)(&s, &problem, TM_FN(batch_all_row), TM_FN(batch_all_finish),
-                                  &out, scale, ref == NULL ? grad : ref_grad);
+        if (status == TM_OK)
+            status = TM_FN(dense_run)(&s, &problem, TM_FN(batch_all_row),
+                                      TM_FN(batch_all_finish), &out, scale,
+                                      ref == NULL ? grad : ref_grad);
+        if (status == TM_OK && s.two_sided)
+            TM_FN(two_sided_positives)(&s, grad, scale[0]);
     }
     TM_FN(dense_release)(&s);
     return status;

@@ -1,0 +1,142 @@
+/*
+ * Row kernels: the per-anchor loops of the dense losses that run over a whole
+ * distance row, written once in portable C and compiled in each kernel file
+ * (generic, avx2, avx512) so that the compiler vectorises them for that
+ * instruction set.  Include after template.h; every symbol is static.
+ *
+ * The code is shaped for the auto-vectoriser: chunks of TM_ROW_CHUNK
+ * elements held in small local arrays, one elementwise loop per step, and
+ * sums kept in TM_ROW_LANES independent accumulators (no reassociation,
+ * so no -ffast-math: the lanes are summed in a fixed order, and every
+ * instruction set returns the same bits).
+ */
+
+#ifndef TM_ROW_CHUNK
+#define TM_ROW_CHUNK 256 /* a multiple of TM_ROW_LANES */
+#define TM_ROW_LANES 8
+#endif
+
+/* lanes[l] += v[l + TM_ROW_LANES i] for a chunk of w (padded to a multiple of
+ * TM_ROW_LANES with zeros) elements, summed in the working precision within
+ * the chunk and in double across chunks. */
+static inline void TM_FN(row_lanes_add)(double *lanes, const TM_REAL *v, int64_t w)
+{
+    TM_REAL part[TM_ROW_LANES] = {0};
+    for (int64_t j = 0; j < w; j += TM_ROW_LANES)
+        for (int l = 0; l < TM_ROW_LANES; ++l)
+            part[l] += v[j + l];
+    for (int l = 0; l < TM_ROW_LANES; ++l)
+        lanes[l] += (double)part[l];
+}
+
+static inline double TM_FN(row_lanes_total)(const double *lanes)
+{
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+           ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+/* Batch-all (hinge, euclidean metrics) for one anchor with at most
+ * TM_LINEAR_POSITIVES positives, in one pass over the row: see
+ * tm_batch_all_row_args in internal.h. */
+static void TM_FN(batch_all_row_kernel)(const tm_batch_all_row_args *args,
+                                        tm_batch_all_row_result *res)
+{
+    const TM_REAL *dist = (const TM_REAL *)args->dist;
+    const int64_t *ref_labels = args->ref_labels;
+    const int64_t label = args->label, m = args->m, n_pos = args->n_pos;
+    const TM_REAL margin = (TM_REAL)args->margin;
+    TM_REAL *coef = (TM_REAL *)args->coef;
+    double *gamma = args->gamma;
+    TM_REAL pos[TM_LINEAR_POSITIVES];
+    for (int64_t r = 0; r < n_pos; ++r)
+        pos[r] = (TM_REAL)args->positive_values[r];
+    TM_REAL thr[TM_ROW_CHUNK], neg[TM_ROW_CHUNK], cnt[TM_ROW_CHUNK], sum[TM_ROW_CHUNK];
+    TM_REAL c[TM_ROW_CHUNK];
+    const TM_REAL *pos_t = (const TM_REAL *)args->pos_t;
+    double loss_lanes[TM_ROW_LANES] = {0}, coef_lanes[TM_ROW_LANES] = {0};
+    int64_t hits[TM_LINEAR_POSITIVES] = {0};
+    int64_t n_neg = 0, nonzero = 0;
+    for (int64_t j0 = 0; j0 < m; j0 += TM_ROW_CHUNK) {
+        const int64_t w = m - j0 < TM_ROW_CHUNK ? m - j0 : TM_ROW_CHUNK;
+        const int64_t padded = (w + TM_ROW_LANES - 1) / TM_ROW_LANES * TM_ROW_LANES;
+        const TM_REAL *v = dist + j0;
+        const int64_t *lab = ref_labels + j0;
+        TM_COUNT usable_count = 0;
+        for (int64_t j = 0; j < w; ++j) {
+            /* never a itself: a shares its label.  NaN distances are not usable. */
+            const TM_COUNT usable = (TM_COUNT)(lab[j] != label) & (TM_COUNT)(v[j] == v[j]);
+            neg[j] = (TM_REAL)usable;
+            thr[j] = v[j] - margin;
+            cnt[j] = 0;
+            sum[j] = 0;
+            usable_count += usable;
+        }
+        for (int64_t j = w; j < padded; ++j) {
+            neg[j] = 0;
+            thr[j] = 0;
+            cnt[j] = 0;
+            sum[j] = 0;
+        }
+        n_neg += usable_count;
+        for (int64_t r = 0; r < n_pos; ++r) {
+            const TM_REAL p = pos[r];
+            TM_COUNT h = 0;
+            for (int64_t j = 0; j < padded; ++j) {
+                const TM_REAL z = p - thr[j];
+                /* a select of constants, then a product: no load under a condition */
+                const TM_REAL on = (z > 0 ? (TM_REAL)1 : (TM_REAL)0) * neg[j];
+                cnt[j] += on;
+                sum[j] += on * z;
+                h += (TM_COUNT)on;
+            }
+            hits[r] += h;
+        }
+        TM_FN(row_lanes_add)(loss_lanes, sum, padded);
+        if (coef == NULL)
+            continue;
+        /* Two-sided: the pairs' other anchors, column j's positives (the row's
+         * loss is summed above, so cnt can take their counts now). */
+        for (int64_t r = 0; pos_t != NULL && r < args->n_pos_t; ++r) {
+            const TM_REAL *p = pos_t + r * args->pos_stride + j0;
+            for (int64_t j = 0; j < w; ++j) {
+                const TM_REAL z = p[j] - thr[j];
+                cnt[j] += (z > 0 ? (TM_REAL)1 : (TM_REAL)0) * neg[j];
+            }
+        }
+        TM_COUNT nz = 0;
+        if (args->squared) {
+            for (int64_t j = 0; j < padded; ++j) { /* sqeuclidean: beta = -2w, w = -cnt */
+                c[j] = 2 * cnt[j];
+                nz += (TM_COUNT)(cnt[j] > 0);
+            }
+        } else {
+            for (int64_t j = 0; j < padded; ++j) { /* euclidean: beta = -w / d; 0 at d = 0 */
+                const TM_REAL d = j < w ? v[j] : 0;
+                const TM_REAL safe = d > 0 ? d : 1; /* no division by 0 or NaN */
+                c[j] = (TM_REAL)(d > 0) * (cnt[j] / safe);
+                nz += (TM_COUNT)(cnt[j] > 0);
+            }
+        }
+        nonzero += nz;
+        TM_FN(row_lanes_add)(coef_lanes, c, padded);
+        TM_REAL *out = coef + j0; /* may be dist itself: v is not read below */
+        for (int64_t j = 0; j < w; ++j)
+            out[j] = c[j];
+        if (gamma != NULL) { /* alpha = gamma = -beta on both metrics */
+            const int64_t lo = args->gamma_lo > j0 ? args->gamma_lo : j0;
+            const int64_t hi = args->gamma_hi < j0 + w ? args->gamma_hi : j0 + w;
+            for (int64_t j = lo; j < hi; ++j)
+                gamma[j - args->gamma_lo] -= (double)c[j - j0];
+        }
+    }
+    int64_t active = 0;
+    for (int64_t r = 0; r < n_pos; ++r) {
+        res->hits[r] = hits[r];
+        active += hits[r];
+    }
+    res->loss = TM_FN(row_lanes_total)(loss_lanes);
+    res->coef_sum = TM_FN(row_lanes_total)(coef_lanes);
+    res->n_neg = n_neg;
+    res->active = active;
+    res->nonzero = nonzero;
+}
