@@ -453,6 +453,19 @@ static inline void TM_FN(dense_pair)(const TM_FN(dense_op) *s, int thread, int p
         s->gamma[part][(size_t)thread * (size_t)s->span + (size_t)(j - s->ref_lo)] += c.gamma;
 }
 
+/* The distance of two rows as batch-all's few-positives rows take it for a
+ * positive pair: the direct difference summed in double, rounded once (the
+ * same bits from either of the pair's anchors, in self and reference mode). */
+static TM_REAL TM_FN(direct_distance)(const TM_REAL *u, const TM_REAL *v, int64_t d, int squared)
+{
+    double sq = 0.0;
+    for (int64_t k = 0; k < d; ++k) {
+        const double diff = (double)u[k] - (double)v[k];
+        sq += diff * diff;
+    }
+    return (TM_REAL)(squared ? sq : sqrt(sq));
+}
+
 /* Batch-all for an anchor with few positives (a P x K batch has K - 1), on
  * the euclidean metrics, without splitting the row: one pass of the
  * kernel set's row kernel (row_kernel_impl.h), vectorised for the machine,
@@ -463,8 +476,10 @@ static void TM_FN(batch_all_row_few)(TM_FN(dense_op) *s, int thread, int64_t a, 
                                      const tm_scored *positives, int64_t n_pos)
 {
     double values[TM_LINEAR_POSITIVES];
-    for (int64_t r = 0; r < n_pos; ++r)
-        values[r] = positives[r].value;
+    for (int64_t r = 0; r < n_pos; ++r) /* as the two-sided rows take them */
+        values[r] = (double)TM_FN(direct_distance)(s->x + a * s->d,
+                                                   s->r + positives[r].index * s->d, s->d,
+                                                   s->metric == TM_METRIC_SQEUCLIDEAN);
     const int ref_side = s->want_grad && s->want_ref_side;
     const tm_batch_all_row_args args = {
         dist, s->c.lv.ref_labels, s->c.lv.m, s->c.lv.labels[a], n_pos, values, s->margin,
@@ -485,8 +500,7 @@ static void TM_FN(batch_all_row_few)(TM_FN(dense_op) *s, int thread, int64_t a, 
         const int64_t j = positives[r].index;
         coef[j] = 0;
         if (res.hits[r] != 0) {
-            TM_FN(dense_pair)(s, thread, 0, a, j, (double)res.hits[r], positives[r].value, coef,
-                              &alpha);
+            TM_FN(dense_pair)(s, thread, 0, a, j, (double)res.hits[r], values[r], coef, &alpha);
             ++weighted;
         }
     }
@@ -567,15 +581,8 @@ static int TM_FN(two_sided_setup)(TM_FN(dense_op) *s)
                 const int64_t p = order[2 * v + 1];
                 if (p == a)
                     continue;
-                /* the direct difference, in double: the pair's distance
-                 * rounded once, the same from both of its anchors */
-                const TM_REAL *xa = s->x + a * d, *xp = s->x + p * d;
-                double sq = 0.0;
-                for (int64_t k = 0; k < d; ++k) {
-                    const double diff = (double)xa[k] - (double)xp[k];
-                    sq += diff * diff;
-                }
-                s->pos_t[r * n + a] = (TM_REAL)(squared ? sq : sqrt(sq));
+                s->pos_t[r * n + a] = TM_FN(direct_distance)(s->x + a * d, s->x + p * d, d,
+                                                             squared);
                 s->pos_idx[r * n + a] = p;
                 ++r;
             }
