@@ -472,20 +472,16 @@ static TM_REAL TM_FN(direct_distance)(const TM_REAL *u, const TM_REAL *v, int64_
  * with no branch on whether a pair is active (a coin flip for much of
  * training).  The coefficient row is written over the distances; the
  * positives' coefficients are then set from their hit counts. */
-static void TM_FN(batch_all_row_few)(TM_FN(dense_op) *s, int thread, int64_t a, TM_REAL *dist,
-                                     const tm_scored *positives, int64_t n_pos)
+static void TM_FN(batch_all_row_pass)(TM_FN(dense_op) *s, int thread, int64_t a, TM_REAL *dist,
+                                      const int64_t *pos_index, const double *values,
+                                      int64_t n_pos)
 {
-    double values[TM_LINEAR_POSITIVES];
-    for (int64_t r = 0; r < n_pos; ++r) /* as the two-sided rows take them */
-        values[r] = (double)TM_FN(direct_distance)(s->x + a * s->d,
-                                                   s->r + positives[r].index * s->d, s->d,
-                                                   s->metric == TM_METRIC_SQEUCLIDEAN);
-    const int ref_side = s->want_grad && s->want_ref_side;
+    const int ref_side = s->want_grad && s->want_ref_side && !s->two_sided;
     const tm_batch_all_row_args args = {
         dist, s->c.lv.ref_labels, s->c.lv.m, s->c.lv.labels[a], n_pos, values, s->margin,
         s->metric == TM_METRIC_SQEUCLIDEAN, s->want_grad ? (void *)dist : NULL,
         ref_side ? s->gamma[0] + (size_t)thread * (size_t)s->span : NULL, s->ref_lo,
-        s->ref_hi, NULL, 0, 0};
+        s->ref_hi, s->two_sided ? s->pos_t : NULL, s->n, s->max_pos};
     tm_batch_all_row_result res;
     TM_FN(kernel_batch_all_row)(s->kernels)(&args, &res);
     s->loss[0][a] = res.loss;
@@ -493,19 +489,33 @@ static void TM_FN(batch_all_row_few)(TM_FN(dense_op) *s, int thread, int64_t a, 
     s->count[0][a] = n_pos * res.n_neg;
     if (!s->want_grad)
         return;
-    TM_REAL *coef = dist;
     double alpha = -res.coef_sum; /* alpha = gamma = -beta on both metrics */
     int64_t weighted = res.nonzero;
     for (int64_t r = 0; r < n_pos; ++r) {
-        const int64_t j = positives[r].index;
-        coef[j] = 0;
+        const int64_t j = pos_index[r];
+        if (s->two_sided)
+            s->pos_hits[a * s->max_pos + r] = res.hits[r];
+        dist[j] = 0; /* the coefficient row */
         if (res.hits[r] != 0) {
-            TM_FN(dense_pair)(s, thread, 0, a, j, (double)res.hits[r], values[r], coef, &alpha);
+            TM_FN(dense_pair)(s, thread, 0, a, j, (double)res.hits[r], values[r], dist, &alpha);
             ++weighted;
         }
     }
     s->alpha[0][a] = alpha;
     s->nonzeros[2 * thread] += weighted;
+}
+
+static void TM_FN(batch_all_row_few)(TM_FN(dense_op) *s, int thread, int64_t a, TM_REAL *dist,
+                                     const tm_scored *positives, int64_t n_pos)
+{
+    int64_t index[TM_LINEAR_POSITIVES];
+    double values[TM_LINEAR_POSITIVES];
+    for (int64_t r = 0; r < n_pos; ++r) { /* as the two-sided rows take them */
+        index[r] = positives[r].index;
+        values[r] = (double)TM_FN(direct_distance)(s->x + a * s->d, s->r + index[r] * s->d,
+                                                   s->d, s->metric == TM_METRIC_SQEUCLIDEAN);
+    }
+    TM_FN(batch_all_row_pass)(s, thread, a, dist, index, values, n_pos);
 }
 
 /* Batch-all's two-sided rows.  In self mode, the pair (a, j) with j a
@@ -598,33 +608,15 @@ static void TM_FN(batch_all_row_two_sided)(TM_FN(dense_op) *s, int thread, int64
                                            TM_REAL *dist)
 {
     const int64_t n = s->n, max_pos = s->max_pos;
+    int64_t index[TM_LINEAR_POSITIVES];
     double values[TM_LINEAR_POSITIVES];
     int64_t n_pos = 0;
     while (n_pos < max_pos && s->pos_idx[n_pos * n + a] >= 0) {
+        index[n_pos] = s->pos_idx[n_pos * n + a];
         values[n_pos] = (double)s->pos_t[n_pos * n + a];
         ++n_pos;
     }
-    const tm_batch_all_row_args args = {
-        dist, s->c.lv.ref_labels, s->c.lv.m, s->c.lv.labels[a], n_pos, values, s->margin,
-        s->metric == TM_METRIC_SQEUCLIDEAN, dist, NULL, 0, 0, s->pos_t, n, max_pos};
-    tm_batch_all_row_result res;
-    TM_FN(kernel_batch_all_row)(s->kernels)(&args, &res);
-    s->loss[0][a] = res.loss;
-    s->active[0][a] = res.active;
-    s->count[0][a] = n_pos * res.n_neg;
-    double alpha = -res.coef_sum; /* alpha = gamma = -beta on both metrics */
-    int64_t weighted = res.nonzero;
-    for (int64_t r = 0; r < n_pos; ++r) {
-        const int64_t j = s->pos_idx[r * n + a];
-        s->pos_hits[a * max_pos + r] = res.hits[r];
-        dist[j] = 0;
-        if (res.hits[r] != 0) {
-            TM_FN(dense_pair)(s, thread, 0, a, j, (double)res.hits[r], values[r], dist, &alpha);
-            ++weighted;
-        }
-    }
-    s->alpha[0][a] = alpha;
-    s->nonzeros[2 * thread] += weighted;
+    TM_FN(batch_all_row_pass)(s, thread, a, dist, index, values, n_pos);
 }
 
 /* The positive pairs' reference side, after the walk: positive p of anchor a
