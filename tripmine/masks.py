@@ -12,6 +12,7 @@ import numpy as np
 
 from . import _core
 from . import _validation as check
+from ._dispatch import dispatch
 
 __all__ = ["positive_mask", "negative_mask", "triplet_mask", "TRIPLET_MASK_MAX_N"]
 
@@ -32,6 +33,7 @@ def _pair_mask(labels: Any, ref_labels: Any, which: str) -> np.ndarray:
     return mask
 
 
+@dispatch
 def positive_mask(labels: Any, ref_labels: Any = None) -> np.ndarray:
     """``mask[i, j]`` is True when ``labels[i] == ref_labels[j]``.
 
@@ -41,11 +43,13 @@ def positive_mask(labels: Any, ref_labels: Any = None) -> np.ndarray:
     return _pair_mask(labels, ref_labels, "positive")
 
 
+@dispatch
 def negative_mask(labels: Any, ref_labels: Any = None) -> np.ndarray:
     """``mask[i, j]`` is True when ``labels[i] != ref_labels[j]``.  Returns bool (N, M)."""
     return _pair_mask(labels, ref_labels, "negative")
 
 
+@dispatch
 def triplet_mask(labels: Any) -> np.ndarray:
     """``mask[a, p, n]`` is True for every valid triplet of one batch.
 
