@@ -8,12 +8,11 @@ header on the include path) and the exact text tripmine._gpu hands to NVRTC
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import shutil
 import subprocess
 from pathlib import Path
-
-import importlib.util
-import re
 
 import pytest
 

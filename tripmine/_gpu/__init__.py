@@ -853,7 +853,7 @@ def recall_at_k(x, labels, k=(1, 5), *, ref=None, ref_labels=None, metric="eucli
     first_hit = cp.cumsum(relevant, axis=1) > 0
     out = {}
     for v in ks:
-        hits = int(first_hit[usable, min(v, relevant.shape[1]) - 1].sum()) if scored else 0
+        hits = int(first_hit[:, min(v, relevant.shape[1]) - 1][usable].sum()) if scored else 0
         out[v] = hits / scored if scored else float("nan")
     return out[ks[0]] if single else out
 
