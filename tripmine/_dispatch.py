@@ -73,19 +73,25 @@ def _gpu_function(name: str) -> Callable:
     return getattr(_gpu, name)
 
 
+def _any_cupy(values) -> bool:
+    for value in values:
+        if is_cupy(value) or (isinstance(value, tuple) and _any_cupy(value)):
+            return True
+    return False
+
+
 def dispatch(func: Callable) -> Callable:
     """Route a public function to its GPU twin when given CuPy arrays."""
-    signature = inspect.signature(func)
+    names = tuple(inspect.signature(func).parameters)
     name = func.__name__
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        # Keywords the CPU signature does not know (yet) are forwarded all the same.
-        known = {k: v for k, v in kwargs.items() if k in signature.parameters}
-        try:
-            bound = signature.bind_partial(*args, **known).arguments
-        except TypeError:
-            return func(*args, **kwargs)  # let the real signature report it
+        # The CPU fast path: no CuPy array anywhere (the common case costs a scan).
+        if not (_any_cupy(args) or _any_cupy(kwargs.values())):
+            return func(*args, **kwargs)
+        bound = dict(zip(names, args))
+        bound.update(kwargs)  # keywords the CPU signature does not know are kept too
         if backend(bound) == "gpu":
             return _gpu_function(name)(*args, **kwargs)
         return func(*args, **kwargs)
