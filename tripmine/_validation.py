@@ -31,8 +31,10 @@ def _describe(value: Any) -> str:
 
 def _as_array(value: Any, name: str) -> np.ndarray:
     if hasattr(value, "__cuda_array_interface__"):
-        raise TypeError(f"{name} is a GPU array; tripmine's GPU path is not available yet, "
-                        f"copy it to the host (e.g. cupy.asnumpy) first")
+        raise TypeError(f"{name} is a GPU array that is not a CuPy array (or the other "
+                        f"inputs are on the host); tripmine's GPU path takes CuPy arrays "
+                        f"(cupy.asarray wraps any __cuda_array_interface__ array): pass all "
+                        f"embeddings on one side")
     if isinstance(value, np.ndarray):
         return value
     try:

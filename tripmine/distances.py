@@ -8,10 +8,12 @@ import numpy as np
 
 from . import _core
 from . import _validation as check
+from ._dispatch import dispatch
 
 __all__ = ["pairwise_distances"]
 
 
+@dispatch
 def pairwise_distances(x: Any, ref: Any = None, *, metric: str = "euclidean",
                        out: np.ndarray | None = None, check_finite: bool = True) -> np.ndarray:
     """Distances between the rows of ``x`` (N x D) and of ``ref`` (M x D).

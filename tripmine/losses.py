@@ -17,6 +17,7 @@ import numpy as np
 from . import _core, miners
 from . import _problem as problems
 from . import _validation as check
+from ._dispatch import dispatch
 from .miners import Triplets
 
 __all__ = ["TripletLossResult", "ContrastiveLossResult", "triplet_loss", "contrastive_loss"]
@@ -92,6 +93,7 @@ def _given_triplets(triplets: Any, n: int, m: int) -> Triplets:
     return Triplets(*arrays)
 
 
+@dispatch
 def triplet_loss(x: Any, labels: Any, *, mining: str | Triplets = "batch_hard",
                  margin: float = 0.2, soft: bool = False, metric: str = "euclidean",
                  normalize: bool = False, reduction: str = "auto", ref: Any = None,
@@ -178,6 +180,7 @@ def triplet_loss(x: Any, labels: Any, *, mining: str | Triplets = "batch_hard",
                              active, _fraction(active, count), triplets, used_seed)
 
 
+@dispatch
 def contrastive_loss(x: Any, labels: Any, *, pos_margin: float = 0.0, neg_margin: float = 1.0,
                      power: int = 1, metric: str = "euclidean", normalize: bool = False,
                      reduction: str = "mean_nonzero", ref: Any = None, ref_labels: Any = None,

@@ -12,6 +12,7 @@ import numpy as np
 
 from . import _core
 from . import _validation as check
+from ._dispatch import dispatch
 
 __all__ = ["positive_mask", "negative_mask", "triplet_mask", "TRIPLET_MASK_MAX_N"]
 
@@ -36,6 +37,7 @@ def _pair_mask(labels: Any, ref_labels: Any, ref_offset: Any, which: str) -> np.
     return mask
 
 
+@dispatch
 def positive_mask(labels: Any, ref_labels: Any = None, *,
                   ref_offset: int | None = None) -> np.ndarray:
     """``mask[i, j]`` is True when ``labels[i] == ref_labels[j]``.
@@ -48,6 +50,7 @@ def positive_mask(labels: Any, ref_labels: Any = None, *,
     return _pair_mask(labels, ref_labels, ref_offset, "positive")
 
 
+@dispatch
 def negative_mask(labels: Any, ref_labels: Any = None, *,
                   ref_offset: int | None = None) -> np.ndarray:
     """``mask[i, j]`` is True when ``labels[i] != ref_labels[j]``.  Returns bool (N, M).
@@ -57,6 +60,7 @@ def negative_mask(labels: Any, ref_labels: Any = None, *,
     return _pair_mask(labels, ref_labels, ref_offset, "negative")
 
 
+@dispatch
 def triplet_mask(labels: Any) -> np.ndarray:
     """``mask[a, p, n]`` is True for every valid triplet of one batch.
 

@@ -27,10 +27,12 @@ import numpy as np
 
 from . import _core
 from . import _validation as check
+from ._dispatch import dispatch
 
 __all__ = ["nearest_neighbors", "recall_at_k", "mean_average_precision_at_r"]
 
 
+@dispatch
 def nearest_neighbors(x: Any, k: int, ref: Any = None, *, metric: str = "euclidean",
                       check_finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest reference rows of every row of ``x``, nearest first.
@@ -114,6 +116,7 @@ def _relevance_blocks(x: Any, labels: Any, ref: Any, ref_labels: Any, metric: st
         yield found & (gallery[np.where(found, indices, 0)] == block_codes), r[lo:hi]
 
 
+@dispatch
 def recall_at_k(x: Any, labels: Any, k: int | Sequence[int] = (1, 5), *, ref: Any = None,
                 ref_labels: Any = None, metric: str = "euclidean",
                 check_finite: bool = True) -> float | dict[int, float]:
@@ -147,6 +150,7 @@ def recall_at_k(x: Any, labels: Any, k: int | Sequence[int] = (1, 5), *, ref: An
     return out[ks[0]] if single else out
 
 
+@dispatch
 def mean_average_precision_at_r(x: Any, labels: Any, *, ref: Any = None, ref_labels: Any = None,
                                 metric: str = "euclidean", check_finite: bool = True) -> float:
     """MAP@R (Musgrave et al. 2020), averaged over the queries.

@@ -16,6 +16,7 @@ import numpy as np
 from . import _core
 from . import _problem as problems
 from . import _validation as check
+from ._dispatch import dispatch
 
 __all__ = ["Triplets", "batch_hard", "semi_hard", "distance_weighted"]
 
@@ -62,6 +63,7 @@ def _per_pair(problem: problems.Problem, positive: np.ndarray, negative: np.ndar
     return Triplets(anchor[chosen], positive[chosen], negative[chosen])
 
 
+@dispatch
 def batch_hard(x: Any, labels: Any, *, ref: Any = None, ref_labels: Any = None,
                ref_offset: int | None = None, metric: str = "euclidean",
                normalize: bool = False, check_finite: bool = True) -> Triplets:
@@ -93,6 +95,7 @@ def mine_batch_hard(problem: problems.Problem) -> Triplets:
     return Triplets(anchor, positive[keep], negative[keep])
 
 
+@dispatch
 def semi_hard(x: Any, labels: Any, *, margin: float = 0.2, select: str = "closest",
               seed: int | None = None, max_triplets: int | None = None, ref: Any = None,
               ref_labels: Any = None, ref_offset: int | None = None, metric: str = "euclidean",
@@ -170,6 +173,7 @@ def check_unit_norm(problem: problems.Problem) -> None:
             )
 
 
+@dispatch
 def distance_weighted(x: Any, labels: Any, *, cutoff: float = DEFAULT_CUTOFF,
                       nonzero_loss_cutoff: float = DEFAULT_NONZERO_LOSS_CUTOFF,
                       seed: int | None = None, ref: Any = None, ref_labels: Any = None,
