@@ -668,14 +668,14 @@ static int TM_FN(contrastive_row)(void *op, int thread, int64_t a, int64_t row_i
     TM_REAL *coef_neg = s->want_grad ? s->coef1 + ((size_t)thread * (size_t)s->block_rows +
                                                    (size_t)row_in_block) * (size_t)s->c.lv.m
                                      : NULL;
-    const int64_t label = s->c.lv.labels[a];
+    const int64_t label = s->c.lv.labels[a], own = TM_FN(own_row)(&s->c.lv, a);
     double loss_pos = 0.0, loss_neg = 0.0, alpha_pos = 0.0, alpha_neg = 0.0;
     int64_t n_pos = 0, n_neg = 0, act_pos = 0, act_neg = 0;
     for (int64_t j = 0; j < s->c.lv.m; ++j) {
         const double v = (double)dist[j];
         if (coef_pos != NULL)
             coef_pos[j] = coef_neg[j] = 0;
-        if (s->c.lv.self && j == a)
+        if (j == own)
             continue;
         const int positive = s->c.lv.ref_labels[j] == label;
         const double t = positive ? v - s->pos_margin : s->neg_margin - v;
@@ -780,10 +780,10 @@ static int TM_FN(dense_block)(void *op, int thread, int64_t row0, int64_t nrows,
 /* Allocations shared by the two dense losses: per-anchor arrays and norms. */
 static int TM_FN(dense_init)(TM_FN(dense_op) *s, const TM_REAL *x, int64_t n, const TM_REAL *ref,
                              int64_t m, int64_t d, int metric, const int64_t *labels,
-                             const int64_t *ref_labels, int parts)
+                             const int64_t *ref_labels, int64_t ref_offset, int parts)
 {
     memset(s, 0, sizeof(*s));
-    TM_FN(row_common_init)(&s->c, labels, ref, ref_labels, m);
+    TM_FN(row_common_init)(&s->c, labels, ref, ref_labels, m, ref_offset);
     s->x = x;
     s->r = ref == NULL ? x : ref;
     s->n = n;
@@ -901,9 +901,10 @@ static int TM_FN(dense_run)(TM_FN(dense_op) *s, const TM_FN(tm_tile_problem) *pr
 
 static int TM_FN(check_loss_args)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m,
                                   int64_t d, int metric, const int64_t *labels,
-                                  const int64_t *ref_labels, int reduction, const double *loss)
+                                  const int64_t *ref_labels, int64_t ref_offset, int reduction,
+                                  const double *loss)
 {
-    int status = TM_FN(validate_problem)(x, n, ref, m, d, labels, ref_labels);
+    int status = TM_FN(validate_problem)(x, n, ref, m, d, labels, ref_labels, ref_offset);
     if (status != TM_OK)
         return status;
     if (loss == NULL || !TM_FN(valid_reduction)(reduction) ||
@@ -955,19 +956,20 @@ static void TM_FN(batch_all_finish)(TM_FN(dense_op) *s, void *ctx, double *scale
 
 int TM_FN(tm_batch_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m,
                              int64_t d, int metric, const int64_t *labels,
-                             const int64_t *ref_labels, double margin, int soft, int reduction,
-                             double *loss, int64_t *n_triplets, int64_t *n_active,
-                             double *per_anchor, TM_REAL *grad, TM_REAL *ref_grad)
+                             const int64_t *ref_labels, int64_t ref_offset, double margin,
+                             int soft, int reduction, double *loss, int64_t *n_triplets,
+                             int64_t *n_active, double *per_anchor, TM_REAL *grad,
+                             TM_REAL *ref_grad)
 {
-    int status = TM_FN(check_loss_args)(x, n, ref, m, d, metric, labels, ref_labels, reduction,
-                                        loss);
+    int status = TM_FN(check_loss_args)(x, n, ref, m, d, metric, labels, ref_labels, ref_offset,
+                                        reduction, loss);
     if (status != TM_OK)
         return status;
     if (n_triplets == NULL || n_active == NULL)
         return TM_ERR_INVALID;
     TM_FN(dense_op) s;
-    if ((status = TM_FN(dense_init)(&s, x, n, ref, m, d, metric, labels, ref_labels, 1)) ==
-        TM_OK) {
+    status = TM_FN(dense_init)(&s, x, n, ref, m, d, metric, labels, ref_labels, ref_offset, 1);
+    if (status == TM_OK) {
         s.margin = margin;
         s.soft = soft;
         s.want_grad = grad != NULL;
@@ -1034,20 +1036,21 @@ static void TM_FN(contrastive_finish)(TM_FN(dense_op) *s, void *ctx, double *sca
 
 int TM_FN(tm_contrastive_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m,
                                int64_t d, int metric, const int64_t *labels,
-                               const int64_t *ref_labels, double pos_margin, double neg_margin,
-                               int power, int reduction, double *loss, int64_t *counts,
-                               double *per_anchor, TM_REAL *grad, TM_REAL *ref_grad)
+                               const int64_t *ref_labels, int64_t ref_offset, double pos_margin,
+                               double neg_margin, int power, int reduction, double *loss,
+                               int64_t *counts, double *per_anchor, TM_REAL *grad,
+                               TM_REAL *ref_grad)
 {
-    int status = TM_FN(check_loss_args)(x, n, ref, m, d, metric, labels, ref_labels, reduction,
-                                        loss);
+    int status = TM_FN(check_loss_args)(x, n, ref, m, d, metric, labels, ref_labels, ref_offset,
+                                        reduction, loss);
     if (status != TM_OK)
         return status;
     if (counts == NULL || (power != 1 && power != 2))
         return TM_ERR_INVALID;
     TM_FN(dense_op) s;
     TM_REAL *anchor_neg = NULL;
-    if ((status = TM_FN(dense_init)(&s, x, n, ref, m, d, metric, labels, ref_labels, 2)) ==
-        TM_OK) {
+    status = TM_FN(dense_init)(&s, x, n, ref, m, d, metric, labels, ref_labels, ref_offset, 2);
+    if (status == TM_OK) {
         s.pos_margin = pos_margin;
         s.neg_margin = neg_margin;
         s.power = power;

@@ -31,14 +31,14 @@ static int TM_FN(batch_hard_tile)(void *ctx, int thread, int64_t row0, int64_t n
     TM_FN(batch_hard_ctx) *c = ctx;
     const int64_t *ref_labels = c->lv.ref_labels;
     for (int64_t i = 0; i < nrows; ++i) {
-        const int64_t a = row0 + i, label = c->lv.labels[a];
+        const int64_t a = row0 + i, label = c->lv.labels[a], own = TM_FN(own_row)(&c->lv, a);
         const TM_REAL *row = dist + i * ld;
         int64_t pos = c->positive[a], neg = c->negative[a];
         TM_REAL best_pos = c->best_positive[a], best_neg = c->best_negative[a];
         for (int64_t j = 0; j < ncols; ++j) {
             const int64_t col = col0 + j;
             const TM_REAL v = row[j];
-            if (v != v || (c->lv.self && col == a))
+            if (v != v || col == own)
                 continue;
             if (ref_labels[col] == label) {
                 if (pos < 0 || v > best_pos) {
@@ -191,9 +191,9 @@ static int TM_FN(batch_hard_symmetric)(const TM_FN(tm_tile_problem) *problem,
 
 int TM_FN(tm_batch_hard)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m, int64_t d,
                          int metric, const int64_t *labels, const int64_t *ref_labels,
-                         int64_t *positive, int64_t *negative)
+                         int64_t ref_offset, int64_t *positive, int64_t *negative)
 {
-    int status = TM_FN(validate_problem)(x, n, ref, m, d, labels, ref_labels);
+    int status = TM_FN(validate_problem)(x, n, ref, m, d, labels, ref_labels, ref_offset);
     if (status != TM_OK)
         return status;
     if (n > 0 && (positive == NULL || negative == NULL))
@@ -208,7 +208,7 @@ int TM_FN(tm_batch_hard)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_
     TM_REAL *best = tm_alloc(bytes);
     if (best == NULL)
         return TM_ERR_NOMEM;
-    TM_FN(batch_hard_ctx) ctx = {{labels, ref == NULL ? labels : ref_labels, ref == NULL, m},
+    TM_FN(batch_hard_ctx) ctx = {{labels, ref_labels, 0, m, ref_offset},
                                  positive, negative, best, best + n};
     const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
     const TM_FN(tm_reducer) reducer = {&ctx, 1, 0, 0, NULL, TM_FN(batch_hard_begin),
@@ -302,7 +302,8 @@ static int TM_FN(semi_hard_row)(void *op, int thread, int64_t a, int64_t row_in_
         const int64_t lo = tm_count_at_most(negatives, n_neg, dap);
         const int64_t hi = tm_count_below(negatives, n_neg, dap + s->margin);
         if (hi > lo) {
-            const int64_t pick = tm_uniform_index(s->seed, a, positives[k].index, hi - lo);
+            const int64_t pick = tm_uniform_index(s->seed, TM_FN(stream_anchor)(&s->c.lv, a),
+                                                  positives[k].index, hi - lo);
             out_negative[base + k] = negatives[lo + pick].index;
         }
     }
@@ -326,10 +327,10 @@ static int TM_FN(check_offsets)(const int64_t *pos_offsets, int64_t n, const int
 
 int TM_FN(tm_semi_hard)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m, int64_t d,
                         int metric, const int64_t *labels, const int64_t *ref_labels,
-                        double margin, int select, uint64_t seed, const int64_t *pos_offsets,
-                        int64_t *out_positive, int64_t *out_negative)
+                        int64_t ref_offset, double margin, int select, uint64_t seed,
+                        const int64_t *pos_offsets, int64_t *out_positive, int64_t *out_negative)
 {
-    int status = TM_FN(validate_problem)(x, n, ref, m, d, labels, ref_labels);
+    int status = TM_FN(validate_problem)(x, n, ref, m, d, labels, ref_labels, ref_offset);
     if (status == TM_OK)
         status = TM_FN(check_offsets)(pos_offsets, n, out_positive, out_negative);
     if (status != TM_OK)
@@ -338,7 +339,7 @@ int TM_FN(tm_semi_hard)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t
         return TM_ERR_INVALID;
     TM_FN(semi_hard_op) s;
     memset(&s, 0, sizeof(s));
-    TM_FN(row_common_init)(&s.c, labels, ref, ref_labels, m);
+    TM_FN(row_common_init)(&s.c, labels, ref, ref_labels, m, ref_offset);
     s.margin = margin;
     s.select = select;
     s.seed = seed;
@@ -425,11 +426,11 @@ static int TM_FN(semi_hard_all_row)(void *op, int thread, int64_t a, int64_t row
 
 int TM_FN(tm_semi_hard_all)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m, int64_t d,
                             int metric, const int64_t *labels, const int64_t *ref_labels,
-                            double margin, int64_t *counts, const int64_t *offsets,
-                            const int64_t *keep, int64_t n_keep, int64_t *out_anchor,
-                            int64_t *out_positive, int64_t *out_negative)
+                            int64_t ref_offset, double margin, int64_t *counts,
+                            const int64_t *offsets, const int64_t *keep, int64_t n_keep,
+                            int64_t *out_anchor, int64_t *out_positive, int64_t *out_negative)
 {
-    int status = TM_FN(validate_problem)(x, n, ref, m, d, labels, ref_labels);
+    int status = TM_FN(validate_problem)(x, n, ref, m, d, labels, ref_labels, ref_offset);
     if (status != TM_OK)
         return status;
     if (offsets == NULL && n > 0 && counts == NULL)
@@ -448,7 +449,7 @@ int TM_FN(tm_semi_hard_all)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int
     }
     TM_FN(semi_hard_all_op) s;
     memset(&s, 0, sizeof(s));
-    TM_FN(row_common_init)(&s.c, labels, ref, ref_labels, m);
+    TM_FN(row_common_init)(&s.c, labels, ref, ref_labels, m, ref_offset);
     s.margin = margin;
     s.counts = counts;
     s.offsets = offsets;
@@ -538,7 +539,8 @@ static int TM_FN(weighted_row)(void *op, int thread, int64_t a, int64_t row_in_b
         negatives[q].value = total;
     }
     for (int64_t k = 0; k < n_pos; ++k) {
-        const double target = tm_uniform01(s->seed, a, positives[k].index) * total;
+        const double target =
+            tm_uniform01(s->seed, TM_FN(stream_anchor)(&s->c.lv, a), positives[k].index) * total;
         /* First negative whose cumulative weight exceeds the target. */
         int64_t pick = tm_count_at_most(negatives, n_valid, target);
         if (pick >= n_valid)
@@ -550,11 +552,11 @@ static int TM_FN(weighted_row)(void *op, int thread, int64_t a, int64_t row_in_b
 
 int TM_FN(tm_distance_weighted)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m,
                                 int64_t d, const int64_t *labels, const int64_t *ref_labels,
-                                double cutoff, double nonzero_loss_cutoff, uint64_t seed,
-                                const int64_t *pos_offsets, int64_t *out_positive,
+                                int64_t ref_offset, double cutoff, double nonzero_loss_cutoff,
+                                uint64_t seed, const int64_t *pos_offsets, int64_t *out_positive,
                                 int64_t *out_negative)
 {
-    int status = TM_FN(validate_problem)(x, n, ref, m, d, labels, ref_labels);
+    int status = TM_FN(validate_problem)(x, n, ref, m, d, labels, ref_labels, ref_offset);
     if (status == TM_OK)
         status = TM_FN(check_offsets)(pos_offsets, n, out_positive, out_negative);
     if (status != TM_OK)
@@ -563,7 +565,7 @@ int TM_FN(tm_distance_weighted)(const TM_REAL *x, int64_t n, const TM_REAL *ref,
         return TM_ERR_INVALID;
     TM_FN(weighted_op) s;
     memset(&s, 0, sizeof(s));
-    TM_FN(row_common_init)(&s.c, labels, ref, ref_labels, m);
+    TM_FN(row_common_init)(&s.c, labels, ref, ref_labels, m, ref_offset);
     s.cutoff = cutoff;
     s.nonzero_loss_cutoff = nonzero_loss_cutoff;
     s.dim = (double)d;

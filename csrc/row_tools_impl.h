@@ -5,21 +5,49 @@
  * linkage) by mining.c and losses.c.
  */
 
-/* What every miner needs to know about labels. */
+/* What every miner needs to know about labels.  own_offset says which
+ * reference row is anchor a itself (never its positive nor its negative):
+ * row a + own_offset, with own_offset 0 in self mode, the caller's ref_offset
+ * when x is a slice of ref, and -1 (no such row) otherwise. */
 typedef struct {
     const int64_t *labels, *ref_labels; /* ref_labels == labels in self mode */
     int self;
     int64_t m;
+    int64_t own_offset;
 } TM_FN(label_view);
 
+/* The reference row that is anchor a itself, or -1. */
+static inline int64_t TM_FN(own_row)(const TM_FN(label_view) *lv, int64_t a)
+{
+    return lv->own_offset >= 0 ? a + lv->own_offset : -1;
+}
+
+/* The anchor number that keys a's random draws (rng.h): its row in the
+ * reference set when it has one, so that a slice of a batch draws what the
+ * whole batch would. */
+static inline int64_t TM_FN(stream_anchor)(const TM_FN(label_view) *lv, int64_t a)
+{
+    return lv->own_offset > 0 ? a + lv->own_offset : a;
+}
+
+/* ref_offset: -1, or (reference mode only) x[i] is ref[ref_offset + i], which
+ * needs 0 <= ref_offset <= m - n and labels[i] == ref_labels[ref_offset + i]. */
 static int TM_FN(validate_problem)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m,
-                                   int64_t d, const int64_t *labels, const int64_t *ref_labels)
+                                   int64_t d, const int64_t *labels, const int64_t *ref_labels,
+                                   int64_t ref_offset)
 {
     if (n < 0 || m < 0 || d < 0 || (ref == NULL && m != n))
         return TM_ERR_INVALID;
     if ((n > 0 && labels == NULL) || (ref != NULL && m > 0 && ref_labels == NULL) ||
         (n > 0 && d > 0 && x == NULL))
         return TM_ERR_INVALID;
+    if (ref_offset == -1)
+        return TM_OK;
+    if (ref == NULL || ref_offset < 0 || ref_offset > m - n)
+        return TM_ERR_INVALID;
+    for (int64_t i = 0; i < n; ++i)
+        if (labels[i] != ref_labels[ref_offset + i])
+            return TM_ERR_INVALID;
     return TM_OK;
 }
 
@@ -73,10 +101,10 @@ static void TM_FN(split_row)(const TM_FN(label_view) *lv, int64_t a, const TM_RE
                              tm_scored *positives, int64_t *n_pos, tm_scored *negatives,
                              int64_t *n_neg)
 {
-    const int64_t label = lv->labels[a];
+    const int64_t label = lv->labels[a], own = TM_FN(own_row)(lv, a);
     int64_t np = 0, nn = 0;
     for (int64_t j = 0; j < lv->m; ++j) {
-        if (lv->self && j == a)
+        if (j == own)
             continue;
         const double v = (double)dist[j];
         if (lv->ref_labels[j] == label) {
@@ -101,10 +129,10 @@ static inline int64_t TM_FN(gather_positives)(const TM_FN(label_view) *lv, int64
                                               const TM_REAL *dist, tm_scored *positives,
                                               int64_t limit)
 {
-    const int64_t label = lv->labels[a];
+    const int64_t label = lv->labels[a], own = TM_FN(own_row)(lv, a);
     int64_t np = 0;
     for (int64_t j = 0; j < lv->m && np < limit; ++j) {
-        if (lv->ref_labels[j] != label || (lv->self && j == a))
+        if (lv->ref_labels[j] != label || j == own)
             continue;
         positives[np].value = (double)dist[j];
         positives[np].index = j;
@@ -121,12 +149,14 @@ typedef struct {
 } TM_FN(row_common);
 
 static inline void TM_FN(row_common_init)(TM_FN(row_common) *c, const int64_t *labels,
-                                   const TM_REAL *ref, const int64_t *ref_labels, int64_t m)
+                                   const TM_REAL *ref, const int64_t *ref_labels, int64_t m,
+                                   int64_t ref_offset)
 {
     c->lv.labels = labels;
     c->lv.ref_labels = ref == NULL ? labels : ref_labels;
     c->lv.self = ref == NULL;
     c->lv.m = m;
+    c->lv.own_offset = ref == NULL ? 0 : ref_offset;
 }
 
 static inline int TM_FN(row_common_setup)(void *op, int nthreads, int64_t block_rows)

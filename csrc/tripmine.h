@@ -142,11 +142,17 @@ TM_PUBLIC int tm_triplet_mask(const int64_t *labels, int64_t n, uint8_t *out);
 /* ---- miners ---------------------------------------------------------------
  *
  * Common arguments: x (n x d), ref (m x d, or NULL for self mode with m == n),
- * metric, labels (n int64 codes) and ref_labels (m codes; NULL in self mode).
- * Positives of anchor a: reference rows with its label (never a itself in
- * self mode); negatives: rows with another label.  Ties go to the lowest
- * reference index.  Random choices use the counter-based generator keyed on
- * (seed, anchor, positive index) described in rng.h.
+ * metric, labels (n int64 codes) and ref_labels (m codes; NULL in self mode),
+ * ref_offset (-1, or in reference mode the statement that x[i] is the sample
+ * ref[ref_offset + i]: 0 <= ref_offset <= m - n and labels[i] ==
+ * ref_labels[ref_offset + i], else TM_ERR_INVALID; the rows themselves are
+ * not compared).  Positives of anchor a: reference rows with its label, never
+ * a itself (row a in self mode, row ref_offset + a with ref_offset);
+ * negatives: rows with another label.  Ties go to the lowest reference index.
+ * Random choices use the counter-based generator keyed on (seed, anchor,
+ * positive index) described in rng.h, where the anchor number is a, or
+ * ref_offset + a with ref_offset: so a slice x = X[o:o+n] with ref = X and
+ * ref_offset = o mines exactly self mode's triplets of anchors o .. o+n-1.
  *
  * Per-positive-pair miners write one slot per positive pair: anchor a owns
  * slots [pos_offsets[a], pos_offsets[a + 1]), one per positive of a in
@@ -156,26 +162,24 @@ TM_PUBLIC int tm_triplet_mask(const int64_t *labels, int64_t n, uint8_t *out);
 
 /* Batch-hard (Hermans et al. 2017): per anchor the farthest positive and the
  * nearest negative (-1 where the anchor has none). */
-TM_PUBLIC int tm_batch_hard_f32(const float *x, int64_t n, const float *ref, int64_t m,
-                                int64_t d, int metric, const int64_t *labels,
-                                const int64_t *ref_labels, int64_t *positive,
-                                int64_t *negative);
-TM_PUBLIC int tm_batch_hard_f64(const double *x, int64_t n, const double *ref, int64_t m,
-                                int64_t d, int metric, const int64_t *labels,
-                                const int64_t *ref_labels, int64_t *positive,
-                                int64_t *negative);
+TM_PUBLIC int tm_batch_hard_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
+                                int metric, const int64_t *labels, const int64_t *ref_labels,
+                                int64_t ref_offset, int64_t *positive, int64_t *negative);
+TM_PUBLIC int tm_batch_hard_f64(const double *x, int64_t n, const double *ref, int64_t m, int64_t d,
+                                int metric, const int64_t *labels, const int64_t *ref_labels,
+                                int64_t ref_offset, int64_t *positive, int64_t *negative);
 
 /* Semi-hard negatives per positive pair, select = tm_select. */
-TM_PUBLIC int tm_semi_hard_f32(const float *x, int64_t n, const float *ref, int64_t m,
-                               int64_t d, int metric, const int64_t *labels,
-                               const int64_t *ref_labels, double margin, int select,
-                               uint64_t seed, const int64_t *pos_offsets,
-                               int64_t *out_positive, int64_t *out_negative);
-TM_PUBLIC int tm_semi_hard_f64(const double *x, int64_t n, const double *ref, int64_t m,
-                               int64_t d, int metric, const int64_t *labels,
-                               const int64_t *ref_labels, double margin, int select,
-                               uint64_t seed, const int64_t *pos_offsets,
-                               int64_t *out_positive, int64_t *out_negative);
+TM_PUBLIC int tm_semi_hard_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
+                               int metric, const int64_t *labels, const int64_t *ref_labels,
+                               int64_t ref_offset, double margin, int select, uint64_t seed,
+                               const int64_t *pos_offsets, int64_t *out_positive,
+                               int64_t *out_negative);
+TM_PUBLIC int tm_semi_hard_f64(const double *x, int64_t n, const double *ref, int64_t m, int64_t d,
+                               int metric, const int64_t *labels, const int64_t *ref_labels,
+                               int64_t ref_offset, double margin, int select, uint64_t seed,
+                               const int64_t *pos_offsets, int64_t *out_positive,
+                               int64_t *out_negative);
 
 /* Every (a, p, q) with d(a,p) < d(a,q) <= d(a,p) + margin.  Two calls: with
  * offsets == NULL it writes counts[a], the number of such triplets of anchor
@@ -185,15 +189,15 @@ TM_PUBLIC int tm_semi_hard_f64(const double *x, int64_t n, const double *ref, in
  * compactly. */
 TM_PUBLIC int tm_semi_hard_all_f32(const float *x, int64_t n, const float *ref, int64_t m,
                                    int64_t d, int metric, const int64_t *labels,
-                                   const int64_t *ref_labels, double margin, int64_t *counts,
-                                   const int64_t *offsets, const int64_t *keep, int64_t n_keep,
-                                   int64_t *out_anchor, int64_t *out_positive,
+                                   const int64_t *ref_labels, int64_t ref_offset, double margin,
+                                   int64_t *counts, const int64_t *offsets, const int64_t *keep,
+                                   int64_t n_keep, int64_t *out_anchor, int64_t *out_positive,
                                    int64_t *out_negative);
 TM_PUBLIC int tm_semi_hard_all_f64(const double *x, int64_t n, const double *ref, int64_t m,
                                    int64_t d, int metric, const int64_t *labels,
-                                   const int64_t *ref_labels, double margin, int64_t *counts,
-                                   const int64_t *offsets, const int64_t *keep, int64_t n_keep,
-                                   int64_t *out_anchor, int64_t *out_positive,
+                                   const int64_t *ref_labels, int64_t ref_offset, double margin,
+                                   int64_t *counts, const int64_t *offsets, const int64_t *keep,
+                                   int64_t n_keep, int64_t *out_anchor, int64_t *out_positive,
                                    int64_t *out_negative);
 
 /* Distance-weighted sampling (Wu et al. 2017): per positive pair one negative
@@ -202,14 +206,14 @@ TM_PUBLIC int tm_semi_hard_all_f64(const double *x, int64_t n, const double *ref
  * and w = 0 for dist >= nonzero_loss_cutoff or 1 - t^2/4 <= 0 (computed in
  * log space, relative to the row's largest weight). */
 TM_PUBLIC int tm_distance_weighted_f32(const float *x, int64_t n, const float *ref, int64_t m,
-                                       int64_t d, const int64_t *labels,
-                                       const int64_t *ref_labels, double cutoff,
+                                       int64_t d, const int64_t *labels, const int64_t *ref_labels,
+                                       int64_t ref_offset, double cutoff,
                                        double nonzero_loss_cutoff, uint64_t seed,
                                        const int64_t *pos_offsets, int64_t *out_positive,
                                        int64_t *out_negative);
 TM_PUBLIC int tm_distance_weighted_f64(const double *x, int64_t n, const double *ref, int64_t m,
-                                       int64_t d, const int64_t *labels,
-                                       const int64_t *ref_labels, double cutoff,
+                                       int64_t d, const int64_t *labels, const int64_t *ref_labels,
+                                       int64_t ref_offset, double cutoff,
                                        double nonzero_loss_cutoff, uint64_t seed,
                                        const int64_t *pos_offsets, int64_t *out_positive,
                                        int64_t *out_negative);
@@ -220,7 +224,11 @@ TM_PUBLIC int tm_distance_weighted_f64(const double *x, int64_t n, const double 
  * counts, optionally per-item losses, and -- when grad is not NULL -- dL/dx
  * (n x d) and, in reference mode, dL/dref (m x d, when ref_grad is not NULL).
  * In self mode grad holds the whole gradient (x is both anchor and
- * reference).  Gradients are analytic; at a hinge kink and at zero
+ * reference).  ref_offset is the miners'; with it, grad holds only the
+ * anchor side and ref_grad the reference side, so for slices of a batch X
+ * the sum of the slices' grad (in their rows) and of their ref_grad is self
+ * mode's gradient on X (for TM_REDUCE_SUM; other reductions scale each
+ * slice by its own counts).  Gradients are analytic; at a hinge kink and at zero
  * euclidean distance the subgradient 0 is used.
  */
 
@@ -245,14 +253,14 @@ TM_PUBLIC int tm_triplet_loss_f64(const double *x, int64_t n, const double *ref,
  * may be NULL. */
 TM_PUBLIC int tm_batch_all_loss_f32(const float *x, int64_t n, const float *ref, int64_t m,
                                     int64_t d, int metric, const int64_t *labels,
-                                    const int64_t *ref_labels, double margin, int soft,
-                                    int reduction, double *loss, int64_t *n_triplets,
+                                    const int64_t *ref_labels, int64_t ref_offset, double margin,
+                                    int soft, int reduction, double *loss, int64_t *n_triplets,
                                     int64_t *n_active, double *per_anchor, float *grad,
                                     float *ref_grad);
 TM_PUBLIC int tm_batch_all_loss_f64(const double *x, int64_t n, const double *ref, int64_t m,
                                     int64_t d, int metric, const int64_t *labels,
-                                    const int64_t *ref_labels, double margin, int soft,
-                                    int reduction, double *loss, int64_t *n_triplets,
+                                    const int64_t *ref_labels, int64_t ref_offset, double margin,
+                                    int soft, int reduction, double *loss, int64_t *n_triplets,
                                     int64_t *n_active, double *per_anchor, double *grad,
                                     double *ref_grad);
 
@@ -261,16 +269,16 @@ TM_PUBLIC int tm_batch_all_loss_f64(const double *x, int64_t n, const double *re
  * {positive pairs, negative pairs, active positive, active negative}. */
 TM_PUBLIC int tm_contrastive_loss_f32(const float *x, int64_t n, const float *ref, int64_t m,
                                       int64_t d, int metric, const int64_t *labels,
-                                      const int64_t *ref_labels, double pos_margin,
-                                      double neg_margin, int power, int reduction, double *loss,
-                                      int64_t *counts, double *per_anchor, float *grad,
-                                      float *ref_grad);
+                                      const int64_t *ref_labels, int64_t ref_offset,
+                                      double pos_margin, double neg_margin, int power,
+                                      int reduction, double *loss, int64_t *counts,
+                                      double *per_anchor, float *grad, float *ref_grad);
 TM_PUBLIC int tm_contrastive_loss_f64(const double *x, int64_t n, const double *ref, int64_t m,
                                       int64_t d, int metric, const int64_t *labels,
-                                      const int64_t *ref_labels, double pos_margin,
-                                      double neg_margin, int power, int reduction, double *loss,
-                                      int64_t *counts, double *per_anchor, double *grad,
-                                      double *ref_grad);
+                                      const int64_t *ref_labels, int64_t ref_offset,
+                                      double pos_margin, double neg_margin, int power,
+                                      int reduction, double *loss, int64_t *counts,
+                                      double *per_anchor, double *grad, double *ref_grad);
 
 /* The counter-based generator of rng.h, exposed for tests and the GPU path. */
 TM_PUBLIC double tm_uniform(uint64_t seed, int64_t anchor, int64_t draw);

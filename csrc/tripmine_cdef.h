@@ -61,21 +61,21 @@ int tm_pair_masks(const int64_t *labels, int64_t n, const int64_t *ref_labels,
                   int64_t m, uint8_t *positive, uint8_t *negative);
 int tm_triplet_mask(const int64_t *labels, int64_t n, uint8_t *out);
 
-int tm_batch_hard_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
-                      int metric, const int64_t *labels, const int64_t *ref_labels,
+int tm_batch_hard_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d, int metric,
+                      const int64_t *labels, const int64_t *ref_labels, int64_t ref_offset,
                       int64_t *positive, int64_t *negative);
-int tm_semi_hard_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
-                     int metric, const int64_t *labels, const int64_t *ref_labels,
+int tm_semi_hard_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d, int metric,
+                     const int64_t *labels, const int64_t *ref_labels, int64_t ref_offset,
                      double margin, int select, uint64_t seed, const int64_t *pos_offsets,
                      int64_t *out_positive, int64_t *out_negative);
 int tm_semi_hard_all_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
                          int metric, const int64_t *labels, const int64_t *ref_labels,
-                         double margin, int64_t *counts, const int64_t *offsets,
+                         int64_t ref_offset, double margin, int64_t *counts, const int64_t *offsets,
                          const int64_t *keep, int64_t n_keep, int64_t *out_anchor,
                          int64_t *out_positive, int64_t *out_negative);
 int tm_distance_weighted_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
-                             const int64_t *labels, const int64_t *ref_labels, double cutoff,
-                             double nonzero_loss_cutoff, uint64_t seed,
+                             const int64_t *labels, const int64_t *ref_labels, int64_t ref_offset,
+                             double cutoff, double nonzero_loss_cutoff, uint64_t seed,
                              const int64_t *pos_offsets, int64_t *out_positive,
                              int64_t *out_negative);
 int tm_triplet_loss_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
@@ -85,30 +85,30 @@ int tm_triplet_loss_f32(const float *x, int64_t n, const float *ref, int64_t m, 
                         float *grad, float *ref_grad);
 int tm_batch_all_loss_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
                           int metric, const int64_t *labels, const int64_t *ref_labels,
-                          double margin, int soft, int reduction, double *loss,
-                          int64_t *n_triplets, int64_t *n_active, double *per_anchor,
-                          float *grad, float *ref_grad);
+                          int64_t ref_offset, double margin, int soft, int reduction, double *loss,
+                          int64_t *n_triplets, int64_t *n_active, double *per_anchor, float *grad,
+                          float *ref_grad);
 int tm_contrastive_loss_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
                             int metric, const int64_t *labels, const int64_t *ref_labels,
-                            double pos_margin, double neg_margin, int power, int reduction,
-                            double *loss, int64_t *counts, double *per_anchor, float *grad,
-                            float *ref_grad);
+                            int64_t ref_offset, double pos_margin, double neg_margin, int power,
+                            int reduction, double *loss, int64_t *counts, double *per_anchor,
+                            float *grad, float *ref_grad);
 
 int tm_batch_hard_f64(const double *x, int64_t n, const double *ref, int64_t m, int64_t d,
                       int metric, const int64_t *labels, const int64_t *ref_labels,
-                      int64_t *positive, int64_t *negative);
+                      int64_t ref_offset, int64_t *positive, int64_t *negative);
 int tm_semi_hard_f64(const double *x, int64_t n, const double *ref, int64_t m, int64_t d,
                      int metric, const int64_t *labels, const int64_t *ref_labels,
-                     double margin, int select, uint64_t seed, const int64_t *pos_offsets,
-                     int64_t *out_positive, int64_t *out_negative);
+                     int64_t ref_offset, double margin, int select, uint64_t seed,
+                     const int64_t *pos_offsets, int64_t *out_positive, int64_t *out_negative);
 int tm_semi_hard_all_f64(const double *x, int64_t n, const double *ref, int64_t m, int64_t d,
                          int metric, const int64_t *labels, const int64_t *ref_labels,
-                         double margin, int64_t *counts, const int64_t *offsets,
+                         int64_t ref_offset, double margin, int64_t *counts, const int64_t *offsets,
                          const int64_t *keep, int64_t n_keep, int64_t *out_anchor,
                          int64_t *out_positive, int64_t *out_negative);
 int tm_distance_weighted_f64(const double *x, int64_t n, const double *ref, int64_t m, int64_t d,
-                             const int64_t *labels, const int64_t *ref_labels, double cutoff,
-                             double nonzero_loss_cutoff, uint64_t seed,
+                             const int64_t *labels, const int64_t *ref_labels, int64_t ref_offset,
+                             double cutoff, double nonzero_loss_cutoff, uint64_t seed,
                              const int64_t *pos_offsets, int64_t *out_positive,
                              int64_t *out_negative);
 int tm_triplet_loss_f64(const double *x, int64_t n, const double *ref, int64_t m, int64_t d,
@@ -118,13 +118,13 @@ int tm_triplet_loss_f64(const double *x, int64_t n, const double *ref, int64_t m
                         double *grad, double *ref_grad);
 int tm_batch_all_loss_f64(const double *x, int64_t n, const double *ref, int64_t m, int64_t d,
                           int metric, const int64_t *labels, const int64_t *ref_labels,
-                          double margin, int soft, int reduction, double *loss,
-                          int64_t *n_triplets, int64_t *n_active, double *per_anchor,
-                          double *grad, double *ref_grad);
+                          int64_t ref_offset, double margin, int soft, int reduction, double *loss,
+                          int64_t *n_triplets, int64_t *n_active, double *per_anchor, double *grad,
+                          double *ref_grad);
 int tm_contrastive_loss_f64(const double *x, int64_t n, const double *ref, int64_t m, int64_t d,
                             int metric, const int64_t *labels, const int64_t *ref_labels,
-                            double pos_margin, double neg_margin, int power, int reduction,
-                            double *loss, int64_t *counts, double *per_anchor, double *grad,
-                            double *ref_grad);
+                            int64_t ref_offset, double pos_margin, double neg_margin, int power,
+                            int reduction, double *loss, int64_t *counts, double *per_anchor,
+                            double *grad, double *ref_grad);
 
 double tm_uniform(uint64_t seed, int64_t anchor, int64_t draw);

@@ -100,7 +100,7 @@ def _dense_loss(lib, name, x, labels, extra):
         args = [ctypes.c_double(0.0), ctypes.c_double(extra), ctypes.c_int(2), ctypes.c_int(0),
                 ctypes.byref(loss), _ptr(counts)]
     status = fn(_ptr(x), I64(n), None, I64(n), I64(d), ctypes.c_int(0), _ptr(labels), None,
-                *args, None, _ptr(grad), None)
+                I64(-1), *args, None, _ptr(grad), None)
     assert status == 0
     return loss.value, counts, grad
 
@@ -170,8 +170,8 @@ def test_batch_hard_matches_generic(emulated):
         pos = np.empty(n, dtype=np.int64)
         neg = np.empty(n, dtype=np.int64)
         status = emulated.tm_batch_hard_f32(_ptr(x), I64(n), None, I64(n), I64(d),
-                                            ctypes.c_int(0), _ptr(labels), None, _ptr(pos),
-                                            _ptr(neg))
+                                            ctypes.c_int(0), _ptr(labels), None, I64(-1),
+                                            _ptr(pos), _ptr(neg))
         assert status == 0
         found[isa] = (pos, neg)
     _set_isa(emulated, "generic")

@@ -169,6 +169,11 @@ def _problem_args(x: np.ndarray, ref: np.ndarray | None) -> tuple:
     return _ptr(x), x.shape[0], _ptr(ref), m, x.shape[1]
 
 
+def _labels_args(codes, ref_codes, ref_offset: int | None) -> tuple:
+    """labels, ref_labels and ref_offset as the C core takes them (-1: no offset)."""
+    return _ptr(codes), _ptr(ref_codes), -1 if ref_offset is None else ref_offset
+
+
 SELECTS = {"closest": lib.TM_SELECT_CLOSEST, "random": lib.TM_SELECT_RANDOM}
 REDUCTIONS = {
     "mean": lib.TM_REDUCE_MEAN,
@@ -178,54 +183,61 @@ REDUCTIONS = {
 }
 
 
-def batch_hard(x, ref, metric, codes, ref_codes):
+def batch_hard(x, ref, metric, codes, ref_codes, ref_offset=None):
     n = x.shape[0]
     positive = np.empty(n, dtype=np.int64)
     negative = np.empty(n, dtype=np.int64)
-    check(_typed("tm_batch_hard", x.dtype)(*_problem_args(x, ref), metric, _ptr(codes),
-                                           _ptr(ref_codes), _ptr(positive), _ptr(negative)),
+    check(_typed("tm_batch_hard", x.dtype)(*_problem_args(x, ref), metric,
+                                           *_labels_args(codes, ref_codes, ref_offset),
+                                           _ptr(positive), _ptr(negative)),
           "batch_hard")
     return positive, negative
 
 
-def semi_hard(x, ref, metric, codes, ref_codes, margin, select, seed, offsets):
+def semi_hard(x, ref, metric, codes, ref_codes, margin, select, seed, offsets, ref_offset=None):
     total = int(offsets[-1])
     positive = np.empty(total, dtype=np.int64)
     negative = np.empty(total, dtype=np.int64)
-    check(_typed("tm_semi_hard", x.dtype)(*_problem_args(x, ref), metric, _ptr(codes),
-                                          _ptr(ref_codes), margin, SELECTS[select], seed,
-                                          _ptr(offsets), _ptr(positive), _ptr(negative)),
+    check(_typed("tm_semi_hard", x.dtype)(*_problem_args(x, ref), metric,
+                                          *_labels_args(codes, ref_codes, ref_offset), margin,
+                                          SELECTS[select], seed, _ptr(offsets), _ptr(positive),
+                                          _ptr(negative)),
           "semi_hard")
     return positive, negative
 
 
-def semi_hard_all_counts(x, ref, metric, codes, ref_codes, margin):
+def semi_hard_all_counts(x, ref, metric, codes, ref_codes, margin, ref_offset=None):
     counts = np.empty(x.shape[0], dtype=np.int64)
-    check(_typed("tm_semi_hard_all", x.dtype)(*_problem_args(x, ref), metric, _ptr(codes),
-                                              _ptr(ref_codes), margin, _ptr(counts), ffi.NULL,
-                                              ffi.NULL, 0, ffi.NULL, ffi.NULL, ffi.NULL),
+    check(_typed("tm_semi_hard_all", x.dtype)(*_problem_args(x, ref), metric,
+                                              *_labels_args(codes, ref_codes, ref_offset),
+                                              margin, _ptr(counts), ffi.NULL, ffi.NULL, 0,
+                                              ffi.NULL, ffi.NULL, ffi.NULL),
           "semi_hard")
     return counts
 
 
-def semi_hard_all_write(x, ref, metric, codes, ref_codes, margin, offsets, keep):
+def semi_hard_all_write(x, ref, metric, codes, ref_codes, margin, offsets, keep,
+                        ref_offset=None):
     size = int(offsets[-1]) if keep is None else keep.shape[0]
     out = [np.empty(size, dtype=np.int64) for _ in range(3)]
-    check(_typed("tm_semi_hard_all", x.dtype)(*_problem_args(x, ref), metric, _ptr(codes),
-                                              _ptr(ref_codes), margin, ffi.NULL, _ptr(offsets),
+    check(_typed("tm_semi_hard_all", x.dtype)(*_problem_args(x, ref), metric,
+                                              *_labels_args(codes, ref_codes, ref_offset),
+                                              margin, ffi.NULL, _ptr(offsets),
                                               _ptr(keep), 0 if keep is None else keep.shape[0],
                                               *(_ptr(o) for o in out)),
           "semi_hard")
     return out
 
 
-def distance_weighted(x, ref, codes, ref_codes, cutoff, nonzero_loss_cutoff, seed, offsets):
+def distance_weighted(x, ref, codes, ref_codes, cutoff, nonzero_loss_cutoff, seed, offsets,
+                      ref_offset=None):
     total = int(offsets[-1])
     positive = np.empty(total, dtype=np.int64)
     negative = np.empty(total, dtype=np.int64)
-    check(_typed("tm_distance_weighted", x.dtype)(*_problem_args(x, ref), _ptr(codes),
-                                                  _ptr(ref_codes), cutoff, nonzero_loss_cutoff,
-                                                  seed, _ptr(offsets), _ptr(positive),
+    check(_typed("tm_distance_weighted", x.dtype)(*_problem_args(x, ref),
+                                                  *_labels_args(codes, ref_codes, ref_offset),
+                                                  cutoff, nonzero_loss_cutoff, seed,
+                                                  _ptr(offsets), _ptr(positive),
                                                   _ptr(negative)),
           "distance_weighted")
     return positive, negative
@@ -255,28 +267,30 @@ def triplet_loss(x, ref, metric, anchor, positive, negative, margin, soft, reduc
 
 
 def batch_all_loss(x, ref, metric, codes, ref_codes, margin, soft, reduction, want_grad,
-                   per_item):
+                   per_item, ref_offset=None):
     loss = ffi.new("double *")
     triplets = ffi.new("int64_t *")
     active = ffi.new("int64_t *")
     per_anchor = np.empty(x.shape[0]) if per_item else None
     grad, ref_grad = _gradient_buffers(x, ref, want_grad)
-    check(_typed("tm_batch_all_loss", x.dtype)(*_problem_args(x, ref), metric, _ptr(codes),
-                                               _ptr(ref_codes), margin, int(soft),
-                                               REDUCTIONS[reduction], loss, triplets, active,
-                                               _ptr(per_anchor), _ptr(grad), _ptr(ref_grad)),
+    check(_typed("tm_batch_all_loss", x.dtype)(*_problem_args(x, ref), metric,
+                                               *_labels_args(codes, ref_codes, ref_offset),
+                                               margin, int(soft), REDUCTIONS[reduction], loss,
+                                               triplets, active, _ptr(per_anchor), _ptr(grad),
+                                               _ptr(ref_grad)),
           "triplet_loss")
     return loss[0], int(triplets[0]), int(active[0]), per_anchor, grad, ref_grad
 
 
 def contrastive_loss(x, ref, metric, codes, ref_codes, pos_margin, neg_margin, power, reduction,
-                     want_grad, per_item):
+                     want_grad, per_item, ref_offset=None):
     loss = ffi.new("double *")
     counts = np.zeros(4, dtype=np.int64)
     per_anchor = np.empty(x.shape[0]) if per_item else None
     grad, ref_grad = _gradient_buffers(x, ref, want_grad)
-    check(_typed("tm_contrastive_loss", x.dtype)(*_problem_args(x, ref), metric, _ptr(codes),
-                                                 _ptr(ref_codes), pos_margin, neg_margin, power,
+    check(_typed("tm_contrastive_loss", x.dtype)(*_problem_args(x, ref), metric,
+                                                 *_labels_args(codes, ref_codes, ref_offset),
+                                                 pos_margin, neg_margin, power,
                                                  REDUCTIONS[reduction], loss, _ptr(counts),
                                                  _ptr(per_anchor), _ptr(grad), _ptr(ref_grad)),
           "contrastive_loss")

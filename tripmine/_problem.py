@@ -26,6 +26,7 @@ class Problem:
     metric: int
     x_norms: np.ndarray | None = None  # set when normalize=True
     ref_norms: np.ndarray | None = None
+    ref_offset: int | None = None  # x[i] is ref[ref_offset + i] (reference mode only)
 
     @property
     def n(self) -> int:
@@ -78,7 +79,7 @@ def _normalize_backward(grad: np.ndarray, unit: np.ndarray, norms: np.ndarray,
 
 def prepare(x: Any, labels: Any, ref: Any = None, ref_labels: Any = None, *,
             metric: str = "euclidean", normalize: bool = False, check_finite: bool = True,
-            need_labels: bool = True) -> Problem:
+            need_labels: bool = True, ref_offset: Any = None) -> Problem:
     metric_id = check.metric_code(metric)
     if (ref is None) != (ref_labels is None) and need_labels:
         missing = "ref_labels" if ref_labels is None else "ref"
@@ -91,7 +92,9 @@ def prepare(x: Any, labels: Any, ref: Any = None, ref_labels: Any = None, *,
             raise ValueError("labels is required (one label per row of x)")
         codes, ref_codes = check.labels(labels, ref_labels, n=x_arr.shape[0],
                                         m=None if ref_arr is None else ref_arr.shape[0])
-    problem = Problem(x_arr, ref_arr, codes, ref_codes, metric_id)
+    offset = check.ref_offset(ref_offset, x_arr.shape[0],
+                              None if ref_arr is None else ref_arr.shape[0], codes, ref_codes)
+    problem = Problem(x_arr, ref_arr, codes, ref_codes, metric_id, ref_offset=offset)
     if check.flag(normalize, "normalize"):
         problem.x, problem.x_norms = _normalize(x_arr)
         if ref_arr is not None:
@@ -107,7 +110,7 @@ def positive_offsets(problem: Problem) -> np.ndarray:
     where = np.minimum(where, max(len(classes) - 1, 0))
     found = (classes[where] == problem.codes) if len(classes) else np.zeros(problem.n, bool)
     counts = np.where(found, class_sizes[where] if len(classes) else 0, 0).astype(np.int64)
-    if problem.ref is None:
+    if problem.ref is None or problem.ref_offset is not None:
         counts -= 1  # an anchor is not its own positive
     offsets = np.zeros(problem.n + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])

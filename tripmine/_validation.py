@@ -220,3 +220,33 @@ def optional_count(value: Any, name: str) -> int | None:
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return int(value)
+
+
+def ref_offset(value: Any, n: int, ref_rows: int | None, codes: np.ndarray | None,
+               ref_codes: np.ndarray | None) -> int | None:
+    """Validate ``ref_offset``: ``x[i]`` is the sample ``ref[ref_offset + i]``.
+
+    Needs ``ref`` (``ref_rows`` its row count), ``0 <= ref_offset`` and
+    ``ref_offset + n <= ref_rows``, and, where labels are known,
+    ``labels[i] == ref_labels[ref_offset + i]`` (the embeddings themselves are
+    the caller's promise, not compared).
+    """
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"ref_offset must be None or an integer, got {_describe(value)}")
+    value = int(value)
+    if ref_rows is None:
+        raise ValueError("ref_offset needs ref (and ref_labels): it says that x[i] is the "
+                         "sample ref[ref_offset + i]; self mode (ref=None) already excludes "
+                         "each sample's pair with itself")
+    if value < 0 or value + n > ref_rows:
+        raise ValueError(f"ref_offset must satisfy 0 <= ref_offset and ref_offset + N <= M "
+                         f"(x has N = {n} rows, ref has M = {ref_rows}), got {value}")
+    if codes is not None and ref_codes is not None and n:
+        differ = np.flatnonzero(codes != ref_codes[value:value + n])
+        if differ.size:
+            i = int(differ[0])
+            raise ValueError(f"ref_offset = {value} says x[{i}] is ref[{value + i}], but "
+                             f"labels[{i}] differs from ref_labels[{value + i}]")
+    return value

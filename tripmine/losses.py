@@ -95,8 +95,8 @@ def _given_triplets(triplets: Any, n: int, m: int) -> Triplets:
 def triplet_loss(x: Any, labels: Any, *, mining: str | Triplets = "batch_hard",
                  margin: float = 0.2, soft: bool = False, metric: str = "euclidean",
                  normalize: bool = False, reduction: str = "auto", ref: Any = None,
-                 ref_labels: Any = None, seed: int | None = None, grad: bool = True,
-                 check_finite: bool = True) -> TripletLossResult:
+                 ref_labels: Any = None, ref_offset: int | None = None, seed: int | None = None,
+                 grad: bool = True, check_finite: bool = True) -> TripletLossResult:
     """Triplet margin loss ``l = max(0, d(a,p) - d(a,n) + margin)`` and its gradient.
 
     ``soft=True`` uses ``softplus(d(a,p) - d(a,n) + margin)`` instead, computed
@@ -123,6 +123,16 @@ def triplet_loss(x: Any, labels: Any, *, mining: str | Triplets = "batch_hard",
     whose relative error is documented in the README.  Gradients are
     analytic, with subgradient 0 at the hinge and at zero distance.
     Degenerate batches (no valid triplet) give loss 0 and a zero gradient.
+
+    ``ref_offset`` (with ``ref``): ``x[i]`` is the sample ``ref[ref_offset + i]``
+    (see :func:`~tripmine.batch_hard`).  Then ``grad`` is the anchor side and
+    ``ref_grad`` the reference side of the gradient: for slices
+    ``x = X[o:o+n]``, ``ref = X``, ``ref_offset = o`` and ``reduction="sum"``,
+    the losses and counts of the slices add up to self mode's on ``X``, and
+    each slice's ``grad`` plus the matching rows of the summed ``ref_grad``
+    is self mode's gradient (to rounding) -- what
+    :mod:`tripmine.torch.distributed` builds on.  Ignored (but checked) with
+    given ``Triplets``.
     """
     margin = check.non_negative(margin, "margin")
     soft = check.flag(soft, "soft")
@@ -134,13 +144,14 @@ def triplet_loss(x: Any, labels: Any, *, mining: str | Triplets = "batch_hard",
     if reduction == "auto":
         reduction = "mean_nonzero" if mining == "batch_all" else "mean"
     problem = problems.prepare(x, labels, ref, ref_labels, metric=metric, normalize=normalize,
-                               check_finite=check_finite, need_labels=not given)
+                               check_finite=check_finite, need_labels=not given,
+                               ref_offset=ref_offset)
     used_seed = None
 
     if mining == "batch_all":
         loss, n_triplets, active, per_anchor, g, rg = _core.batch_all_loss(
             problem.x, problem.ref, problem.metric, problem.codes, problem.ref_codes, margin,
-            soft, reduction, want_grad, reduction == "none")
+            soft, reduction, want_grad, reduction == "none", problem.ref_offset)
         g, rg = problem.chain(g, rg)
         return TripletLossResult(per_anchor if reduction == "none" else float(loss), g, rg,
                                  n_triplets, active, _fraction(active, n_triplets), None)
@@ -170,7 +181,8 @@ def triplet_loss(x: Any, labels: Any, *, mining: str | Triplets = "batch_hard",
 def contrastive_loss(x: Any, labels: Any, *, pos_margin: float = 0.0, neg_margin: float = 1.0,
                      power: int = 1, metric: str = "euclidean", normalize: bool = False,
                      reduction: str = "mean_nonzero", ref: Any = None, ref_labels: Any = None,
-                     grad: bool = True, check_finite: bool = True) -> ContrastiveLossResult:
+                     ref_offset: int | None = None, grad: bool = True,
+                     check_finite: bool = True) -> ContrastiveLossResult:
     """Contrastive loss over all ordered pairs (Hadsell, Chopra & LeCun 2006).
 
     Positive pair: ``max(0, d - pos_margin) ** power``; negative pair:
@@ -180,6 +192,10 @@ def contrastive_loss(x: Any, labels: Any, *, pos_margin: float = 0.0, neg_margin
     ``ContrastiveLoss``); ``"mean"`` over all pairs (with ``power=2``: Hadsell /
     DeepID2); ``"sum"``; ``"none"`` (one entry per anchor: the sum of its
     pair terms; ``grad`` is the gradient of their sum).
+
+    ``ref_offset`` (with ``ref``): ``x[i]`` is ``ref[ref_offset + i]``, whose pair
+    is then excluded as ``(i, i)`` is in self mode; slices add up to self mode
+    as described in :func:`triplet_loss`.
     """
     pos_margin = check.non_negative(pos_margin, "pos_margin")
     neg_margin = check.non_negative(neg_margin, "neg_margin")
@@ -188,10 +204,10 @@ def contrastive_loss(x: Any, labels: Any, *, pos_margin: float = 0.0, neg_margin
     want_grad = check.flag(grad, "grad")
     reduction = check.choice(reduction, "reduction", ("mean", "sum", "mean_nonzero", "none"))
     problem = problems.prepare(x, labels, ref, ref_labels, metric=metric, normalize=normalize,
-                               check_finite=check_finite)
+                               check_finite=check_finite, ref_offset=ref_offset)
     loss, counts, per_anchor, g, rg = _core.contrastive_loss(
         problem.x, problem.ref, problem.metric, problem.codes, problem.ref_codes, pos_margin,
-        neg_margin, int(power), reduction, want_grad, reduction == "none")
+        neg_margin, int(power), reduction, want_grad, reduction == "none", problem.ref_offset)
     g, rg = problem.chain(g, rg)
     n_pos, n_neg, act_pos, act_neg = counts
     pairs, active = n_pos + n_neg, act_pos + act_neg

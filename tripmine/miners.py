@@ -63,16 +63,23 @@ def _per_pair(problem: problems.Problem, positive: np.ndarray, negative: np.ndar
 
 
 def batch_hard(x: Any, labels: Any, *, ref: Any = None, ref_labels: Any = None,
-               metric: str = "euclidean", normalize: bool = False,
-               check_finite: bool = True) -> Triplets:
+               ref_offset: int | None = None, metric: str = "euclidean",
+               normalize: bool = False, check_finite: bool = True) -> Triplets:
     """Batch-hard mining (Hermans, Beyer & Leibe 2017, "In Defense of the Triplet Loss").
 
     Per anchor ``a``: ``p* = argmax_{p positive} d(a, p)`` and
     ``n* = argmin_{n negative} d(a, n)``; anchors without a positive or a
     negative are skipped.  One triplet per remaining anchor, in anchor order.
+
+    ``ref_offset`` (with ``ref``): ``x[i]`` is the sample ``ref[ref_offset + i]``,
+    so that pair is neither a positive nor a negative, as ``(i, i)`` in self
+    mode.  Mining the slice ``x = X[o:o+n]`` against ``ref = X`` with
+    ``ref_offset = o`` gives self mode's triplets of anchors ``o .. o+n-1``
+    (anchors numbered from 0 within the slice).
     """
     return mine_batch_hard(problems.prepare(x, labels, ref, ref_labels, metric=metric,
-                                            normalize=normalize, check_finite=check_finite))
+                                            normalize=normalize, check_finite=check_finite,
+                                            ref_offset=ref_offset))
 
 
 def mine_batch_hard(problem: problems.Problem) -> Triplets:
@@ -80,7 +87,7 @@ def mine_batch_hard(problem: problems.Problem) -> Triplets:
     if problem.n == 0:
         return _empty()
     positive, negative = _core.batch_hard(problem.x, problem.ref, problem.metric, problem.codes,
-                                          problem.ref_codes)
+                                          problem.ref_codes, problem.ref_offset)
     keep = (positive >= 0) & (negative >= 0)
     anchor = np.flatnonzero(keep).astype(np.int64)
     return Triplets(anchor, positive[keep], negative[keep])
@@ -88,8 +95,8 @@ def mine_batch_hard(problem: problems.Problem) -> Triplets:
 
 def semi_hard(x: Any, labels: Any, *, margin: float = 0.2, select: str = "closest",
               seed: int | None = None, max_triplets: int | None = None, ref: Any = None,
-              ref_labels: Any = None, metric: str = "euclidean", normalize: bool = False,
-              check_finite: bool = True) -> Triplets:
+              ref_labels: Any = None, ref_offset: int | None = None, metric: str = "euclidean",
+              normalize: bool = False, check_finite: bool = True) -> Triplets:
     """Semi-hard negatives for every positive pair ``(a, p)``.
 
     ``select="closest"``: the negative with the smallest ``d(a, n) > d(a, p)``,
@@ -106,13 +113,18 @@ def semi_hard(x: Any, labels: Any, *, margin: float = 0.2, select: str = "closes
     Output order: anchor, then positive index, then (``"all"``) negative
     index.  ``max_triplets``: when more were mined, a uniform random subset of
     that size (seeded by ``seed``) is kept, order preserved.
+
+    ``ref_offset``: as in :func:`batch_hard`; the random draws of anchor ``i``
+    are keyed on ``ref_offset + i``, so a slice mines exactly self mode's
+    triplets of its anchors -- except with ``max_triplets`` (when it cuts), whose
+    subset is drawn over the call's whole set of triplets.
     """
     margin = check.non_negative(margin, "margin")
     check.choice(select, "select", ("closest", "random", "all"))
     max_triplets = check.optional_count(max_triplets, "max_triplets")
     seed_value = problems.resolve_seed(seed)
     problem = problems.prepare(x, labels, ref, ref_labels, metric=metric, normalize=normalize,
-                               check_finite=check_finite)
+                               check_finite=check_finite, ref_offset=ref_offset)
     return mine_semi_hard(problem, margin, select, seed_value, max_triplets)
 
 
@@ -122,17 +134,19 @@ def mine_semi_hard(problem: problems.Problem, margin: float, select: str, seed_v
     if problem.n == 0:
         return _empty()
     args = (problem.x, problem.ref, problem.metric, problem.codes, problem.ref_codes, margin)
+    ref_offset = problem.ref_offset
     if select == "all":
-        counts = _core.semi_hard_all_counts(*args)
+        counts = _core.semi_hard_all_counts(*args, ref_offset=ref_offset)
         offsets = np.zeros(problem.n + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
         total = int(offsets[-1])
         keep = None
         if max_triplets is not None and total > max_triplets:
             keep = _keep_numbers(total, max_triplets, seed_value)
-        return Triplets(*_core.semi_hard_all_write(*args, offsets, keep))
+        return Triplets(*_core.semi_hard_all_write(*args, offsets, keep, ref_offset=ref_offset))
     offsets = problems.positive_offsets(problem)
-    positive, negative = _core.semi_hard(*args, select, seed_value, offsets)
+    positive, negative = _core.semi_hard(*args, select, seed_value, offsets,
+                                         ref_offset=ref_offset)
     return _subset(_per_pair(problem, positive, negative, offsets), max_triplets, seed_value)
 
 
@@ -159,8 +173,8 @@ def check_unit_norm(problem: problems.Problem) -> None:
 def distance_weighted(x: Any, labels: Any, *, cutoff: float = DEFAULT_CUTOFF,
                       nonzero_loss_cutoff: float = DEFAULT_NONZERO_LOSS_CUTOFF,
                       seed: int | None = None, ref: Any = None, ref_labels: Any = None,
-                      metric: str = "euclidean", normalize: bool = False,
-                      check_finite: bool = True) -> Triplets:
+                      ref_offset: int | None = None, metric: str = "euclidean",
+                      normalize: bool = False, check_finite: bool = True) -> Triplets:
     """Distance-weighted sampling (Wu, Manmatha, Smola & Krähenbühl 2017, "Sampling Matters").
 
     For each positive pair ``(a, p)`` one negative ``n`` is drawn with
@@ -173,14 +187,15 @@ def distance_weighted(x: Any, labels: Any, *, cutoff: float = DEFAULT_CUTOFF,
     with ``w = 0`` for non-negatives and for ``d >= nonzero_loss_cutoff``
     (and where ``1 - t^2/4 <= 0``).  Anchors whose weights are all zero are
     skipped.  Embeddings must be unit-norm (pass ``normalize=True``), and the
-    metric euclidean.  Seeded like :func:`semi_hard`.
+    metric euclidean.  Seeded like :func:`semi_hard`; ``ref_offset`` as there
+    (a slice draws exactly the negatives self mode draws for its anchors).
     """
     check_weighted_metric(metric)
     cutoff = check.positive_real(cutoff, "cutoff")
     nonzero_loss_cutoff = check.positive_real(nonzero_loss_cutoff, "nonzero_loss_cutoff")
     seed_value = problems.resolve_seed(seed)
     problem = problems.prepare(x, labels, ref, ref_labels, metric=metric, normalize=normalize,
-                               check_finite=check_finite)
+                               check_finite=check_finite, ref_offset=ref_offset)
     if not normalize:
         check_unit_norm(problem)
     return mine_distance_weighted(problem, cutoff, nonzero_loss_cutoff, seed_value)
@@ -194,5 +209,5 @@ def mine_distance_weighted(problem: problems.Problem, cutoff: float, nonzero_los
     offsets = problems.positive_offsets(problem)
     positive, negative = _core.distance_weighted(problem.x, problem.ref, problem.codes,
                                                  problem.ref_codes, cutoff, nonzero_loss_cutoff,
-                                                 seed_value, offsets)
+                                                 seed_value, offsets, problem.ref_offset)
     return _per_pair(problem, positive, negative, offsets)
