@@ -6,9 +6,11 @@ gradient is kept for backward, which only scales it by ``grad_output``.  No
 graph is built through the mining or the distances, so the loss costs one C
 call (or one CuPy call) whatever the batch size.
 
-Backward is once-differentiable: tripmine returns the gradient, not a graph of
-it, so a double backward (``create_graph=True`` followed by another
-``backward``) raises torch's "marked with @once_differentiable" error.
+Backward is once-differentiable: tripmine returns the gradient as numbers, not
+as a graph, so it cannot be differentiated again.  With ``create_graph=True``
+the gradients carry a node that raises a clear error if anything
+backpropagates through them (a gradient penalty, a Hessian-vector product),
+rather than silently treating tripmine's gradient as a constant.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._bridge import HALF_DTYPES, Backend, compute_dtype
+
+DOUBLE_BACKWARD_MESSAGE = (
+    "tripmine.torch losses are differentiable once: their gradient comes from tripmine as "
+    "numbers, not as a torch graph, so it cannot be differentiated again (double backward, "
+    "gradient penalties and Hessian products through the loss are not supported)")
 
 
 @dataclass
@@ -69,24 +75,43 @@ class TripmineLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        grad, ref_grad, *inputs = ctx.saved_tensors
-        need_x, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if grad_output.dim() == 0:
-            scale = grad_output
-        else:
-            flat = grad_output.reshape(-1)
-            scale = flat[0] if flat.numel() else flat.new_zeros(())
-            if flat.numel() and not bool(torch.all(flat == scale)):
-                return _weighted_backward(ctx, inputs, grad_output) + (None,)
-        x_dtype, ref_dtype = ctx.dtypes
-        grad_x = grad_ref = None
-        if need_x and grad is not None:
-            grad_x = (grad * scale.to(grad.dtype)).to(x_dtype)
-        if need_ref and ref_grad is not None:
-            grad_ref = (ref_grad * scale.to(ref_grad.dtype)).to(ref_dtype)
-        return grad_x, grad_ref, None
+        with torch.no_grad():
+            grads = _backward(ctx, grad_output)
+        if not torch.is_grad_enabled():
+            return grads
+        # create_graph=True: whatever differentiates these gradients must fail loudly
+        # (torch's once_differentiable does this only when grad_output requires grad).
+        return _second_order_error(grads)
+
+
+def _second_order_error(grads: tuple) -> tuple:
+    present = [g for g in grads if g is not None]
+    error = torch._C._functions.DelayedError(DOUBLE_BACKWARD_MESSAGE.encode(), len(present))
+    aliases = [g.detach().requires_grad_(True) for g in present]
+    raising = error(*aliases)
+    raising = iter(raising if isinstance(raising, tuple) else (raising,))
+    return tuple(None if g is None else next(raising) for g in grads)
+
+
+def _backward(ctx, grad_output: torch.Tensor) -> tuple:
+    """The gradients w.r.t. (x, ref, call): tripmine's, scaled by grad_output."""
+    grad, ref_grad, *inputs = ctx.saved_tensors
+    need_x, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_output.dim() == 0:
+        scale = grad_output
+    else:
+        flat = grad_output.reshape(-1)
+        scale = flat[0] if flat.numel() else flat.new_zeros(())
+        if flat.numel() and not bool(torch.all(flat == scale)):
+            return _weighted_backward(ctx, inputs, grad_output) + (None,)
+    x_dtype, ref_dtype = ctx.dtypes
+    grad_x = grad_ref = None
+    if need_x and grad is not None:
+        grad_x = (grad * scale.to(grad.dtype)).to(x_dtype)
+    if need_ref and ref_grad is not None:
+        grad_ref = (ref_grad * scale.to(ref_grad.dtype)).to(ref_dtype)
+    return grad_x, grad_ref, None
 
 
 def _weighted_backward(ctx, inputs, grad_output: torch.Tensor):
