@@ -472,7 +472,11 @@ def test_other_devices_are_refused():
 def cuda_ready():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    pytest.importorskip("cupy", reason="the GPU path needs CuPy")
+    cupy = pytest.importorskip("cupy", reason="the GPU path needs CuPy")
+    try:  # a tripmine without its CuPy path refuses GPU arrays with a TypeError
+        tripmine.triplet_loss(cupy.zeros((2, 2), dtype=cupy.float32), cupy.arange(2))
+    except TypeError as exc:
+        pytest.skip(f"tripmine's GPU path is not available: {exc}")
 
 
 @pytest.mark.parametrize("mining", MINING)

@@ -115,6 +115,13 @@ def _paired_distances(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Te
     return torch.where(positive, torch.sqrt(torch.where(positive, squared, 1.0)), 0.0)
 
 
+def _index_tensor(indices: Any, device: torch.device) -> torch.Tensor:
+    """Triplet indices (NumPy, or CuPy from the GPU path) as a tensor on ``device``."""
+    if isinstance(indices, np.ndarray):
+        return torch.from_numpy(indices).to(device)
+    return torch.from_dlpack(indices).to(device)
+
+
 def _triplet_terms(config: dict):
     """The per-triplet losses in torch, for the weighted backward of reduction="none"."""
 
@@ -123,8 +130,7 @@ def _triplet_terms(config: dict):
             x = _unit_rows(x)
             ref = None if ref is None else _unit_rows(ref)
         rows = x if ref is None else ref
-        anchor, positive, negative = (torch.as_tensor(np.asarray(t), device=x.device)
-                                      for t in result.triplets)
+        anchor, positive, negative = (_index_tensor(t, x.device) for t in result.triplets)
         z = (_paired_distances(x[anchor], rows[positive], config["metric"])
              - _paired_distances(x[anchor], rows[negative], config["metric"])
              + config["margin"])
