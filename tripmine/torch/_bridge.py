@@ -99,14 +99,7 @@ class Backend:
             if self.cuda:
                 return self.cupy.from_dlpack(labels.to(self.device).contiguous())
             return labels.cpu().numpy()
-        if self.cuda:
-            arr = np.asarray(labels)
-            if arr.dtype.kind not in "biu":
-                raise TypeError("labels for CUDA embeddings must be integers (a torch integer "
-                                "tensor or an integer NumPy array), got dtype "
-                                f"{arr.dtype}; map them to class numbers first")
-            return self.cupy.asarray(arr)
-        return labels
+        return labels  # array-like: host labels, which the GPU path takes too
 
     def tensor(self, a) -> torch.Tensor | None:
         """A result array of tripmine's as a tensor on this device, without a copy."""

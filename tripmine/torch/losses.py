@@ -192,7 +192,7 @@ def _triplet(embeddings: torch.Tensor, labels: Any, *, mining: Any = "batch_hard
                     terms=_triplet_terms(config) if per_item and mining != "batch_all" else None)
     loss = TripmineLoss.apply(x, ref, call)
     if memory is not None and enqueue:
-        memory.enqueue(x, labels)  # after the loss: the batch is not in its own memory twice
+        memory.enqueue(x, labels)  # after the loss, so the batch never meets its own copies
     return loss, call.result
 
 
