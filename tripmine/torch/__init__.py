@@ -1,1 +1,31 @@
-"""PyTorch integration of tripmine."""
+"""tripmine for PyTorch: triplet and contrastive losses as autograd functions and modules.
+
+Install with ``pip install 'tripmine[torch]'``.  ``import tripmine`` never imports
+torch; ``import tripmine.torch`` does.
+
+::
+
+    from tripmine.torch import TripletLoss
+
+    criterion = TripletLoss(mining="batch_hard", margin=0.2, normalize=True)
+    loss = criterion(model(images), labels)      # 0-d tensor
+    loss.backward()                              # tripmine's analytic gradient
+    print(criterion.fraction_active)             # the last call's counts
+
+How it works: a ``torch.autograd.Function`` hands the embeddings to the C core
+(CPU tensors as NumPy views, no copy) or to tripmine's CuPy path (CUDA tensors,
+through DLPack, on torch's current stream).  tripmine returns the loss and its
+gradient in one call; backward scales that gradient by ``grad_output``.  No
+autograd graph is built through the distances or the mining.
+
+* :class:`TripletLoss`, :func:`triplet_loss` -- every mining rule of
+  :func:`tripmine.triplet_loss`, plus the miners' options;
+* :class:`ContrastiveLoss`, :func:`contrastive_loss`;
+* :class:`MemoryBank` -- cross-batch memory (XBM): mine each batch against
+  thousands of past embeddings.
+"""
+
+from .losses import ContrastiveLoss, TripletLoss, contrastive_loss, triplet_loss
+from .memory import MemoryBank
+
+__all__ = ["ContrastiveLoss", "MemoryBank", "TripletLoss", "contrastive_loss", "triplet_loss"]
