@@ -379,3 +379,14 @@ def test_cuda_embeddings_take_the_cupy_path_or_say_why():
     assert loss.item() == pytest.approx(expected.loss, rel=1e-10)
     np.testing.assert_allclose(embeddings.grad.cpu().numpy(), expected.grad, rtol=1e-9,
                                atol=1e-12)
+
+
+def test_wrapped_module_options_it_cannot_carry_are_refused():
+    torch_losses = pytest.importorskip("tripmine.torch")
+    from tripmine.torch.distributed import DistributedLoss
+
+    DistributedLoss(torch_losses.TripletLoss(mining="batch_all"))  # defaults: fine
+    for options in ({"mining": "semi_hard", "select": "random"}, {"max_triplets": 10},
+                    {"mining": "distance_weighted", "cutoff": 0.7}):
+        with pytest.raises(ValueError, match="does not support"):
+            DistributedLoss(torch_losses.TripletLoss(**options))

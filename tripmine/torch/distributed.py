@@ -85,6 +85,7 @@ import tripmine
 from tripmine import _problem
 from tripmine import _validation as check
 from tripmine.losses import MINING
+from tripmine.miners import DEFAULT_CUTOFF, DEFAULT_NONZERO_LOSS_CUTOFF
 
 __all__ = [
     "DistributedLoss",
@@ -172,6 +173,16 @@ def _configure(loss: Any, options: dict) -> _Config:
                             f"contrastive loss ({sorted(CONTRASTIVE_OPTIONS)})")
         defaults = TRIPLET_OPTIONS if kind == "triplet" else CONTRASTIVE_OPTIONS
         values = {name: getattr(loss, name, default) for name, default in defaults.items()}
+        # Options of tripmine.torch's modules this wrapper does not carry over: refuse
+        # them rather than silently mine by another rule.
+        unsupported = {"select": "closest", "max_triplets": None, "memory": None,
+                       "cutoff": DEFAULT_CUTOFF, "nonzero_loss_cutoff": DEFAULT_NONZERO_LOSS_CUTOFF}
+        changed = sorted(name for name, default in unsupported.items()
+                         if getattr(loss, name, default) is not default
+                         and getattr(loss, name, default) != default)
+        if changed:
+            raise ValueError(f"DistributedLoss does not support the option(s) {changed} of "
+                             f"{type(loss).__name__}; leave them at their defaults")
     if not isinstance(values["reduction"], str) or values["reduction"] not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(REDUCTIONS)} for a distributed loss "
                          f"(one number for the global batch), got {values['reduction']!r}")
