@@ -53,6 +53,7 @@ void tm_sort_scored(tm_scored *items, int64_t count);
  * (not correctly rounded: see runtime.c).  Written in plain C that compilers
  * vectorise, for the distance-weighted miner's per-negative logarithms. */
 void tm_log_array_f32(float *v, int64_t n);
+void tm_exp_nonpositive_array_f32(float *v, int64_t n);
 
 /* Number of leading items of a sorted array whose value is < v (or <= v):
  * a branch-free scan for the few positives of a P x K batch, a binary search
@@ -143,6 +144,28 @@ typedef struct {
 typedef void (*tm_batch_all_row_kernel)(const tm_batch_all_row_args *args,
                                         tm_batch_all_row_result *res);
 
+/* Distance-weighted's eligible negatives of one row (row_kernel_impl.h): for
+ * every j with another label than the anchor's, dist[j] < nonzero_loss_cutoff
+ * and 1 - t^2 / 4 > 0 (t = max(dist[j], cutoff), in double), in index order,
+ * t and 1 - t^2 / 4 rounded to the working precision go to ts and inners and
+ * j to negatives[q].index.  Returns how many. */
+typedef struct {
+    const void *dist;
+    const int64_t *ref_labels;
+    int64_t m, label;
+    double cutoff, nonzero_loss_cutoff;
+    void *ts, *inners;
+    tm_scored *negatives;
+} tm_weighted_row_args;
+
+typedef int64_t (*tm_weighted_row_kernel)(const tm_weighted_row_args *args);
+
+/* Then, after the logarithms of ts and inners: the cumulative weights
+ * (row_kernel_impl.h, weighted_weights_kernel).  Returns their total, 0 for
+ * none. */
+typedef double (*tm_weighted_weights_kernel)(void *ts, const void *inners, int64_t n,
+                                             double c_t, double c_inner, tm_scored *negatives);
+
 /* One instruction set's micro-kernels, for both precisions. */
 typedef struct {
     const char *name;
@@ -152,6 +175,8 @@ typedef struct {
     int mr_f64, nr_f64;
     tm_dot_kernel_f64 dot_f64;
     tm_batch_all_row_kernel batch_all_row_f32, batch_all_row_f64;
+    tm_weighted_row_kernel weighted_row_f32, weighted_row_f64;
+    tm_weighted_weights_kernel weighted_weights_f32, weighted_weights_f64;
 } tm_kernel_set;
 
 /* Elements of scratch tm_gemm_acc needs. */

@@ -127,6 +127,8 @@ const tm_kernel_set tm_kernels_avx2 = {
     AVX2_MR, AVX2_NR_F32, dot_avx2_f32,
     AVX2_MR, AVX2_NR_F64, dot_avx2_f64,
     batch_all_row_kernel_f32, batch_all_row_kernel_f64,
+    weighted_row_kernel_f32, weighted_row_kernel_f64,
+    weighted_weights_kernel_f32, weighted_weights_kernel_f64,
 };
 
 #else

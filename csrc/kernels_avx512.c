@@ -120,6 +120,8 @@ const tm_kernel_set tm_kernels_avx512 = {
     AVX512_MR, AVX512_NR_F32, dot_avx512_f32,
     AVX512_MR, AVX512_NR_F64, dot_avx512_f64,
     batch_all_row_kernel_f32, batch_all_row_kernel_f64,
+    weighted_row_kernel_f32, weighted_row_kernel_f64,
+    weighted_weights_kernel_f32, weighted_weights_kernel_f64,
 };
 
 #else

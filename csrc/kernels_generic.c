@@ -24,4 +24,6 @@ const tm_kernel_set tm_kernels_generic = {
     TM_GENERIC_MR,     TM_GENERIC_NR, dot_generic_f32,
     TM_GENERIC_MR,     TM_GENERIC_NR, dot_generic_f64,
     batch_all_row_kernel_f32, batch_all_row_kernel_f64,
+    weighted_row_kernel_f32, weighted_row_kernel_f64,
+    weighted_weights_kernel_f32, weighted_weights_kernel_f64,
 };

@@ -473,6 +473,7 @@ typedef struct {
     double cutoff, nonzero_loss_cutoff, dim;
     uint64_t seed;
     TM_FN(pair_slots) slots;
+    const tm_kernel_set *kernels; /* its row kernel, vectorised for the machine */
 } TM_FN(weighted_op);
 
 static int TM_FN(weighted_row)(void *op, int thread, int64_t a, int64_t row_in_block,
@@ -495,24 +496,18 @@ static int TM_FN(weighted_row)(void *op, int thread, int64_t a, int64_t row_in_b
         return TM_OK;
     /* Log-weights of the eligible negatives (another label, distance below
      * nonzero_loss_cutoff, 1 - t^2/4 > 0; never a itself, never NaN),
-     * compacted from the row.  About half of the negatives of a typical batch
-     * are eligible, at random, so the loop is branch-free: it always writes
-     * and advances by the eligibility flag.  t and 1 - t^2/4 go to scratch
+     * compacted from the row by the kernel set's row kernel (row_kernel_impl.h,
+     * vectorised for the machine; about half of the negatives of a typical
+     * batch are eligible, at random, so it never branches on one).  t and
+     * 1 - t^2/4 go to scratch
      * (float32: both in the m doubles of `work`; float64: `work` and
      * `answer`), then both logarithms run as whole-array passes. */
     TM_REAL *ts = (TM_REAL *)(void *)TM_SCRATCH(&s->c.scratch, work, thread);
     TM_REAL *inners = TM_BITS == 32 ? ts + m
                                     : (TM_REAL *)(void *)TM_SCRATCH(&s->c.scratch, answer, thread);
-    int64_t n_valid = 0;
-    for (int64_t j = 0; j < m; ++j) {
-        const double v = (double)dist[j];
-        const double t = v > s->cutoff ? v : s->cutoff;
-        const double inner = 1.0 - 0.25 * t * t;
-        ts[n_valid] = (TM_REAL)t;
-        inners[n_valid] = (TM_REAL)inner;
-        negatives[n_valid].index = j;
-        n_valid += (ref_labels[j] != label) & (v < s->nonzero_loss_cutoff) & (inner > 0.0);
-    }
+    const tm_weighted_row_args args = {dist, ref_labels, m, label, s->cutoff,
+                                       s->nonzero_loss_cutoff, ts, inners, negatives};
+    const int64_t n_valid = TM_FN(kernel_weighted_row)(s->kernels)(&args);
 #if TM_BITS == 32
     /* float32 rows need no more than float accuracy to sample. */
     tm_log_array_f32(ts, n_valid);
@@ -523,21 +518,11 @@ static int TM_FN(weighted_row)(void *op, int thread, int64_t a, int64_t row_in_b
         inners[q] = log(inners[q]);
     }
 #endif
-    double max_log = -HUGE_VAL;
-    const double c_t = 2.0 - s->dim, c_inner = -0.5 * (s->dim - 3.0);
-    for (int64_t q = 0; q < n_valid; ++q) {
-        const double log_w = c_t * (double)ts[q] + c_inner * (double)inners[q];
-        negatives[q].value = log_w;
-        max_log = log_w > max_log ? log_w : max_log;
-    }
-    if (!(max_log > -HUGE_VAL && max_log < HUGE_VAL))
-        return TM_OK; /* no eligible negative (or a degenerate dimension) */
     /* Cumulative weights relative to the largest (which contributes 1). */
-    double total = 0.0;
-    for (int64_t q = 0; q < n_valid; ++q) {
-        total += (double)TM_EXP((TM_REAL)(negatives[q].value - max_log));
-        negatives[q].value = total;
-    }
+    const double total = TM_FN(kernel_weighted_weights)(s->kernels)(
+        ts, inners, n_valid, 2.0 - s->dim, -0.5 * (s->dim - 3.0), negatives);
+    if (!(total > 0.0))
+        return TM_OK; /* no eligible negative (or a degenerate dimension) */
     for (int64_t k = 0; k < n_pos; ++k) {
         const double target =
             tm_uniform01(s->seed, TM_FN(stream_anchor)(&s->c.lv, a), positives[k].index) * total;
@@ -569,6 +554,7 @@ int TM_FN(tm_distance_weighted)(const TM_REAL *x, int64_t n, const TM_REAL *ref,
     s.cutoff = cutoff;
     s.nonzero_loss_cutoff = nonzero_loss_cutoff;
     s.dim = (double)d;
+    s.kernels = tm_active_kernels();
     s.seed = seed;
     s.slots.pos_offsets = pos_offsets;
     s.slots.out_positive = out_positive;

@@ -14,6 +14,10 @@
 #ifndef TM_ROW_CHUNK
 #define TM_ROW_CHUNK 256 /* a multiple of TM_ROW_LANES */
 #define TM_ROW_LANES 8
+#include <math.h>
+#include <string.h>
+#include "fastmath.h"
+
 #endif
 
 /* lanes[l] += v[l + TM_ROW_LANES i] for a chunk of w (padded to a multiple of
@@ -139,4 +143,94 @@ static void TM_FN(batch_all_row_kernel)(const tm_batch_all_row_args *args,
     res->n_neg = n_neg;
     res->active = active;
     res->nonzero = nonzero;
+}
+
+/* Distance-weighted's eligible negatives (tm_weighted_row_args): per chunk, a
+ * branch-free pass the compiler vectorises computes t, 1 - t^2 / 4 (in
+ * double, rounded once, as a scalar loop would) and the eligibility flag,
+ * then a light pass compacts them.  The values are those of a plain loop:
+ * the same bits on every instruction set. */
+static int64_t TM_FN(weighted_row_kernel)(const tm_weighted_row_args *args)
+{
+    const TM_REAL *dist = (const TM_REAL *)args->dist;
+    const int64_t *ref_labels = args->ref_labels;
+    const int64_t m = args->m, label = args->label;
+    const double cutoff = args->cutoff, nonzero = args->nonzero_loss_cutoff;
+    TM_REAL *ts = (TM_REAL *)args->ts, *inners = (TM_REAL *)args->inners;
+    tm_scored *negatives = args->negatives;
+    TM_REAL t_chunk[TM_ROW_CHUNK], inner_chunk[TM_ROW_CHUNK];
+    int64_t keep[TM_ROW_CHUNK]; /* as wide as the labels and the doubles: one vector shape */
+    int64_t n_valid = 0;
+    for (int64_t j0 = 0; j0 < m; j0 += TM_ROW_CHUNK) {
+        const int64_t w = m - j0 < TM_ROW_CHUNK ? m - j0 : TM_ROW_CHUNK;
+        const TM_REAL *v = dist + j0;
+        const int64_t *lab = ref_labels + j0;
+        for (int64_t j = 0; j < w; ++j) {
+            const double d = (double)v[j];
+            /* d > cutoff ? d : cutoff, as a bit blend: GCC (trapping math) will
+             * not turn a floating-point select into vector code */
+            const double t = tm_pick_double(-(int64_t)(d > cutoff), d, cutoff);
+            const double inner = 1.0 - 0.25 * t * t;
+            t_chunk[j] = (TM_REAL)t;
+            inner_chunk[j] = (TM_REAL)inner;
+            /* never the anchor itself (its label), never NaN (d < nonzero fails) */
+            keep[j] = (int64_t)(lab[j] != label) & (int64_t)(d < nonzero) &
+                      (int64_t)(inner > 0.0);
+        }
+        for (int64_t j = 0; j < w; ++j) { /* always write, advance by the flag */
+            ts[n_valid] = t_chunk[j];
+            inners[n_valid] = inner_chunk[j];
+            negatives[n_valid].index = j0 + j;
+            n_valid += keep[j];
+        }
+    }
+    return n_valid;
+}
+
+/* Distance-weighted's sampling weights of a row's n eligible negatives, from
+ * the logarithms of t and 1 - t^2/4 (ts and inners, overwritten):
+ * log w = c_t log t + c_inner log(1 - t^2/4) in double, the largest, then
+ * negatives[q].value = the cumulative sum (in double, in index order) of
+ * w / max w, rounded through the working precision (float32: the exp above,
+ * float64: libm's).  Returns the total, or 0 when no weight is finite. */
+static double TM_FN(weighted_weights_kernel)(void *ts_v, const void *inners_v, int64_t n,
+                                             double c_t, double c_inner, tm_scored *negatives)
+{
+    TM_REAL *ts = (TM_REAL *)ts_v;
+    const TM_REAL *inners = (const TM_REAL *)inners_v;
+    double lanes[TM_ROW_LANES];
+    for (int l = 0; l < TM_ROW_LANES; ++l)
+        lanes[l] = -HUGE_VAL;
+    /* Pass 1: log w into negatives[q].value; the largest per lane, exactly. */
+    int64_t q = 0;
+    for (; q + TM_ROW_LANES <= n; q += TM_ROW_LANES)
+        for (int l = 0; l < TM_ROW_LANES; ++l) {
+            const double v = c_t * (double)ts[q + l] + c_inner * (double)inners[q + l];
+            negatives[q + l].value = v;
+            lanes[l] = tm_pick_double(-(int64_t)(v > lanes[l]), v, lanes[l]);
+        }
+    double max_log = -HUGE_VAL;
+    for (; q < n; ++q) {
+        const double v = c_t * (double)ts[q] + c_inner * (double)inners[q];
+        negatives[q].value = v;
+        max_log = v > max_log ? v : max_log;
+    }
+    for (int l = 0; l < TM_ROW_LANES; ++l)
+        max_log = lanes[l] > max_log ? lanes[l] : max_log;
+    if (!(max_log > -HUGE_VAL && max_log < HUGE_VAL))
+        return 0.0; /* no eligible negative (or a degenerate dimension) */
+    /* Pass 2: the relative weights, vectorised, into ts. */
+    for (q = 0; q < n; ++q)
+#if TM_BITS == 32
+        ts[q] = tm_exp_nonpositive_f32((float)(negatives[q].value - max_log));
+#else
+        ts[q] = exp(negatives[q].value - max_log);
+#endif
+    /* Pass 3: the cumulative sum, in order. */
+    double total = 0.0;
+    for (q = 0; q < n; ++q) {
+        total += (double)ts[q];
+        negatives[q].value = total;
+    }
+    return total;
 }

@@ -122,6 +122,10 @@ static void TM_FN(split_row)(const TM_FN(label_view) *lv, int64_t a, const TM_RE
 }
 
 
+#ifndef TM_LABEL_CHUNK
+#define TM_LABEL_CHUNK 64
+#endif
+
 /* Anchor a's positives (index order, NaN distances kept, as split_row), at
  * most `limit` of them: returns how many were stored, `limit` meaning "at
  * least that many". */
@@ -129,14 +133,26 @@ static inline int64_t TM_FN(gather_positives)(const TM_FN(label_view) *lv, int64
                                               const TM_REAL *dist, tm_scored *positives,
                                               int64_t limit)
 {
-    const int64_t label = lv->labels[a], own = TM_FN(own_row)(lv, a);
+    const int64_t label = lv->labels[a], own = TM_FN(own_row)(lv, a), m = lv->m;
+    const int64_t *ref_labels = lv->ref_labels;
     int64_t np = 0;
-    for (int64_t j = 0; j < lv->m && np < limit; ++j) {
-        if (lv->ref_labels[j] != label || j == own)
+    /* Positives are rare (K - 1 in a row of a P x K batch): a chunk is first
+     * tested as a whole, with a branch-free loop the compiler vectorises, and
+     * only a chunk holding the label is walked element by element. */
+    for (int64_t j0 = 0; j0 < m && np < limit; j0 += TM_LABEL_CHUNK) {
+        const int64_t end = m - j0 < TM_LABEL_CHUNK ? m : j0 + TM_LABEL_CHUNK;
+        int any = 0;
+        for (int64_t j = j0; j < end; ++j)
+            any |= ref_labels[j] == label;
+        if (!any)
             continue;
-        positives[np].value = (double)dist[j];
-        positives[np].index = j;
-        ++np;
+        for (int64_t j = j0; j < end && np < limit; ++j) {
+            if (ref_labels[j] != label || j == own)
+                continue;
+            positives[np].value = (double)dist[j];
+            positives[np].index = j;
+            ++np;
+        }
     }
     return np;
 }

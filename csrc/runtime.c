@@ -16,6 +16,7 @@
 #endif
 
 #include "internal.h"
+#include "fastmath.h"
 
 const char *tm_strerror(int status)
 {
@@ -255,6 +256,13 @@ void tm_sort_scored(tm_scored *items, int64_t count)
  * a loop without branches: GCC vectorises it at the baseline ISA.  The
  * result depends on no library, so another implementation (a GPU kernel) can
  * reproduce it operation for operation. */
+/* v[i] = e^v[i] for v[i] <= 0 (fastmath.h), for the tests. */
+void tm_exp_nonpositive_array_f32(float *v, int64_t n)
+{
+    for (int64_t i = 0; i < n; ++i)
+        v[i] = tm_exp_nonpositive_f32(v[i]);
+}
+
 void tm_log_array_f32(float *v, int64_t n)
 {
     const int32_t sqrt_half_bits = 0x3f3504f3; /* bits of the float nearest sqrt(1/2) */

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import shlex
+import shutil
+import subprocess
+import sysconfig
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,3 +73,26 @@ def rng(request):
     # A per-test seed derived from the test id: reproducible and independent.
     seed = zlib.crc32(request.node.nodeid.encode())
     return np.random.default_rng(seed)
+
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+@pytest.fixture(scope="session")
+def runtime_lib(tmp_path_factory):
+    """csrc/runtime.c built alone (its internal helpers, through ctypes)."""
+    cc = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    if shutil.which(cc[0]) is None:
+        pytest.skip(f"no C compiler ({cc[0]})")
+    out = tmp_path_factory.mktemp("clib") / "libtm_runtime.so"
+    cmd = cc + ["-std=c11", "-O3", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off",
+                "-fno-math-errno", "-fPIC", "-shared", f"-I{CSRC}", str(CSRC / "runtime.c"),
+                "-o", str(out), "-lm"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lib = ctypes.CDLL(str(out))
+    lib.tm_log_array_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.tm_log_array_f32.restype = None
+    lib.tm_exp_nonpositive_array_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.tm_exp_nonpositive_array_f32.restype = None
+    return lib

@@ -29,6 +29,12 @@ void shim_log_f32(float *v, tm_i64 n)
         v[i] = tm_log_f32(v[i]);
 }
 
+void shim_exp_nonpositive_f32(float *v, tm_i64 n)
+{
+    for (tm_i64 i = 0; i < n; ++i)
+        v[i] = tm_exp_nonpositive_f32(v[i]);
+}
+
 // One anchor row: sorted usable negatives (values as double, order), then per pair.
 tm_i64 shim_semi_hard_closest(const double *sorted, const tm_i64 *order, tm_i64 n_neg, double dap)
 {

@@ -147,7 +147,7 @@ def test_distance_weighted(mode, dtype):
         want = tripmine.distance_weighted(x, y, ref=r, ref_labels=ry, seed=seed)
         if dtype == np.float64:
             assert_same_triplets(got, want)
-        else:  # CUDA expf and the float32 tile round differently: nearly every pick agrees
+        else:  # the float32 tiles round differently: nearly every pick agrees
             g = [host(a) for a in got]
             np.testing.assert_array_equal(g[0], want[0])
             assert np.mean(g[2] == want[2]) > 0.97

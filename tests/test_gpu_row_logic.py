@@ -47,6 +47,7 @@ def shim(tmp_path_factory):
     lib.shim_uniform_index.argtypes = [ctypes.c_uint64, ctypes.c_int64, ctypes.c_int64,
                                        ctypes.c_int64]
     lib.shim_log_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.shim_exp_nonpositive_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     lib.shim_semi_hard_closest.restype = ctypes.c_int64
     lib.shim_semi_hard_closest.argtypes = [f64p, i64p, ctypes.c_int64, ctypes.c_double]
     lib.shim_semi_hard_random.restype = ctypes.c_int64
@@ -105,6 +106,17 @@ def test_log_f32_is_accurate(shim):
     out = v.copy()
     shim.shim_log_f32(out.ctypes.data, out.size)
     np.testing.assert_allclose(out, np.log(v.astype(np.float64)), rtol=2e-6, atol=2e-7)
+
+
+def test_exp_f32_is_the_c_cores_bit_for_bit(shim, runtime_lib):
+    """row_logic.cuh's float exp repeats fastmath.h's: distance-weighted's float32 weights
+    (and so its seeded picks) can be the same on the GPU."""
+    x = -np.concatenate([np.linspace(0.0, 90.0, 200_001), np.geomspace(1e-20, 1e3, 5001)])
+    x = x.astype(np.float32)
+    from_c, from_shim = x.copy(), x.copy()
+    runtime_lib.tm_exp_nonpositive_array_f32(from_c.ctypes.data, from_c.size)
+    shim.shim_exp_nonpositive_f32(from_shim.ctypes.data, from_shim.size)
+    np.testing.assert_array_equal(from_shim.view(np.uint32), from_c.view(np.uint32))
 
 
 def _rows(x, labels, ref, ref_labels, metric):

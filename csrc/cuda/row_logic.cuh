@@ -8,6 +8,7 @@
  * seeded GPU call draws the same numbers and picks the same rows:
  *   tm_mix64 / tm_uniform01 / tm_uniform_index   <- csrc/rng.h
  *   tm_log_f32                                   <- tm_log_array_f32 (runtime.c)
+ *   tm_exp_nonpositive_f32                       <- row_kernel_impl.h
  *   count_at_most / count_below                  <- tm_count_* on (value, index) lists
  *   pair_coefficients, softplus, sigmoid         <- losses_impl.h
  * No standard header is needed (NVRTC has none): the integer types are the
@@ -185,10 +186,32 @@ TM_DEVICE double weighted_log_weight<double>(double dist, int other_label, doubl
 template <typename T>
 TM_DEVICE double weighted_relative(double log_w, double max_log);
 
+/* ---- float32 e^x (x <= 0) of row_kernel_impl.h's tm_exp_nonpositive_f32, bit for bit
+ * (integer and IEEE float operations only, as tm_log_f32 above). */
+TM_DEVICE float tm_exp_nonpositive_f32(float x)
+{
+    union { float f; int i; } in, lo, clamped, shifted, shifter, scale;
+    in.f = x;
+    lo.f = -87.0f;
+    const int in_range = -(int)(x >= lo.f);
+    clamped.i = (in.i & in_range) | (lo.i & ~in_range);
+    const float c = clamped.f;
+    shifter.f = 12582912.0f; /* 1.5 * 2^23 */
+    shifted.f = c * 1.44269504f + shifter.f;
+    const int k = shifted.i - shifter.i;
+    const float kf = shifted.f - shifter.f;
+    const float r = (c - kf * 0.693145752f) - kf * 1.42860677e-6f;
+    const float p =
+        1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 +
+        r * (1.0f / 720 + r * (1.0f / 5040)))))));
+    scale.i = ((k + 127) << 23) & in_range;
+    return p * scale.f;
+}
+
 template <>
 TM_DEVICE double weighted_relative<float>(double log_w, double max_log)
 {
-    return (double)expf((float)(log_w - max_log));
+    return (double)tm_exp_nonpositive_f32((float)(log_w - max_log));
 }
 
 template <>
