@@ -141,9 +141,12 @@ static inline int64_t TM_FN(gather_positives)(const TM_FN(label_view) *lv, int64
      * only a chunk holding the label is walked element by element. */
     for (int64_t j0 = 0; j0 < m && np < limit; j0 += TM_LABEL_CHUNK) {
         const int64_t end = m - j0 < TM_LABEL_CHUNK ? m : j0 + TM_LABEL_CHUNK;
-        int any = 0;
+        /* bit 63 of (labels xor label) - 1: set for an equal label (and for
+         * labels differing in bit 63, which the walk below then rejects);
+         * subtraction and shift, where baseline x86-64 has no 64-bit compare */
+        uint64_t any = 0;
         for (int64_t j = j0; j < end; ++j)
-            any |= ref_labels[j] == label;
+            any |= ((uint64_t)(ref_labels[j] ^ label) - 1) >> 63;
         if (!any)
             continue;
         for (int64_t j = j0; j < end && np < limit; ++j) {
