@@ -11,6 +11,34 @@
 #include <stdint.h>
 #include <string.h>
 
+/* ln x = e ln 2 + ln m with x = 2^e m, m in [sqrt(1/2), sqrt(2)), and
+ * ln m = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...), s = (m - 1) / (m + 1).
+ * |s| <= 0.1716, so the series cut after s^11/11 leaves a relative error
+ * below 1e-10, far under float rounding; ln 2 is split in two parts so that
+ * e ln 2 is exact to float precision.  Only integer and float arithmetic in
+ * a function without branches: GCC vectorises its loops.  The
+ * result depends on no library, so another implementation (a GPU kernel) can
+ * reproduce it operation for operation. */
+static inline float tm_log_f32(float x)
+{
+    const int32_t sqrt_half_bits = 0x3f3504f3; /* bits of the float nearest sqrt(1/2) */
+    int32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    /* e: how many octaves x lies above [sqrt(1/2), sqrt(2)); the shift of a
+     * negative number is arithmetic with GCC and Clang. */
+    const int32_t e = (bits - sqrt_half_bits) >> 23;
+    const int32_t m_bits = bits - (int32_t)((uint32_t)e << 23);
+    float m;
+    memcpy(&m, &m_bits, sizeof m);
+    const float s = (m - 1.0f) / (m + 1.0f);
+    const float s2 = s * s;
+    const float series =
+        1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9 +
+        s2 * (1.0f / 11)))));
+    const float fe = (float)e;
+    return fe * 0.693145752f + (fe * 1.42860677e-6f + 2.0f * s * series);
+}
+
 /* e^x for x <= 0 in float, within 2 ulp, 0 below -87 (where float's normal
  * range ends): x = k ln 2 + r with k = round(x / ln 2) (the 1.5 * 2^23
  * rounding trick; ln 2 split in two so that k ln 2 is exact), e^r by its

@@ -49,9 +49,9 @@ typedef struct {
 
 void tm_sort_scored(tm_scored *items, int64_t count);
 
-/* v[i] = ln(v[i]) in place, for positive normal floats, to within a few ulp
- * (not correctly rounded: see runtime.c).  Written in plain C that compilers
- * vectorise, for the distance-weighted miner's per-negative logarithms. */
+/* Array forms of fastmath.h's tm_log_f32 (positive normal floats, within a
+ * few ulp) and tm_exp_nonpositive_f32 (x <= 0, within 2 ulp), in place: the
+ * distance-weighted row kernels' float math, exported for the tests. */
 void tm_log_array_f32(float *v, int64_t n);
 void tm_exp_nonpositive_array_f32(float *v, int64_t n);
 

@@ -501,23 +501,14 @@ static int TM_FN(weighted_row)(void *op, int thread, int64_t a, int64_t row_in_b
      * batch are eligible, at random, so it never branches on one).  t and
      * 1 - t^2/4 go to scratch
      * (float32: both in the m doubles of `work`; float64: `work` and
-     * `answer`), then both logarithms run as whole-array passes. */
+     * `answer`); a second row kernel takes their logarithms, the log-weights
+     * and their cumulative sum. */
     TM_REAL *ts = (TM_REAL *)(void *)TM_SCRATCH(&s->c.scratch, work, thread);
     TM_REAL *inners = TM_BITS == 32 ? ts + m
                                     : (TM_REAL *)(void *)TM_SCRATCH(&s->c.scratch, answer, thread);
     const tm_weighted_row_args args = {dist, ref_labels, m, label, s->cutoff,
                                        s->nonzero_loss_cutoff, ts, inners, negatives};
     const int64_t n_valid = TM_FN(kernel_weighted_row)(s->kernels)(&args);
-#if TM_BITS == 32
-    /* float32 rows need no more than float accuracy to sample. */
-    tm_log_array_f32(ts, n_valid);
-    tm_log_array_f32(inners, n_valid);
-#else
-    for (int64_t q = 0; q < n_valid; ++q) {
-        ts[q] = log(ts[q]);
-        inners[q] = log(inners[q]);
-    }
-#endif
     /* Cumulative weights relative to the largest (which contributes 1). */
     const double total = TM_FN(kernel_weighted_weights)(s->kernels)(
         ts, inners, n_valid, 2.0 - s->dim, -0.5 * (s->dim - 3.0), negatives);

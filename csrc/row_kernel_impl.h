@@ -188,11 +188,18 @@ static int64_t TM_FN(weighted_row_kernel)(const tm_weighted_row_args *args)
 }
 
 /* Distance-weighted's sampling weights of a row's n eligible negatives, from
- * the logarithms of t and 1 - t^2/4 (ts and inners, overwritten):
+ * t and 1 - t^2/4 (ts and inners; ts is overwritten): their logarithms
+ * (float32: tm_log_f32, float64: libm's), then
  * log w = c_t log t + c_inner log(1 - t^2/4) in double, the largest, then
  * negatives[q].value = the cumulative sum (in double, in index order) of
  * w / max w, rounded through the working precision (float32: the exp above,
  * float64: libm's).  Returns the total, or 0 when no weight is finite. */
+#undef TM_ROW_LOG
+#if TM_BITS == 32
+#define TM_ROW_LOG tm_log_f32
+#else
+#define TM_ROW_LOG log
+#endif
 static double TM_FN(weighted_weights_kernel)(void *ts_v, const void *inners_v, int64_t n,
                                              double c_t, double c_inner, tm_scored *negatives)
 {
@@ -205,13 +212,14 @@ static double TM_FN(weighted_weights_kernel)(void *ts_v, const void *inners_v, i
     int64_t q = 0;
     for (; q + TM_ROW_LANES <= n; q += TM_ROW_LANES)
         for (int l = 0; l < TM_ROW_LANES; ++l) {
-            const double v = c_t * (double)ts[q + l] + c_inner * (double)inners[q + l];
+            const double v = c_t * (double)TM_ROW_LOG(ts[q + l]) +
+                             c_inner * (double)TM_ROW_LOG(inners[q + l]);
             negatives[q + l].value = v;
             lanes[l] = tm_pick_double(-(int64_t)(v > lanes[l]), v, lanes[l]);
         }
     double max_log = -HUGE_VAL;
     for (; q < n; ++q) {
-        const double v = c_t * (double)ts[q] + c_inner * (double)inners[q];
+        const double v = c_t * (double)TM_ROW_LOG(ts[q]) + c_inner * (double)TM_ROW_LOG(inners[q]);
         negatives[q].value = v;
         max_log = v > max_log ? v : max_log;
     }

@@ -247,15 +247,6 @@ void tm_sort_scored(tm_scored *items, int64_t count)
         qsort(items, (size_t)count, sizeof(tm_scored), compare_scored);
 }
 
-
-/* ln x = e ln 2 + ln m with x = 2^e m, m in [sqrt(1/2), sqrt(2)), and
- * ln m = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...), s = (m - 1) / (m + 1).
- * |s| <= 0.1716, so the series cut after s^11/11 leaves a relative error
- * below 1e-10, far under float rounding; ln 2 is split in two parts so that
- * e ln 2 is exact to float precision.  Only integer and float arithmetic in
- * a loop without branches: GCC vectorises it at the baseline ISA.  The
- * result depends on no library, so another implementation (a GPU kernel) can
- * reproduce it operation for operation. */
 /* v[i] = e^v[i] for v[i] <= 0 (fastmath.h), for the tests. */
 void tm_exp_nonpositive_array_f32(float *v, int64_t n)
 {
@@ -263,24 +254,9 @@ void tm_exp_nonpositive_array_f32(float *v, int64_t n)
         v[i] = tm_exp_nonpositive_f32(v[i]);
 }
 
+/* v[i] = ln v[i] (fastmath.h: tm_log_f32). */
 void tm_log_array_f32(float *v, int64_t n)
 {
-    const int32_t sqrt_half_bits = 0x3f3504f3; /* bits of the float nearest sqrt(1/2) */
-    for (int64_t i = 0; i < n; ++i) {
-        int32_t bits;
-        memcpy(&bits, &v[i], sizeof bits);
-        /* e: how many octaves x lies above [sqrt(1/2), sqrt(2)); the shift of a
-         * negative number is arithmetic with GCC and Clang. */
-        const int32_t e = (bits - sqrt_half_bits) >> 23;
-        const int32_t m_bits = bits - (int32_t)((uint32_t)e << 23);
-        float m;
-        memcpy(&m, &m_bits, sizeof m);
-        const float s = (m - 1.0f) / (m + 1.0f);
-        const float s2 = s * s;
-        const float series =
-            1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9 +
-            s2 * (1.0f / 11)))));
-        const float fe = (float)e;
-        v[i] = fe * 0.693145752f + (fe * 1.42860677e-6f + 2.0f * s * series);
-    }
+    for (int64_t i = 0; i < n; ++i)
+        v[i] = tm_log_f32(v[i]);
 }

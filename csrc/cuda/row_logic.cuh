@@ -288,10 +288,24 @@ TM_DEVICE double exact_distance(const T *a, const T *b, tm_i64 d, int metric, do
         }
         return 0.5 * sum;
     }
-    for (tm_i64 k = 0; k < d; ++k) {
-        const double diff = (double)a[k] - (double)b[k];
-        sum += diff * diff;
+    /* four interleaved partial sums, in tm_exact_sqeuclidean's order */
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    tm_i64 k = 0;
+    for (; k + 4 <= d; k += 4) {
+        const double d0 = (double)a[k] - (double)b[k];
+        const double d1 = (double)a[k + 1] - (double)b[k + 1];
+        const double d2 = (double)a[k + 2] - (double)b[k + 2];
+        const double d3 = (double)a[k + 3] - (double)b[k + 3];
+        s0 += d0 * d0;
+        s1 += d1 * d1;
+        s2 += d2 * d2;
+        s3 += d3 * d3;
     }
+    for (; k < d; ++k) {
+        const double diff = (double)a[k] - (double)b[k];
+        s0 += diff * diff;
+    }
+    sum = (s0 + s1) + (s2 + s3);
     return metric == TM_SQEUCLIDEAN ? sum : sqrt(sum);
 }
 
