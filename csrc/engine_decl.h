@@ -123,6 +123,24 @@ static inline TM_FN(tm_dot_kernel) TM_FN(kernel_dot)(const tm_kernel_set *k)
 #endif
 }
 
+static inline tm_gram_row_kernel TM_FN(kernel_gram_row)(const tm_kernel_set *k)
+{
+#if TM_BITS == 32
+    return k->gram_row_f32;
+#else
+    return k->gram_row_f64;
+#endif
+}
+
+static inline tm_clamp_row_kernel TM_FN(kernel_clamp_row)(const tm_kernel_set *k)
+{
+#if TM_BITS == 32
+    return k->clamp_row_f32;
+#else
+    return k->clamp_row_f64;
+#endif
+}
+
 static inline tm_weighted_weights_kernel TM_FN(kernel_weighted_weights)(const tm_kernel_set *k)
 {
 #if TM_BITS == 32

@@ -151,6 +151,8 @@ typedef struct {
     int mr, nr;
     int64_t mc, nc;
     TM_FN(tm_dot_kernel) dot;
+    tm_gram_row_kernel gram_row; /* the kernel set's finishing of euclidean rows */
+    tm_clamp_row_kernel clamp_row;
 } TM_FN(engine_plan);
 
 /* Fills tile[i*nc + j] with d(row0 + i, col0 + j); with upper, only the
@@ -207,25 +209,13 @@ static void TM_FN(compute_tile)(const TM_FN(engine_plan) *pl, int64_t row0,
             const TM_REAL norm_xr = pl->x_norms_real[row];
             const TM_REAL *norm_r = pl->ref_norms_real + first_col;
             const TM_REAL refine = (TM_REAL)TM_REFINE;
-            int near = 0;
-            for (int64_t j = 0; j < wanted; ++j) {
-                const TM_REAL scale = norm_xr + norm_r[j];
-                const TM_REAL d2 = scale - 2 * t[j];
-                t[j] = d2;
-                near |= d2 < refine * scale;
-            }
+            const int near = pl->gram_row(t, (double)norm_xr, norm_r, wanted, (double)refine);
             if (near)
                 for (int64_t j = 0; j < wanted; ++j)
                     if (t[j] < refine * (norm_xr + norm_r[j]))
                         t[j] = (TM_REAL)TM_FN(tm_exact_sqeuclidean)(
                             xi, pl->ref + (first_col + j) * d, d);
-            if (pl->metric == TM_METRIC_EUCLIDEAN) {
-                for (int64_t j = 0; j < wanted; ++j)
-                    t[j] = TM_SQRT(t[j] < 0 ? 0 : t[j]);
-            } else {
-                for (int64_t j = 0; j < wanted; ++j)
-                    t[j] = t[j] < 0 ? 0 : t[j];
-            }
+            pl->clamp_row(t, wanted, pl->metric == TM_METRIC_EUCLIDEAN);
         }
         if (pl->self && row >= first_col && row < col0 + ncols)
             t[row - first_col] = 0;
@@ -296,6 +286,8 @@ int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
     plan.mr = TM_FN(kernel_mr)(kernels);
     plan.nr = TM_FN(kernel_nr)(kernels);
     plan.dot = TM_FN(kernel_dot)(kernels);
+    plan.gram_row = TM_FN(kernel_gram_row)(kernels);
+    plan.clamp_row = TM_FN(kernel_clamp_row)(kernels);
 
     /* Block sizes: see the comment at the top of this file. */
     const int64_t row_bytes = (d > 0 ? d : 1) * (int64_t)sizeof(TM_REAL);

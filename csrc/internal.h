@@ -166,6 +166,16 @@ typedef int64_t (*tm_weighted_row_kernel)(const tm_weighted_row_args *args);
 typedef double (*tm_weighted_weights_kernel)(void *ts, const void *inners, int64_t n,
                                              double c_t, double c_inner, tm_scored *negatives);
 
+/* The engine's finishing of a euclidean tile row (engine_impl.h,
+ * compute_tile), vectorised per instruction set (row_kernel_impl.h):
+ * gram: t[j] = (norm_x + norm_r[j]) - 2 t[j], returning whether any pair is
+ * near (t[j] < refine (norm_x + norm_r[j])); clamp: t[j] = max(t[j], 0),
+ * square-rooted when root is set.  Elementwise IEEE operations: the same bits
+ * on every instruction set. */
+typedef int (*tm_gram_row_kernel)(void *t, double norm_x, const void *norm_r, int64_t n,
+                                  double refine);
+typedef void (*tm_clamp_row_kernel)(void *t, int64_t n, int root);
+
 /* One instruction set's micro-kernels, for both precisions. */
 typedef struct {
     const char *name;
@@ -177,6 +187,8 @@ typedef struct {
     tm_batch_all_row_kernel batch_all_row_f32, batch_all_row_f64;
     tm_weighted_row_kernel weighted_row_f32, weighted_row_f64;
     tm_weighted_weights_kernel weighted_weights_f32, weighted_weights_f64;
+    tm_gram_row_kernel gram_row_f32, gram_row_f64;
+    tm_clamp_row_kernel clamp_row_f32, clamp_row_f64;
 } tm_kernel_set;
 
 /* Elements of scratch tm_gemm_acc needs. */

@@ -26,4 +26,6 @@ const tm_kernel_set tm_kernels_generic = {
     batch_all_row_kernel_f32, batch_all_row_kernel_f64,
     weighted_row_kernel_f32, weighted_row_kernel_f64,
     weighted_weights_kernel_f32, weighted_weights_kernel_f64,
+    gram_row_kernel_f32, gram_row_kernel_f64,
+    clamp_row_kernel_f32, clamp_row_kernel_f64,
 };

@@ -242,3 +242,32 @@ static double TM_FN(weighted_weights_kernel)(void *ts_v, const void *inners_v, i
     }
     return total;
 }
+
+/* The engine's euclidean tile rows (tm_gram_row_kernel, tm_clamp_row_kernel). */
+static int TM_FN(gram_row_kernel)(void *t_v, double norm_x, const void *norm_r_v, int64_t n,
+                                  double refine_d)
+{
+    TM_REAL *t = (TM_REAL *)t_v;
+    const TM_REAL *norm_r = (const TM_REAL *)norm_r_v;
+    const TM_REAL norm_xr = (TM_REAL)norm_x, refine = (TM_REAL)refine_d;
+    int near = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        const TM_REAL scale = norm_xr + norm_r[j];
+        const TM_REAL d2 = scale - 2 * t[j];
+        t[j] = d2;
+        near |= d2 < refine * scale;
+    }
+    return near;
+}
+
+static void TM_FN(clamp_row_kernel)(void *t_v, int64_t n, int root)
+{
+    TM_REAL *t = (TM_REAL *)t_v;
+    if (root) {
+        for (int64_t j = 0; j < n; ++j)
+            t[j] = TM_SQRT(t[j] < 0 ? 0 : t[j]);
+    } else {
+        for (int64_t j = 0; j < n; ++j)
+            t[j] = t[j] < 0 ? 0 : t[j];
+    }
+}
