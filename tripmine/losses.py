@@ -66,7 +66,9 @@ def _fraction(active: int, total: int) -> float:
     return active / total if total else 0.0
 
 
-def _given_triplets(triplets: Any, n: int, m: int) -> Triplets:
+def _given_triplets(triplets: Any, n: int, m: int, *, as_array: Any = None) -> Triplets:
+    """Validated int64 index arrays of given triplets.  ``as_array`` turns one index
+    sequence into the backend's array (NumPy by default; the GPU path passes CuPy's)."""
     try:
         triplets = tuple(triplets)
     except TypeError:
@@ -77,13 +79,13 @@ def _given_triplets(triplets: Any, n: int, m: int) -> Triplets:
     arrays = []
     for name, values, limit, rows in zip(("anchor", "positive", "negative"), triplets,
                                          (n, m, m), ("x", "ref", "ref")):
-        arr = np.asarray(values)
+        arr = np.asarray(values) if as_array is None else as_array(values)
         if arr.ndim != 1:
             raise ValueError(f"mining.{name} must be 1-D, got shape {arr.shape}")
         if arr.size and arr.dtype.kind not in "iu":
             raise ValueError(f"mining.{name} must hold integer indices, got dtype {arr.dtype}")
-        arr = check.c_array(arr, np.int64)
-        if arr.size and (arr.min() < 0 or arr.max() >= limit):
+        arr = check.c_array(arr, np.int64) if as_array is None else as_array(arr, np.int64)
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= limit):
             raise ValueError(f"mining.{name} has indices outside [0, {limit}) (the rows of "
                              f"{rows})")
         arrays.append(arr)

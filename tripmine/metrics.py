@@ -116,6 +116,20 @@ def _relevance_blocks(x: Any, labels: Any, ref: Any, ref_labels: Any, metric: st
         yield found & (gallery[np.where(found, indices, 0)] == block_codes), r[lo:hi]
 
 
+def parse_ks(k: Any) -> tuple[bool, list[int]]:
+    """``recall_at_k``'s k: (whether one int was given, the distinct ks in order)."""
+    single = isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_))
+    if single:
+        ks = [k]
+    elif isinstance(k, (str, bytes)) or not isinstance(k, Iterable):
+        raise TypeError(f"k must be a positive int or a sequence of them, got {k!r}")
+    else:
+        ks = list(k)
+    if not ks:
+        raise ValueError("k must be a positive int or a non-empty sequence of them")
+    return single, list(dict.fromkeys(check.positive_int(v, "k") for v in ks))  # each k once
+
+
 @dispatch
 def recall_at_k(x: Any, labels: Any, k: int | Sequence[int] = (1, 5), *, ref: Any = None,
                 ref_labels: Any = None, metric: str = "euclidean",
@@ -127,16 +141,7 @@ def recall_at_k(x: Any, labels: Any, k: int | Sequence[int] = (1, 5), *, ref: An
     left out (module docstring); NaN when none is left.  Memory: O(N max(k))
     at most, never O(N M).
     """
-    single = isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_))
-    if single:
-        ks = [k]
-    elif isinstance(k, (str, bytes)) or not isinstance(k, Iterable):
-        raise TypeError(f"k must be a positive int or a sequence of them, got {k!r}")
-    else:
-        ks = list(k)
-    if not ks:
-        raise ValueError("k must be a positive int or a non-empty sequence of them")
-    ks = list(dict.fromkeys(check.positive_int(v, "k") for v in ks))  # each k once
+    single, ks = parse_ks(k)
     hits = dict.fromkeys(ks, 0)
     scored = 0
     for relevant, r in _relevance_blocks(x, labels, ref, ref_labels, metric, max(ks),

@@ -40,6 +40,7 @@ from .. import _problem as cpu_problem
 from .. import _validation as check
 from .. import losses as cpu_losses
 from .. import masks as cpu_masks
+from .. import metrics as cpu_metrics
 from .. import miners as cpu_miners
 from ..losses import ContrastiveLossResult, TripletLossResult
 from ..miners import Triplets
@@ -626,31 +627,14 @@ def _reduction_scale(reduction: str, count: int, active: int) -> float:
     return 1.0
 
 
+def _device_indices(values, dtype=None):
+    """One index sequence as a CuPy array (C-contiguous int64 when dtype is given)."""
+    return cp.asarray(values) if dtype is None else cp.ascontiguousarray(values, dtype=dtype)
+
+
 def _given_triplets(triplets, n: int, m: int) -> Triplets:
-    try:
-        triplets = tuple(triplets)
-    except TypeError:
-        triplets = ()
-    if len(triplets) != 3:
-        raise ValueError(f"mining must be one of {list(cpu_losses.MINING)} or Triplets(anchor, "
-                         f"positive, negative)")
-    arrays = []
-    for name, values, limit, rows in zip(("anchor", "positive", "negative"), triplets,
-                                         (n, m, m), ("x", "ref", "ref")):
-        arr = cp.asarray(values)
-        if arr.ndim != 1:
-            raise ValueError(f"mining.{name} must be 1-D, got shape {arr.shape}")
-        if arr.size and arr.dtype.kind not in "iu":
-            raise ValueError(f"mining.{name} must hold integer indices, got dtype {arr.dtype}")
-        arr = cp.ascontiguousarray(arr, dtype=i64)
-        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= limit):
-            raise ValueError(f"mining.{name} has indices outside [0, {limit}) (the rows of "
-                             f"{rows})")
-        arrays.append(arr)
-    if not arrays[0].shape == arrays[1].shape == arrays[2].shape:
-        raise ValueError(f"mining.anchor, .positive and .negative must have equal lengths, got "
-                         f"{[a.shape[0] for a in arrays]}")
-    return Triplets(*arrays)
+    """The CPU's checks and messages (tripmine.losses), on device arrays."""
+    return cpu_losses._given_triplets(triplets, n, m, as_array=_device_indices)
 
 
 def _triplet_terms(problem: Problem, triplets: Triplets, margin, soft, reduction, want_grad):
@@ -838,17 +822,7 @@ def _relevance(x, labels, ref, ref_labels, metric, depth, check_finite):
 
 def recall_at_k(x, labels, k=(1, 5), *, ref=None, ref_labels=None, metric="euclidean",
                 check_finite=True):
-    from collections.abc import Iterable
-    single = isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_))
-    if single:
-        ks = [k]
-    elif isinstance(k, (str, bytes)) or not isinstance(k, Iterable):
-        raise TypeError(f"k must be a positive int or a sequence of them, got {k!r}")
-    else:
-        ks = list(k)
-    if not ks:
-        raise ValueError("k must be a positive int or a non-empty sequence of them")
-    ks = list(dict.fromkeys(check.positive_int(v, "k") for v in ks))
+    single, ks = cpu_metrics.parse_ks(k)
     relevant, r = _relevance(x, labels, ref, ref_labels, metric, max(ks), check_finite)
     usable = r > 0
     scored = int(usable.sum())
