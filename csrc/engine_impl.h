@@ -7,8 +7,10 @@
  *    reference block (NC x d) is sized to stay in L2 while every MR-panel of
  *    the anchor block streams past it; the micro-kernel's NR-panel stays in L1.
  * 3. Per block: micro-kernel -> tile of dot products -> distances in place ->
- *    reducer.  Blocks are OpenMP work items (dynamic schedule): whole anchor
- *    blocks for reducers with per-row state, single tiles otherwise.
+ *    reducer.  Blocks are the thread pool's work items (pool.c): whole
+ *    anchor blocks for reducers with per-row state, single tiles otherwise;
+ *    a reducer with per-thread accumulations runs them as slots, so a given
+ *    thread count always gives the same bits.
  *
  * Accuracy.  Distances come from the Gram identity ||x||^2 + ||r||^2 - 2 x.r,
  * whose rounding error is about eps * sqrt(d) * (||x||^2 + ||r||^2).  That is
@@ -106,19 +108,27 @@ double TM_FN(tm_exact_distance)(const TM_REAL *a, const TM_REAL *b, int64_t d,
     }
 }
 
-/* dst[(q*d + p)*width + i] = src[(q*width + i)*d + p], zero past `rows`. */
-static void TM_FN(pack_panels)(const TM_REAL *src, int64_t rows, int64_t d,
-                               int width, TM_REAL *dst, int threads)
+/* dst[(q*d + p)*width + i] = src[(q*width + i)*d + p], zero past `rows`:
+ * panels [begin, end). */
+typedef struct {
+    const TM_REAL *src;
+    int64_t rows, d;
+    int width;
+    TM_REAL *dst;
+} TM_FN(pack_job);
+
+static void TM_FN(pack_range)(void *ctx, int participant, int64_t begin, int64_t end)
 {
-    const int64_t panels = (rows + width - 1) / width;
-    (void)threads; /* unused without OpenMP */
-    TM_OMP(parallel for num_threads(threads) schedule(static))
-    for (int64_t q = 0; q < panels; ++q) {
-        TM_REAL *panel = dst + q * width * d;
+    (void)participant;
+    const TM_FN(pack_job) *job = ctx;
+    const int64_t d = job->d;
+    const int width = job->width;
+    for (int64_t q = begin; q < end; ++q) {
+        TM_REAL *panel = job->dst + q * width * d;
         for (int i = 0; i < width; ++i) {
             const int64_t row = q * width + i;
-            if (row < rows) {
-                const TM_REAL *s = src + row * d;
+            if (row < job->rows) {
+                const TM_REAL *s = job->src + row * d;
                 for (int64_t p = 0; p < d; ++p)
                     panel[p * width + i] = s[p];
             } else {
@@ -129,16 +139,39 @@ static void TM_FN(pack_panels)(const TM_REAL *src, int64_t rows, int64_t d,
     }
 }
 
+static void TM_FN(pack_panels)(const TM_REAL *src, int64_t rows, int64_t d,
+                               int width, TM_REAL *dst, int threads)
+{
+    TM_FN(pack_job) job = {src, rows, d, width, dst};
+    const int64_t panels = (rows + width - 1) / width;
+    /* About 64 KiB of panels per chunk. */
+    const int64_t grain = 1 + (16384 / (int64_t)sizeof(TM_REAL)) / ((d > 0 ? d : 1) * width);
+    tm_parallel_for(threads, panels, grain, TM_FN(pack_range), &job);
+}
+
 /* Squared norms (euclidean metrics) or norms (cosine), in double. */
+typedef struct {
+    const TM_REAL *src;
+    int64_t d;
+    int metric;
+    double *norms;
+} TM_FN(norms_job);
+
+static void TM_FN(norms_range)(void *ctx, int participant, int64_t begin, int64_t end)
+{
+    (void)participant;
+    const TM_FN(norms_job) *job = ctx;
+    for (int64_t i = begin; i < end; ++i) {
+        const double s = TM_FN(sqnorm)(job->src + i * job->d, job->d);
+        job->norms[i] = job->metric == TM_METRIC_COSINE ? sqrt(s) : s;
+    }
+}
+
 static void TM_FN(row_norms)(const TM_REAL *src, int64_t rows, int64_t d,
                              int metric, double *norms, int threads)
 {
-    (void)threads;
-    TM_OMP(parallel for num_threads(threads) schedule(static))
-    for (int64_t i = 0; i < rows; ++i) {
-        const double s = TM_FN(sqnorm)(src + i * d, d);
-        norms[i] = metric == TM_METRIC_COSINE ? sqrt(s) : s;
-    }
+    TM_FN(norms_job) job = {src, d, metric, norms};
+    tm_parallel_for(threads, rows, 1 + 16384 / (d > 0 ? d : 1), TM_FN(norms_range), &job);
 }
 
 typedef struct {
@@ -224,14 +257,28 @@ static void TM_FN(compute_tile)(const TM_FN(engine_plan) *pl, int64_t row0,
 
 
 /* One work item: a whole anchor block (whole_rows) or a single tile. */
-static void TM_FN(run_unit)(const TM_FN(engine_plan) *pl, const TM_FN(tm_reducer) *reducer,
-                            int64_t unit, int64_t col_blocks, TM_REAL *tiles,
-                            atomic_int *shared_status)
+typedef struct {
+    const TM_FN(engine_plan) *plan;
+    const TM_FN(tm_reducer) *reducer;
+    int64_t col_blocks;
+    TM_REAL *tiles;
+    atomic_int status;
+} TM_FN(engine_job);
+
+/* One work item, run by `thread` (a participant or, for static schedules, a
+ * slot: the reducer's per-thread state): a whole anchor block (whole_rows)
+ * or a single tile. */
+static void TM_FN(run_unit)(void *ctx, int thread, int64_t unit)
 {
+    TM_FN(engine_job) *job = ctx;
+    const TM_FN(engine_plan) *pl = job->plan;
+    const TM_FN(tm_reducer) *reducer = job->reducer;
+    const int64_t col_blocks = job->col_blocks;
+    atomic_int *shared_status = &job->status;
     if (atomic_load_explicit(shared_status, memory_order_relaxed) != TM_OK)
         return;
     const int64_t mc = pl->mc, nc = pl->nc;
-    const int thread = tm_thread_id();
+    TM_REAL *tiles = job->tiles;
     TM_REAL *tile = tiles + (size_t)thread * (size_t)(mc * nc);
     const int64_t rb = reducer->whole_rows ? unit : unit / col_blocks;
     const int64_t row0 = rb * mc;
@@ -254,6 +301,12 @@ static void TM_FN(run_unit)(const TM_FN(engine_plan) *pl, const TM_FN(tm_reducer
         st = reducer->end_rows(reducer->ctx, thread, row0, nrows);
     if (st != TM_OK)
         atomic_store(shared_status, st);
+}
+
+static void TM_FN(run_units)(void *ctx, int participant, int64_t begin, int64_t end)
+{
+    for (int64_t unit = begin; unit < end; ++unit)
+        TM_FN(run_unit)(ctx, participant, unit);
 }
 
 int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
@@ -362,17 +415,12 @@ int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
     plan.x_norms_real = real_norms;
     plan.ref_norms_real = self ? real_norms : real_norms + n;
 
-    atomic_int shared_status = TM_OK;
-    if (reducer->static_schedule) {
-        TM_OMP(parallel for num_threads(threads) schedule(static, 1))
-        for (int64_t unit = 0; unit < units; ++unit)
-            TM_FN(run_unit)(&plan, reducer, unit, col_blocks, tiles, &shared_status);
-    } else {
-        TM_OMP(parallel for num_threads(threads) schedule(dynamic, 1))
-        for (int64_t unit = 0; unit < units; ++unit)
-            TM_FN(run_unit)(&plan, reducer, unit, col_blocks, tiles, &shared_status);
-    }
-    status = atomic_load(&shared_status);
+    TM_FN(engine_job) job = {&plan, reducer, col_blocks, tiles, TM_OK};
+    if (reducer->static_schedule)
+        tm_parallel_slots(threads, units, TM_FN(run_unit), &job);
+    else
+        tm_parallel_for(threads, units, 1, TM_FN(run_units), &job);
+    status = atomic_load(&job.status);
 
 done:
     tm_free(x_packed);

@@ -12,17 +12,31 @@
 
 #define TM_VERSION_STRING "0.1.0"
 
-/* OpenMP pragmas that vanish (without -Wunknown-pragmas noise) when the
- * compiler has no OpenMP: TM_OMP(parallel for) -> #pragma omp parallel for. */
-#define TM_PRAGMA(text) _Pragma(#text)
-#ifdef _OPENMP
-#include <omp.h>
-#define TM_OMP(...) TM_PRAGMA(omp __VA_ARGS__)
-#define tm_thread_id() omp_get_thread_num()
-#else
-#define TM_OMP(...)
-#define tm_thread_id() 0
+/* ---- the thread pool (pool.c) -------------------------------------------
+ * tm_parallel_for: body(ctx, participant, begin, end) over [0, n) in chunks
+ * of `grain` indices, on up to `threads` participants (ids 0 .. threads-1,
+ * the caller is 0; index per-participant scratch by it), in any order.
+ * tm_parallel_slots: body(ctx, slot, unit) for units 0 .. n-1, unit u in
+ * slot u % slots; each slot runs its units in increasing order, one at a
+ * time, whichever participant runs them, so per-slot state is the same on
+ * every run.  Both return when all the work is done. */
+#define TM_MAX_THREADS 256
+#if !defined(TM_NO_THREADS) && (defined(_WIN32) || !defined(__STDC_VERSION__))
+#define TM_NO_THREADS 1
 #endif
+#ifdef TM_NO_THREADS
+#define TM_THREADED 0
+#else
+#define TM_THREADED 1
+#endif
+typedef void (*tm_range_fn)(void *ctx, int participant, int64_t begin, int64_t end);
+typedef void (*tm_unit_fn)(void *ctx, int slot, int64_t unit);
+void tm_parallel_for(int threads, int64_t n, int64_t grain, tm_range_fn body, void *ctx);
+void tm_parallel_slots(int slots, int64_t n, tm_unit_fn body, void *ctx);
+/* The CPUs this process may use (or OMP_NUM_THREADS), at most TM_MAX_THREADS. */
+int tm_default_threads(void);
+const char *tm_runtime_name(void);
+void tm_pool_after_fork_child(void);
 
 /* 64-byte aligned allocation; a request of 0 bytes still returns a valid
  * pointer, so "NULL" always means "out of memory". */

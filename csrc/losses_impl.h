@@ -102,6 +102,87 @@ static void TM_FN(order_by_row)(const int64_t *rows_of, int64_t t, int64_t rows,
     start[0] = 0;
 }
 
+/* The given-triplets gradient's shared state: the triplets, their exact
+ * distances and, per triplet, the coefficients of its (a,p) and (a,n) pairs. */
+typedef struct {
+    const TM_REAL *x, *r;
+    int64_t d;
+    int metric, soft;
+    const int64_t *anchor, *positive, *negative;
+    double margin, scale;
+    const double *dists;
+    double *coef; /* per triplet: (a,p) and (a,n) alpha, beta, gamma */
+    const int64_t *start, *order;
+    const int64_t *rows_of; /* role 1 or 2: the positive or negative indices */
+    int offset;             /* 0 (positive) or 3 (negative) */
+    double *target;         /* gradient rows of the role being written */
+} TM_FN(triplet_grad_job);
+
+static void TM_FN(triplet_coef_range)(void *ctx, int participant, int64_t begin, int64_t end)
+{
+    (void)participant;
+    const TM_FN(triplet_grad_job) *job = ctx;
+    const int64_t d = job->d;
+    const int cosine = job->metric == TM_METRIC_COSINE;
+    for (int64_t i = begin; i < end; ++i) {
+        const double dap = job->dists[3 * i], dan = job->dists[3 * i + 1];
+        const double z = dap - dan + job->margin;
+        const double g = job->scale * (job->soft ? TM_FN(sigmoid)(z) : (z > 0.0 ? 1.0 : 0.0));
+        const TM_REAL *xa = job->x + job->anchor[i] * d;
+        const double norm_a = cosine ? TM_FN(norm_of)(xa, d) : 0.0;
+        const double norm_p = cosine ? TM_FN(norm_of)(job->r + job->positive[i] * d, d) : 0.0;
+        const double norm_n = cosine ? TM_FN(norm_of)(job->r + job->negative[i] * d, d) : 0.0;
+        const TM_FN(pair_coef) cp = TM_FN(pair_coefficients)(job->metric, g, dap, norm_a, norm_p);
+        const TM_FN(pair_coef) cn = TM_FN(pair_coefficients)(job->metric, -g, dan, norm_a, norm_n);
+        double *c = job->coef + 6 * i;
+        c[0] = cp.alpha;
+        c[1] = cp.beta;
+        c[2] = cp.gamma;
+        c[3] = cn.alpha;
+        c[4] = cn.beta;
+        c[5] = cn.gamma;
+    }
+}
+
+/* Role 0: the anchor's own row gets alpha x_a + beta r_j for both pairs. */
+static void TM_FN(triplet_anchor_rows)(void *ctx, int participant, int64_t begin, int64_t end)
+{
+    (void)participant;
+    const TM_FN(triplet_grad_job) *job = ctx;
+    const int64_t d = job->d;
+    for (int64_t a = begin; a < end; ++a) {
+        double *acc = job->target + a * d;
+        const TM_REAL *xa = job->x + a * d;
+        for (int64_t k = job->start[a]; k < job->start[a + 1]; ++k) {
+            const int64_t i = job->order[k];
+            const double *c = job->coef + 6 * i;
+            const TM_REAL *rp = job->r + job->positive[i] * d, *rn = job->r + job->negative[i] * d;
+            const double alpha = c[0] + c[3];
+            for (int64_t e = 0; e < d; ++e)
+                acc[e] += alpha * (double)xa[e] + c[1] * (double)rp[e] + c[4] * (double)rn[e];
+        }
+    }
+}
+
+/* Roles 1 and 2: the positive's or the negative's rows get gamma r_j + beta x_a. */
+static void TM_FN(triplet_other_rows)(void *ctx, int participant, int64_t begin, int64_t end)
+{
+    (void)participant;
+    const TM_FN(triplet_grad_job) *job = ctx;
+    const int64_t d = job->d;
+    for (int64_t j = begin; j < end; ++j) {
+        double *acc = job->target + j * d;
+        const TM_REAL *rj = job->r + j * d;
+        for (int64_t k = job->start[j]; k < job->start[j + 1]; ++k) {
+            const int64_t i = job->order[k];
+            const double *c = job->coef + 6 * i + job->offset;
+            const TM_REAL *xa = job->x + job->anchor[i] * d;
+            for (int64_t e = 0; e < d; ++e)
+                acc[e] += c[2] * (double)rj[e] + c[1] * (double)xa[e];
+        }
+    }
+}
+
 /* Gradient of the triplet loss over given triplets, in double (gx: n x d;
  * gr: m x d in reference mode, unused in self mode, where every role lands in
  * gx).  Three passes, one per role (anchor, positive, negative), each
@@ -125,7 +206,7 @@ static int TM_FN(triplet_gradient)(const TM_REAL *x, int64_t n, const TM_REAL *r
         (status = tm_bytes(t, 1, sizeof(int64_t), &order_bytes)) != TM_OK ||
         (status = tm_bytes(rows + 1, 1, sizeof(int64_t), &start_bytes)) != TM_OK)
         return status;
-    double *coef = tm_alloc(coef_bytes); /* per triplet: (a,p) and (a,n) alpha, beta, gamma */
+    double *coef = tm_alloc(coef_bytes);
     int64_t *order = tm_alloc(order_bytes);
     int64_t *start = tm_alloc(start_bytes);
     if (coef == NULL || order == NULL || start == NULL) {
@@ -135,61 +216,19 @@ static int TM_FN(triplet_gradient)(const TM_REAL *x, int64_t n, const TM_REAL *r
         return TM_ERR_NOMEM;
     }
     const int threads = tm_threads_for(t * d / 4096 + 1);
-    (void)threads;
-    TM_OMP(parallel for num_threads(threads) schedule(static))
-    for (int64_t i = 0; i < t; ++i) {
-        const double dap = dists[3 * i], dan = dists[3 * i + 1];
-        const double z = dap - dan + margin;
-        const double g = scale * (soft ? TM_FN(sigmoid)(z) : (z > 0.0 ? 1.0 : 0.0));
-        const TM_REAL *xa = x + anchor[i] * d;
-        const int cosine = metric == TM_METRIC_COSINE;
-        const double norm_a = cosine ? TM_FN(norm_of)(xa, d) : 0.0;
-        const double norm_p = cosine ? TM_FN(norm_of)(r + positive[i] * d, d) : 0.0;
-        const double norm_n = cosine ? TM_FN(norm_of)(r + negative[i] * d, d) : 0.0;
-        const TM_FN(pair_coef) cp = TM_FN(pair_coefficients)(metric, g, dap, norm_a, norm_p);
-        const TM_FN(pair_coef) cn = TM_FN(pair_coefficients)(metric, -g, dan, norm_a, norm_n);
-        double *c = coef + 6 * i;
-        c[0] = cp.alpha;
-        c[1] = cp.beta;
-        c[2] = cp.gamma;
-        c[3] = cn.alpha;
-        c[4] = cn.beta;
-        c[5] = cn.gamma;
-    }
-    /* Role 0: the anchor's own row gets alpha x_a + beta r_j for both pairs. */
+    /* Chunks of about 64 rows' (or triplets') work each. */
+    const int64_t row_grain = 64, coef_grain = 1 + 16384 / (d > 0 ? d : 1);
+    TM_FN(triplet_grad_job) job = {x, r, d, metric, soft, anchor, positive, negative, margin,
+                                   scale, dists, coef, start, order, NULL, 0, gx};
+    tm_parallel_for(threads, t, coef_grain, TM_FN(triplet_coef_range), &job);
     TM_FN(order_by_row)(anchor, t, n, start, order);
-    TM_OMP(parallel for num_threads(threads) schedule(dynamic, 64))
-    for (int64_t a = 0; a < n; ++a) {
-        double *acc = gx + a * d;
-        const TM_REAL *xa = x + a * d;
-        for (int64_t k = start[a]; k < start[a + 1]; ++k) {
-            const int64_t i = order[k];
-            const double *c = coef + 6 * i;
-            const TM_REAL *rp = r + positive[i] * d, *rn = r + negative[i] * d;
-            const double alpha = c[0] + c[3];
-            for (int64_t e = 0; e < d; ++e)
-                acc[e] += alpha * (double)xa[e] + c[1] * (double)rp[e] + c[4] * (double)rn[e];
-        }
-    }
-    /* Roles 1 and 2: the positive's and the negative's rows get
-     * gamma r_j + beta x_a. */
-    double *target = self ? gx : gr; /* NULL: the reference gradient is not wanted */
-    for (int role = 1; role <= 2 && target != NULL; ++role) {
-        const int64_t *rows_of = role == 1 ? positive : negative;
-        const int offset = role == 1 ? 0 : 3;
-        TM_FN(order_by_row)(rows_of, t, m, start, order);
-        TM_OMP(parallel for num_threads(threads) schedule(dynamic, 64))
-        for (int64_t j = 0; j < m; ++j) {
-            double *acc = target + j * d;
-            const TM_REAL *rj = r + j * d;
-            for (int64_t k = start[j]; k < start[j + 1]; ++k) {
-                const int64_t i = order[k];
-                const double *c = coef + 6 * i + offset;
-                const TM_REAL *xa = x + anchor[i] * d;
-                for (int64_t e = 0; e < d; ++e)
-                    acc[e] += c[2] * (double)rj[e] + c[1] * (double)xa[e];
-            }
-        }
+    tm_parallel_for(threads, n, row_grain, TM_FN(triplet_anchor_rows), &job);
+    job.target = self ? gx : gr; /* NULL: the reference gradient is not wanted */
+    for (int role = 1; role <= 2 && job.target != NULL; ++role) {
+        job.rows_of = role == 1 ? positive : negative;
+        job.offset = role == 1 ? 0 : 3;
+        TM_FN(order_by_row)(job.rows_of, t, m, start, order);
+        tm_parallel_for(threads, m, row_grain, TM_FN(triplet_other_rows), &job);
     }
     tm_free(coef);
     tm_free(order);
@@ -198,6 +237,35 @@ static int TM_FN(triplet_gradient)(const TM_REAL *x, int64_t n, const TM_REAL *r
 }
 
 /* ---- triplet loss over given triplets -------------------------------------- */
+
+/* Per triplet: exact d(a,p), d(a,n) and the loss, into work[3 i .. 3 i + 2]. */
+typedef struct {
+    const TM_REAL *x, *r;
+    int64_t d;
+    int metric;
+    const int64_t *anchor, *positive, *negative;
+    double margin;
+    int soft;
+    double *work;
+} TM_FN(triplet_dist_job);
+
+static void TM_FN(triplet_dist_range)(void *ctx, int participant, int64_t begin, int64_t end)
+{
+    (void)participant;
+    const TM_FN(triplet_dist_job) *job = ctx;
+    const int64_t d = job->d;
+    for (int64_t i = begin; i < end; ++i) {
+        const TM_REAL *xa = job->x + job->anchor[i] * d;
+        const double dap = TM_FN(tm_exact_distance)(xa, job->r + job->positive[i] * d, d,
+                                                    job->metric);
+        const double dan = TM_FN(tm_exact_distance)(xa, job->r + job->negative[i] * d, d,
+                                                    job->metric);
+        const double z = dap - dan + job->margin;
+        job->work[3 * i] = dap;
+        job->work[3 * i + 1] = dan;
+        job->work[3 * i + 2] = job->soft ? TM_FN(softplus)(z) : (z > 0.0 ? z : 0.0);
+    }
+}
 
 int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m, int64_t d,
                            int metric, const int64_t *anchor, const int64_t *positive,
@@ -233,18 +301,9 @@ int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int6
         return TM_ERR_NOMEM;
     }
 
-    const int threads = tm_threads_for(t / 256 + 1);
-    (void)threads;
-    TM_OMP(parallel for num_threads(threads) schedule(static))
-    for (int64_t i = 0; i < t; ++i) {
-        const TM_REAL *xa = x + anchor[i] * d;
-        const double dap = TM_FN(tm_exact_distance)(xa, r + positive[i] * d, d, metric);
-        const double dan = TM_FN(tm_exact_distance)(xa, r + negative[i] * d, d, metric);
-        const double z = dap - dan + margin;
-        work[3 * i] = dap;
-        work[3 * i + 1] = dan;
-        work[3 * i + 2] = soft ? TM_FN(softplus)(z) : (z > 0.0 ? z : 0.0);
-    }
+    TM_FN(triplet_dist_job) job = {x, r, d, metric, anchor, positive, negative, margin, soft,
+                                   work};
+    tm_parallel_for(tm_threads_for(t / 256 + 1), t, 256, TM_FN(triplet_dist_range), &job);
     double total = 0.0;
     int64_t active = 0;
     for (int64_t i = 0; i < t; ++i) {

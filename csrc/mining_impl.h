@@ -151,6 +151,36 @@ static int TM_FN(symmetric_hard_tile)(void *ctx, int thread, int64_t row0, int64
     return TM_OK;
 }
 
+/* Merges the per-thread bests of anchors [begin, end). */
+typedef struct {
+    const TM_FN(symmetric_hard_ctx) *c;
+    int64_t *positive, *negative;
+} TM_FN(symmetric_merge_job);
+
+static void TM_FN(symmetric_merge_range)(void *ctx, int participant, int64_t begin, int64_t end)
+{
+    (void)participant;
+    const TM_FN(symmetric_merge_job) *job = ctx;
+    const TM_FN(symmetric_hard_ctx) *c = job->c;
+    for (int64_t a = begin; a < end; ++a) {
+        int64_t pos = -1, neg = -1;
+        TM_REAL best_pos = 0, best_neg = 0;
+        for (int t = 0; t < c->nthreads; ++t) {
+            const size_t at = (size_t)t * (size_t)c->n + (size_t)a;
+            if (c->pos_idx[at] >= 0 && TM_FN(farther)(c->pos_val[at], c->pos_idx[at], best_pos, pos)) {
+                best_pos = c->pos_val[at];
+                pos = c->pos_idx[at];
+            }
+            if (c->neg_idx[at] >= 0 && TM_FN(nearer)(c->neg_val[at], c->neg_idx[at], best_neg, neg)) {
+                best_neg = c->neg_val[at];
+                neg = c->neg_idx[at];
+            }
+        }
+        job->positive[a] = pos;
+        job->negative[a] = neg;
+    }
+}
+
 static int TM_FN(batch_hard_symmetric)(const TM_FN(tm_tile_problem) *problem,
                                        const int64_t *labels, int64_t *positive,
                                        int64_t *negative)
@@ -161,26 +191,9 @@ static int TM_FN(batch_hard_symmetric)(const TM_FN(tm_tile_problem) *problem,
                                        TM_FN(symmetric_hard_tile), NULL, 1};
     int status = TM_FN(tm_tile_engine)(problem, &reducer);
     if (status == TM_OK) {
-        TM_OMP(parallel for num_threads(tm_threads_for(n * ctx.nthreads)) schedule(static))
-        for (int64_t a = 0; a < n; ++a) {
-            int64_t pos = -1, neg = -1;
-            TM_REAL best_pos = 0, best_neg = 0;
-            for (int t = 0; t < ctx.nthreads; ++t) {
-                const size_t at = (size_t)t * (size_t)n + (size_t)a;
-                if (ctx.pos_idx[at] >= 0 &&
-                    TM_FN(farther)(ctx.pos_val[at], ctx.pos_idx[at], best_pos, pos)) {
-                    best_pos = ctx.pos_val[at];
-                    pos = ctx.pos_idx[at];
-                }
-                if (ctx.neg_idx[at] >= 0 &&
-                    TM_FN(nearer)(ctx.neg_val[at], ctx.neg_idx[at], best_neg, neg)) {
-                    best_neg = ctx.neg_val[at];
-                    neg = ctx.neg_idx[at];
-                }
-            }
-            positive[a] = pos;
-            negative[a] = neg;
-        }
+        TM_FN(symmetric_merge_job) job = {&ctx, positive, negative};
+        tm_parallel_for(tm_threads_for(n * ctx.nthreads), n, 1024, TM_FN(symmetric_merge_range),
+                        &job);
     }
     tm_free(ctx.pos_val);
     tm_free(ctx.neg_val);

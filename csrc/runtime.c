@@ -1,19 +1,10 @@
 /*
- * Status strings, build facts, thread control and aligned allocation.
+ * Status strings, build facts, thread-count control and aligned allocation
+ * (the thread pool itself is pool.c).
  */
 #include <stdlib.h>
 #include <stdatomic.h>
 #include <string.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#if defined(__linux__) && defined(_OPENMP)
-#include <stdio.h>
-#include <sys/resource.h>
-#include <unistd.h>
-#define TM_CHECK_THREAD_ROOM 1
-#endif
 
 #include "internal.h"
 #include "fastmath.h"
@@ -65,13 +56,14 @@ const char *tm_compiler(void)
 #endif
 }
 
-int tm_openmp_version(void)
+const char *tm_runtime(void)
 {
-#ifdef _OPENMP
-    return _OPENMP;
-#else
-    return 0;
-#endif
+    return tm_runtime_name();
+}
+
+int tm_threaded(void)
+{
+    return TM_THREADED;
 }
 
 /* 0 means "the default"; read once per call, so a change affects later calls. */
@@ -79,22 +71,15 @@ static atomic_int requested_threads = 0;
 
 int tm_set_num_threads(int n)
 {
-    requested_threads = n > 0 ? n : 0;
+    requested_threads = n <= 0 ? 0 : n < TM_MAX_THREADS ? n : TM_MAX_THREADS;
     return TM_OK;
 }
 
-/* GNU OpenMP's thread pool does not survive fork(): a child whose parent
- * already ran a parallel region hangs in its first one.  So the C core
- * notes when it has run threads, and a child forked after that runs
- * single-threaded (tm_after_fork_child, called by the Python layer's fork
- * hook). */
-static atomic_int ran_threads = 0;
-static atomic_int single_after_fork = 0;
-
+/* The pool resets itself in a forked child (pthread_atfork, pool.c), whose
+ * calls then create fresh workers: nothing is left to do here. */
 void tm_after_fork_child(void)
 {
-    if (atomic_load(&ran_threads))
-        atomic_store(&single_after_fork, 1);
+    tm_pool_after_fork_child();
 }
 
 /* A call that walks the engine several times pins the thread count of its
@@ -103,60 +88,10 @@ void tm_after_fork_child(void)
  * previous one, which tm_unpin_threads restores. */
 static _Thread_local int pinned_threads = 0;
 
-#ifdef TM_CHECK_THREAD_ROOM
-/* GNU OpenMP ends the process (exit status 1, no way to catch it) when it
- * cannot create a worker thread, e.g. when RLIMIT_AS leaves no room for
- * another thread stack.  So when an address-space limit is set, a team is
- * capped by the room left: each new thread may need a stack of
- * OMP_STACKSIZE or RLIMIT_STACK (8 MiB by default) and its guard page.
- * Without a limit (the usual case) this costs one getrlimit call. */
-static int thread_room(int wanted)
-{
-    struct rlimit as_limit, stack_limit;
-    if (wanted <= 1 || getrlimit(RLIMIT_AS, &as_limit) != 0 ||
-        as_limit.rlim_cur == RLIM_INFINITY)
-        return wanted;
-    double stack = 8.0 * 1024 * 1024;
-    if (getrlimit(RLIMIT_STACK, &stack_limit) == 0 && stack_limit.rlim_cur != RLIM_INFINITY &&
-        stack_limit.rlim_cur > 0)
-        stack = (double)stack_limit.rlim_cur;
-    const char *omp_stack = getenv("OMP_STACKSIZE");
-    if (omp_stack != NULL) {
-        char *end = NULL;
-        const double value = strtod(omp_stack, &end);
-        const char unit = end != NULL ? *end : '\0';
-        const double scale = unit == 'B' || unit == 'b' ? 1.0
-                             : unit == 'M' || unit == 'm' ? 1024.0 * 1024
-                             : unit == 'G' || unit == 'g' ? 1024.0 * 1024 * 1024
-                                                          : 1024.0; /* K, or no unit */
-        if (value > 0)
-            stack = value * scale;
-    }
-    long pages = 0;
-    FILE *statm = fopen("/proc/self/statm", "r");
-    if (statm == NULL)
-        return 1; /* too tight even to look: stay on this thread */
-    const int read = fscanf(statm, "%ld", &pages);
-    fclose(statm);
-    if (read != 1)
-        return 1;
-    const double used = (double)pages * (double)sysconf(_SC_PAGESIZE);
-    const double room = (double)as_limit.rlim_cur - used;
-    const double per_thread = stack + 2.0 * 1024 * 1024; /* guard page, TLS, arena slack */
-    const double fit = room > 0 ? room / per_thread : 0;
-    return fit >= wanted - 1 ? wanted : 1 + (int)fit;
-}
-#else
-static int thread_room(int wanted)
-{
-    return wanted;
-}
-#endif
-
 int tm_pin_threads(void)
 {
     const int previous = pinned_threads;
-    pinned_threads = thread_room(tm_get_num_threads());
+    pinned_threads = tm_get_num_threads();
     return previous;
 }
 
@@ -165,18 +100,25 @@ void tm_unpin_threads(int previous)
     pinned_threads = previous;
 }
 
+/* The default thread count, found once (the CPUs this process may run on,
+ * or OMP_NUM_THREADS; pool.c). */
+static atomic_int default_threads = 0;
+
 int tm_get_num_threads(void)
 {
+    if (!TM_THREADED)
+        return 1;
     if (pinned_threads > 0)
         return pinned_threads;
-#ifdef _OPENMP
-    if (atomic_load(&single_after_fork))
-        return 1;
-    int n = requested_threads;
-    return n > 0 ? n : omp_get_max_threads();
-#else
-    return 1;
-#endif
+    const int n = requested_threads;
+    if (n > 0)
+        return n;
+    int fallback = atomic_load_explicit(&default_threads, memory_order_relaxed);
+    if (fallback == 0) {
+        fallback = tm_default_threads();
+        atomic_store(&default_threads, fallback);
+    }
+    return fallback;
 }
 
 int tm_threads_for(int64_t work)
@@ -184,10 +126,6 @@ int tm_threads_for(int64_t work)
     int n = tm_get_num_threads();
     if (work < n)
         n = work > 1 ? (int)work : 1;
-    if (pinned_threads == 0) /* a pin already accounts for the room */
-        n = thread_room(n);
-    if (n > 1 && !atomic_load_explicit(&ran_threads, memory_order_relaxed))
-        atomic_store(&ran_threads, 1);
     return n;
 }
 

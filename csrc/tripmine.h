@@ -79,16 +79,26 @@ TM_PUBLIC const char *tm_version(void);
 TM_PUBLIC const char *tm_compiler(void);
 /* Sanitizers compiled in (e.g. "address,undefined"), "" for a normal build. */
 TM_PUBLIC const char *tm_sanitizers(void);
-/* The _OPENMP date macro of the build, or 0 when built without OpenMP. */
-TM_PUBLIC int tm_openmp_version(void);
+/* The parallel runtime, in words (tripmine's own pthread pool, csrc/pool.c,
+ * or none), and whether this build can run threads at all. */
+TM_PUBLIC const char *tm_runtime(void);
+TM_PUBLIC int tm_threaded(void);
+/* Worker threads the pool has created so far (0 before the first parallel
+ * call; the calling thread is not counted). */
+TM_PUBLIC int tm_pool_workers(void);
+/* Totals since the process started: jobs run on the pool (calls that ran
+ * inline on one thread are not counted), and the work items that workers and
+ * calling threads ran in them. */
+TM_PUBLIC void tm_pool_stats(int64_t *jobs, int64_t *worker_items, int64_t *caller_items);
 
-/* Threads used by every parallel call; n <= 0 restores the default
- * (omp_get_max_threads(), i.e. OMP_NUM_THREADS or the core count). */
+/* Threads used by every parallel call, at most 256; n <= 0 restores the
+ * default (OMP_NUM_THREADS if set, else the CPUs this process may run on).
+ * Idle workers spin for at most TRIPMINE_SPIN_US microseconds (default 50)
+ * after a parallel region, then sleep. */
 TM_PUBLIC int tm_set_num_threads(int n);
 TM_PUBLIC int tm_get_num_threads(void);
-/* Call in a child process right after fork(): if this process had already
- * run threads, the child stays single-threaded (GNU OpenMP's pool cannot be
- * used across fork). */
+/* Kept for callers of earlier versions: the pool resets itself in a forked
+ * child (pthread_atfork) and runs threads there too; this does nothing. */
 TM_PUBLIC void tm_after_fork_child(void);
 
 /* Instruction sets for the micro-kernels: "generic" always, "avx2" (AVX2+FMA)

@@ -80,14 +80,15 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 @pytest.fixture(scope="session")
 def runtime_lib(tmp_path_factory):
-    """csrc/runtime.c built alone (its internal helpers, through ctypes)."""
+    """csrc/runtime.c (with the pool it calls) built alone: its internal helpers, through
+    ctypes."""
     cc = shlex.split(sysconfig.get_config_var("CC") or "cc")
     if shutil.which(cc[0]) is None:
         pytest.skip(f"no C compiler ({cc[0]})")
     out = tmp_path_factory.mktemp("clib") / "libtm_runtime.so"
     cmd = cc + ["-std=c11", "-O3", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off",
-                "-fno-math-errno", "-fPIC", "-shared", f"-I{CSRC}", str(CSRC / "runtime.c"),
-                "-o", str(out), "-lm"]
+                "-fno-math-errno", "-fPIC", "-shared", "-pthread", f"-I{CSRC}",
+                str(CSRC / "runtime.c"), str(CSRC / "pool.c"), "-o", str(out), "-lm"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     lib = ctypes.CDLL(str(out))

@@ -33,7 +33,7 @@ def test_version_is_consistent():
 
 def test_build_info_keys():
     info = tripmine.build_info()
-    assert set(info) >= {"version", "compiler", "openmp", "isa", "isas_usable", "isas_compiled",
+    assert set(info) >= {"version", "compiler", "runtime", "threaded", "isa", "isas_usable", "isas_compiled",
                          "num_threads"}
     assert info["isa"] in info["isas_usable"]
     assert info["num_threads"] == tripmine.get_num_threads()
@@ -127,32 +127,123 @@ def test_no_warnings_on_import():
 
 _FORK_SCRIPT = """
 import multiprocessing as mp
+import threading
 import numpy as np
 import tripmine
+from tripmine import _core
 
 x = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
 labels = np.repeat(np.arange(500), 4)
 tripmine.set_num_threads(2)
-parent = tripmine.triplet_loss(x, labels).loss  # runs a thread team when OpenMP is on
+parent = tripmine.triplet_loss(x, labels).loss  # the parent's pool has a worker now
+threaded = tripmine.build_info()["threaded"]
+assert _core.pool_workers() == (1 if threaded else 0)
 
 
 def child(_):
-    return tripmine.triplet_loss(x, labels).loss, tripmine.get_num_threads()
+    loss = tripmine.triplet_loss(x, labels).loss
+    return loss, tripmine.get_num_threads(), _core.pool_workers()
 
 
-with mp.get_context("fork").Pool(2) as pool:
-    results = pool.map(child, range(2))
-assert all(loss == parent for loss, _ in results), (parent, results)
-assert all(threads == 1 for _, threads in results) or not tripmine.build_info()["openmp"]
+# Fork while another thread of the parent is inside a parallel call: the child's pool
+# must not inherit that call's state (its pool is reset at fork).
+stop = threading.Event()
+def keep_busy():
+    while not stop.is_set():
+        tripmine.triplet_loss(x, labels)
+busy = threading.Thread(target=keep_busy)
+busy.start()
+try:
+    with mp.get_context("fork").Pool(2) as pool:
+        results = pool.map(child, range(4))
+finally:
+    stop.set()
+    busy.join()
+assert all(loss == parent for loss, _, _ in results), (parent, results)
+# Children run threads too: their pools start empty and create a worker.
+assert all(t == 2 and w == (1 if threaded else 0) for _, t, w in results), results
 print("ok")
 """
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
-def test_forked_children_compute_instead_of_hanging():
-    """GNU OpenMP's pool does not survive fork(); a forked child must still
-    compute (single-threaded) and give the parent's result, not hang."""
+def test_forked_children_compute_with_threads_instead_of_hanging():
+    """A child forked from a process whose pool has run (even while one of its threads is
+    in a parallel call) computes the parent's result on threads of its own, never
+    hangs: the pool resets itself in the child."""
     result = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# ---- the thread pool (csrc/pool.c) ----------------------------------------------------
+
+_IDLE_SCRIPT = """
+import resource, time
+import numpy as np
+import tripmine
+from tripmine import _core
+
+x = np.random.default_rng(0).standard_normal((1024, 64)).astype(np.float32)
+labels = np.repeat(np.arange(256), 4)
+tripmine.set_num_threads(4)
+for _ in range(3):
+    tripmine.triplet_loss(x, labels, mining="batch_all")
+workers = _core.pool_workers()
+time.sleep(0.05)  # well past the workers' spin (50 us)
+before = resource.getrusage(resource.RUSAGE_SELF)
+time.sleep(0.5)
+after = resource.getrusage(resource.RUSAGE_SELF)
+cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+print(workers, cpu)
+"""
+
+
+@pytest.mark.skipif(not tripmine.build_info()["threaded"], reason="single-threaded build")
+def test_idle_workers_use_no_cpu_after_a_call():
+    """After a call returns, the pool's workers sleep: over half a second of idleness the
+    whole process uses almost no CPU (spinning workers would use about 1.5 s on 3
+    workers)."""
+    result = _run(_IDLE_SCRIPT)
+    assert result.returncode == 0, result.stderr
+    workers, cpu = result.stdout.split()
+    assert int(workers) == 3  # four threads: the caller and three workers
+    assert float(cpu) < 0.05, f"{cpu} s of CPU while idle"
+
+
+def test_threadpoolctl_lists_and_limits_the_pool():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not hasattr(threadpoolctl, "register"):
+        pytest.skip("threadpoolctl < 3.5 has no controller registry")
+    previous = tripmine.get_num_threads()
+    try:
+        tripmine.set_num_threads(3)
+        pools = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "tripmine"]
+        assert len(pools) == 1, threadpoolctl.threadpool_info()
+        assert pools[0]["num_threads"] == (3 if tripmine.build_info()["threaded"] else 1)
+        assert pools[0]["version"] == tripmine.__version__
+        assert pools[0]["runtime"] == tripmine.build_info()["runtime"]
+        with threadpoolctl.threadpool_limits(limits=1):
+            assert tripmine.get_num_threads() == 1
+        assert tripmine.get_num_threads() == (3 if tripmine.build_info()["threaded"] else 1)
+        with threadpoolctl.threadpool_limits(limits=2, user_api="tripmine"):
+            assert tripmine.get_num_threads() == (2 if tripmine.build_info()["threaded"] else 1)
+    finally:
+        tripmine.set_num_threads(previous)
+
+
+def test_default_thread_count_follows_omp_num_threads_and_affinity():
+    result = _run("import tripmine; print(tripmine.get_num_threads())", OMP_NUM_THREADS="3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("3" if tripmine.build_info()["threaded"] else "1")
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    code = ("import os, tripmine; print(tripmine.get_num_threads(), "
+            "len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={k: v for k, v in environment.items()
+                                 if k not in ("TRIPMINE_NUM_THREADS",)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    threads, cpus = (int(v) for v in result.stdout.split())
+    if tripmine.build_info()["threaded"] and cpus:
+        assert threads == min(cpus, 256)

@@ -12,10 +12,9 @@ def _info() -> int:
     from tripmine import _selfcheck
 
     facts = tripmine.build_info()
-    openmp = f"yes (_OPENMP {facts['openmp']})" if facts["openmp"] else "no (single-threaded)"
     print(f"tripmine {facts['version']}")
     print(f"  compiler      {facts['compiler']}")
-    print(f"  OpenMP        {openmp}")
+    print(f"  runtime       {facts['runtime']}")
     print(f"  ISA in use    {facts['isa']}  (usable: {', '.join(facts['isas_usable'])}; "
           f"compiled: {', '.join(facts['isas_compiled'])})")
     print(f"  threads       {facts['num_threads']}")

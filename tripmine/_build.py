@@ -3,8 +3,8 @@
 ``setup.py`` names this module in ``cffi_modules``; it compiles every
 ``csrc/*.c`` file into the private extension ``tripmine._native``.  Flags:
 ``-O3 -Wall -Wextra`` (warnings are bugs), ``-ffp-contract=off`` (the
-portable kernel rounds identically everywhere), OpenMP when the compiler
-accepts ``-fopenmp`` (``TRIPMINE_OPENMP=0`` turns it off), and no
+portable kernel rounds identically everywhere), ``-pthread`` for the core's own
+thread pool (``TRIPMINE_THREADS=0`` builds it single-threaded), and no
 host-specific ``-march`` flag: ISA-specific kernels enable their instruction
 sets per file and are chosen at run time, so one build runs on any x86-64.
 """
@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
-import shlex
-import subprocess
 import sys
-import sysconfig
-import tempfile
 
 from cffi import FFI
 
@@ -33,25 +29,13 @@ def _relative(path: str) -> str:
         return path
 
 
-def _compiler_command() -> list[str]:
-    return shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
-
-
-def _openmp_flags() -> tuple[list[str], list[str]]:
-    """(compile args, link args) for OpenMP, or empty lists if unavailable."""
-    if os.environ.get("TRIPMINE_OPENMP", "1") == "0" or sys.platform == "win32":
-        return [], []
-    source = "#include <omp.h>\nint main(void) { return omp_get_max_threads() < 1; }\n"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "omp_check.c")
-        with open(src, "w") as fh:
-            fh.write(source)
-        cmd = _compiler_command() + ["-fopenmp", src, "-o", os.path.join(tmp, "omp_check")]
-        try:
-            ok = subprocess.run(cmd, capture_output=True).returncode == 0
-        except OSError:
-            ok = False
-    return (["-fopenmp"], ["-fopenmp"]) if ok else ([], [])
+def _thread_flags() -> tuple[list[str], list[str]]:
+    """(compile args, link args) for the C core's own thread pool (csrc/pool.c):
+    POSIX threads, or a single-threaded build with ``TRIPMINE_THREADS=0`` (and on
+    Windows, which has no pthreads)."""
+    if os.environ.get("TRIPMINE_THREADS", "1") == "0" or sys.platform == "win32":
+        return ["-DTM_NO_THREADS"] if sys.platform != "win32" else ["/DTM_NO_THREADS"], []
+    return ["-pthread"], ["-pthread"]
 
 
 def _compile_args() -> list[str]:
@@ -85,7 +69,7 @@ ffibuilder = FFI()
 with open(os.path.join(_CSRC, "tripmine_cdef.h")) as _fh:
     ffibuilder.cdef(_fh.read())
 
-_omp_compile, _omp_link = _openmp_flags()
+_thr_compile, _thr_link = _thread_flags()
 _san_compile, _san_link = _sanitizer_flags()
 ffibuilder.set_source(
     "tripmine._native",
@@ -93,8 +77,8 @@ ffibuilder.set_source(
     sources=sorted(_relative(p) for p in glob.glob(os.path.join(_CSRC, "*.c"))),
     include_dirs=[_relative(_CSRC)],
     depends=sorted(_relative(p) for p in glob.glob(os.path.join(_CSRC, "*.h"))),
-    extra_compile_args=_compile_args() + _omp_compile + _san_compile,
-    extra_link_args=_omp_link + _san_link,
+    extra_compile_args=_compile_args() + _thr_compile + _san_compile,
+    extra_link_args=_thr_link + _san_link,
     libraries=[] if sys.platform == "win32" else ["m"],
 )
 

@@ -122,7 +122,8 @@ def build_facts() -> dict:
     return {
         "version": _string(lib.tm_version()),
         "compiler": _string(lib.tm_compiler()),
-        "openmp": int(lib.tm_openmp_version()),
+        "runtime": _string(lib.tm_runtime()),
+        "threaded": bool(lib.tm_threaded()),
         "sanitizers": _string(lib.tm_sanitizers()),
     }
 
@@ -151,10 +152,18 @@ def _apply_environment() -> None:
 
 _apply_environment()
 
-# GNU OpenMP cannot run threads in a child forked from a process that already
-# ran them (the child would hang); such children compute single-threaded.
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lib.tm_after_fork_child)
+
+
+def pool_workers() -> int:
+    """Worker threads the C core's pool has created (the calling thread not counted)."""
+    return int(lib.tm_pool_workers())
+
+
+def pool_stats() -> dict:
+    """Totals of the C core's pool: jobs, and the work items workers and callers ran."""
+    values = ffi.new("int64_t[3]")
+    lib.tm_pool_stats(values, values + 1, values + 2)
+    return {"jobs": values[0], "worker_items": values[1], "caller_items": values[2]}
 
 
 # ---- miners and losses ------------------------------------------------------
