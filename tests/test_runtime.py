@@ -33,8 +33,8 @@ def test_version_is_consistent():
 
 def test_build_info_keys():
     info = tripmine.build_info()
-    assert set(info) >= {"version", "compiler", "runtime", "threaded", "isa", "isas_usable", "isas_compiled",
-                         "num_threads"}
+    assert set(info) >= {"version", "compiler", "runtime", "threaded", "isa", "isas_usable",
+                         "isas_compiled", "num_threads"}
     assert info["isa"] in info["isas_usable"]
     assert info["num_threads"] == tripmine.get_num_threads()
 
