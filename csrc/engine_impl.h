@@ -108,29 +108,48 @@ double TM_FN(tm_exact_distance)(const TM_REAL *a, const TM_REAL *b, int64_t d,
     }
 }
 
-/* dst[(q*d + p)*width + i] = src[(q*width + i)*d + p], zero past `rows`:
- * panels [begin, end). */
+/* The engine's preparation of one side (x or ref), in one parallel region
+ * for both sides: its rows packed into width-row panels, dst[(q*d + p)*width
+ * + i] = src[(q*width + i)*d + p] (zero past `rows`), and when norms is set,
+ * their squared norms (euclidean metrics) or norms (cosine) in double, and
+ * the same rounded to the working precision (real_norms). */
 typedef struct {
     const TM_REAL *src;
-    int64_t rows, d;
+    int64_t rows;
     int width;
     TM_REAL *dst;
-} TM_FN(pack_job);
+    double *norms;
+    TM_REAL *real_norms;
+    int64_t groups, panels_per_group; /* work items: groups of panels */
+} TM_FN(prepare_side);
 
-static void TM_FN(pack_range)(void *ctx, int participant, int64_t begin, int64_t end)
+typedef struct {
+    TM_FN(prepare_side) side[2];
+    int64_t d;
+    int metric;
+} TM_FN(prepare_job);
+
+static void TM_FN(prepare_group)(const TM_FN(prepare_side) *side, int64_t d, int metric,
+                                 int64_t group)
 {
-    (void)participant;
-    const TM_FN(pack_job) *job = ctx;
-    const int64_t d = job->d;
-    const int width = job->width;
-    for (int64_t q = begin; q < end; ++q) {
-        TM_REAL *panel = job->dst + q * width * d;
+    const int width = side->width;
+    const int64_t panels = (side->rows + width - 1) / width;
+    const int64_t q0 = group * side->panels_per_group;
+    const int64_t q1 = q0 + side->panels_per_group < panels ? q0 + side->panels_per_group
+                                                             : panels;
+    for (int64_t q = q0; q < q1; ++q) {
+        TM_REAL *panel = side->dst + q * width * d;
         for (int i = 0; i < width; ++i) {
             const int64_t row = q * width + i;
-            if (row < job->rows) {
-                const TM_REAL *s = job->src + row * d;
+            if (row < side->rows) {
+                const TM_REAL *s = side->src + row * d;
                 for (int64_t p = 0; p < d; ++p)
                     panel[p * width + i] = s[p];
+                if (side->norms != NULL) {
+                    const double sq = TM_FN(sqnorm)(s, d);
+                    side->norms[row] = metric == TM_METRIC_COSINE ? sqrt(sq) : sq;
+                    side->real_norms[row] = (TM_REAL)side->norms[row];
+                }
             } else {
                 for (int64_t p = 0; p < d; ++p)
                     panel[p * width + i] = 0;
@@ -139,39 +158,24 @@ static void TM_FN(pack_range)(void *ctx, int participant, int64_t begin, int64_t
     }
 }
 
-static void TM_FN(pack_panels)(const TM_REAL *src, int64_t rows, int64_t d,
-                               int width, TM_REAL *dst, int threads)
-{
-    TM_FN(pack_job) job = {src, rows, d, width, dst};
-    const int64_t panels = (rows + width - 1) / width;
-    /* About 64 KiB of panels per chunk. */
-    const int64_t grain = 1 + (16384 / (int64_t)sizeof(TM_REAL)) / ((d > 0 ? d : 1) * width);
-    tm_parallel_for(threads, panels, grain, TM_FN(pack_range), &job);
-}
-
-/* Squared norms (euclidean metrics) or norms (cosine), in double. */
-typedef struct {
-    const TM_REAL *src;
-    int64_t d;
-    int metric;
-    double *norms;
-} TM_FN(norms_job);
-
-static void TM_FN(norms_range)(void *ctx, int participant, int64_t begin, int64_t end)
+static void TM_FN(prepare_range)(void *ctx, int participant, int64_t begin, int64_t end)
 {
     (void)participant;
-    const TM_FN(norms_job) *job = ctx;
-    for (int64_t i = begin; i < end; ++i) {
-        const double s = TM_FN(sqnorm)(job->src + i * job->d, job->d);
-        job->norms[i] = job->metric == TM_METRIC_COSINE ? sqrt(s) : s;
+    const TM_FN(prepare_job) *job = ctx;
+    for (int64_t item = begin; item < end; ++item) {
+        const int second = item >= job->side[0].groups;
+        TM_FN(prepare_group)(&job->side[second], job->d, job->metric,
+                             second ? item - job->side[0].groups : item);
     }
 }
 
-static void TM_FN(row_norms)(const TM_REAL *src, int64_t rows, int64_t d,
-                             int metric, double *norms, int threads)
+static void TM_FN(set_groups)(TM_FN(prepare_side) *side, int64_t d)
 {
-    TM_FN(norms_job) job = {src, d, metric, norms};
-    tm_parallel_for(threads, rows, 1 + 16384 / (d > 0 ? d : 1), TM_FN(norms_range), &job);
+    /* About 32 KiB of rows per work item. */
+    const int64_t panels = (side->rows + side->width - 1) / side->width;
+    const int64_t row_bytes = (d > 0 ? d : 1) * (int64_t)sizeof(TM_REAL);
+    side->panels_per_group = 1 + 32768 / (row_bytes * side->width);
+    side->groups = (panels + side->panels_per_group - 1) / side->panels_per_group;
 }
 
 typedef struct {
@@ -398,20 +402,20 @@ int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
     if (reducer->setup != NULL && (status = reducer->setup(reducer->ctx, threads, mc)) != TM_OK)
         goto done;
 
-    TM_FN(pack_panels)(plan.x, n, d, plan.mr, x_packed, threads);
-    TM_FN(pack_panels)(plan.ref, m, d, plan.nr, ref_packed, threads);
-    TM_FN(row_norms)(plan.x, n, d, metric, x_norms, threads);
-    if (!self)
-        TM_FN(row_norms)(plan.ref, m, d, metric, ref_norms, threads);
+    /* Pack both sides and take their norms in one parallel region. */
+    TM_FN(prepare_job) prep = {
+        {{plan.x, n, plan.mr, x_packed, x_norms, real_norms, 0, 0},
+         {plan.ref, m, plan.nr, ref_packed, self ? NULL : ref_norms,
+          self ? NULL : real_norms + n, 0, 0}},
+        d, metric};
+    TM_FN(set_groups)(&prep.side[0], d);
+    TM_FN(set_groups)(&prep.side[1], d);
+    tm_parallel_for(threads, prep.side[0].groups + prep.side[1].groups, 1,
+                    TM_FN(prepare_range), &prep);
     plan.x_packed = x_packed;
     plan.ref_packed = ref_packed;
     plan.x_norms = x_norms;
     plan.ref_norms = ref_norms;
-    for (int64_t i = 0; i < n; ++i)
-        real_norms[i] = (TM_REAL)x_norms[i];
-    if (!self)
-        for (int64_t j = 0; j < m; ++j)
-            real_norms[n + j] = (TM_REAL)ref_norms[j];
     plan.x_norms_real = real_norms;
     plan.ref_norms_real = self ? real_norms : real_norms + n;
 
