@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
+import sysconfig
 import warnings
 from pathlib import Path
 
@@ -247,3 +250,25 @@ def test_default_thread_count_follows_omp_num_threads_and_affinity():
     threads, cpus = (int(v) for v in result.stdout.split())
     if tripmine.build_info()["threaded"] and cpus:
         assert threads == min(cpus, 256)
+
+
+def test_threadpoolctl_skips_other_libraries_named_like_the_extension(tmp_path):
+    """threadpoolctl tries tripmine's controller on every library whose file name starts
+    with ``_native`` (hypothesis ships one): building it on a stranger must not fail."""
+    pytest.importorskip("threadpoolctl")
+    cc = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    if shutil.which(cc[0]) is None:
+        pytest.skip(f"no C compiler ({cc[0]})")
+    stranger = tmp_path / "_native_stranger.so"
+    source = tmp_path / "stranger.c"
+    source.write_text("int stranger_function(void) { return 1; }\n")
+    built = subprocess.run(cc + ["-shared", "-fPIC", str(source), "-o", str(stranger)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    code = (f"import ctypes, tripmine, threadpoolctl; ctypes.CDLL({str(stranger)!r}); "
+            "apis = [p['user_api'] for p in threadpoolctl.threadpool_info()]; "
+            "print(apis.count('tripmine'))")
+    result = _run(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("1" if hasattr(__import__("threadpoolctl"), "register")
+                                     else "0")

@@ -69,6 +69,16 @@ def _register_with_threadpoolctl() -> None:
         filename_prefixes = ("_native",)
         check_symbols = ("tm_get_num_threads", "tm_set_num_threads", "tm_runtime")
 
+        # threadpoolctl builds a controller for every loaded library whose name starts
+        # with "_native" (other packages have such modules too) and only then checks
+        # check_symbols: these methods must not fail on a library that is not ours.
+        def _string(self, name):
+            function = getattr(self.dynlib, name, None)
+            if function is None:
+                return None
+            function.restype = ctypes.c_char_p
+            return function().decode()
+
         def get_num_threads(self):
             return self.dynlib.tm_get_num_threads()
 
@@ -76,12 +86,10 @@ def _register_with_threadpoolctl() -> None:
             self.dynlib.tm_set_num_threads(int(num_threads))
 
         def get_version(self):
-            self.dynlib.tm_version.restype = ctypes.c_char_p
-            return self.dynlib.tm_version().decode()
+            return self._string("tm_version")
 
         def set_additional_attributes(self):
-            self.dynlib.tm_runtime.restype = ctypes.c_char_p
-            self.runtime = self.dynlib.tm_runtime().decode()
+            self.runtime = self._string("tm_runtime")
 
     threadpoolctl.register(TripmineController)
 
