@@ -129,3 +129,131 @@ def time_peer(benchmark, fn, *args):
         return benchmark(fn, *args)
     rounds = max(1, min(10, int(PEER_BUDGET_S / estimate)))
     return benchmark.pedantic(fn, args=args, rounds=rounds, iterations=1, warmup_rounds=0)
+
+
+# --- machine and thread facts for the standalone scripts ------------------------------
+
+# Environment variables that change a thread count or a spin policy of tripmine, OpenMP,
+# OpenBLAS, MKL or torch.  The scripts print the ones that are set.
+THREAD_ENV = ("TRIPMINE_NUM_THREADS", "TRIPMINE_SPIN_US", "TRIPMINE_ISA",
+              "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OMP_PROC_BIND", "OMP_PLACES", "OMP_DYNAMIC",
+              "GOMP_SPINCOUNT", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "MKL_NUM_THREADS",
+              "MKL_DYNAMIC", "KMP_BLOCKTIME", "KMP_AFFINITY")
+
+
+def thread_env() -> dict[str, str]:
+    """The variables of ``THREAD_ENV`` that are set in this process's environment."""
+    return {name: os.environ[name] for name in THREAD_ENV if name in os.environ}
+
+
+def cpu_facts() -> dict:
+    """The CPU as ``lscpu`` describes it (``LC_ALL=C``), with ``/proc/cpuinfo`` as the
+    fallback: ``model_name``, ``cpus``, ``cores_per_socket``, ``sockets``,
+    ``threads_per_core``, ``hypervisor`` (None where unknown) and ``flags`` (a list)."""
+    import subprocess
+
+    fields: dict[str, str] = {}
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True, timeout=10,
+                              env=dict(os.environ, LC_ALL="C")).stdout
+        for line in text.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields.setdefault(key.strip(), value.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if "Model name" not in fields or "Flags" not in fields:
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    key, sep, value = line.partition(":")
+                    if sep and key.strip() in ("model name", "flags"):
+                        fields.setdefault("Model name" if key.strip() == "model name"
+                                          else "Flags", value.strip())
+        except OSError:
+            pass
+
+    def number(key: str) -> int | None:
+        try:
+            return int(fields[key])
+        except (KeyError, ValueError):
+            return None
+
+    return {
+        "model_name": fields.get("Model name"),
+        "cpus": number("CPU(s)") or os.cpu_count(),
+        "cores_per_socket": number("Core(s) per socket"),
+        "sockets": number("Socket(s)"),
+        "threads_per_core": number("Thread(s) per core"),
+        "hypervisor": fields.get("Hypervisor vendor"),
+        "flags": fields.get("Flags", "").split(),
+    }
+
+
+def describe_cpu(facts: dict) -> str:
+    """One line: model name, CPUs, cores and threads per core, hypervisor."""
+    line = f"{facts['model_name'] or '?'}, {facts['cpus']} CPUs"
+    cores, sockets, smt = (facts.get(k) for k in ("cores_per_socket", "sockets",
+                                                  "threads_per_core"))
+    if cores and sockets:
+        line += f" ({sockets} socket(s) x {cores} cores x {smt or '?'} threads per core)"
+    if facts.get("hypervisor"):
+        line += f", {facts['hypervisor']} guest"
+    return line
+
+
+def thread_pools() -> list[dict] | None:
+    """``threadpoolctl.threadpool_info()`` (every thread pool loaded in this process and its
+    ``num_threads``), or None when threadpoolctl is not installed."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    return threadpool_info()
+
+
+def describe_pools(pools: list[dict] | None) -> list[str]:
+    """One line per thread pool of ``thread_pools()``; without threadpoolctl, the OpenBLAS
+    thread count found by ``blas_threads()``."""
+    if pools is None:
+        return [f"(threadpoolctl not installed) OpenBLAS num_threads={blas_threads()}"]
+    if not pools:
+        return ["(no thread pools found)"]
+    lines = []
+    for pool in pools:
+        extra = ", ".join(f"{k}={pool[k]}" for k in ("threading_layer", "architecture")
+                          if pool.get(k))
+        lines.append(f"{pool.get('user_api')}/{pool.get('internal_api')} "
+                     f"{pool.get('prefix')} {pool.get('version') or ''}".rstrip()
+                     + f": num_threads={pool.get('num_threads')}"
+                     + (f" ({extra})" if extra else "") + f"  [{pool.get('filepath')}]")
+    return lines
+
+
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall s, busy CPU s of the whole machine, CPU s of this process), or None.
+
+    Busy = user + nice + system + irq + softirq from /proc/stat (Linux only)."""
+    import resource
+
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return (time.perf_counter(), (user + nice + system + irq + softirq) / tick,
+            own.ru_utime + own.ru_stime)
+
+
+def others_cpu(before, after) -> float | None:
+    """Share of all CPUs that *other* processes used between two ``cpu_snapshot()``s
+    (0 = this process had the machine to itself, 1 = others kept every core busy)."""
+    if before is None or after is None:
+        return None
+    wall, busy, own = (a - b for a, b in zip(after, before))
+    if wall <= 0:
+        return None
+    return round(min(max(busy - own, 0.0) / (wall * (os.cpu_count() or 1)), 1.0), 3)
