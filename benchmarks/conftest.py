@@ -6,7 +6,6 @@ Run with ``python -m pytest benchmarks/ --benchmark-json=results.json``.
 from __future__ import annotations
 
 import os
-import resource
 import sys
 import time
 from types import SimpleNamespace
@@ -15,31 +14,15 @@ import numpy as np
 import pytest
 
 import tripmine
-from benchcommon import SKIPPED, bench_threads, blas_threads, set_blas_threads
+from benchcommon import SKIPPED, bench_threads, blas_threads, cpu_snapshot, set_blas_threads
 
 # Seconds to sleep before each benchmark so that the spinning worker threads of
 # the previous case's runtime (libgomp for tripmine, OpenBLAS for NumPy) go idle
 # and do not steal cores from the next case.  Small next to the run time.
 SETTLE_S = 0.25
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 # 1/5/15-minute load averages when the benchmark session started (conftest import).
 LOADAVG_AT_START = os.getloadavg() if hasattr(os, "getloadavg") else None
-
-
-def _cpu_snapshot():
-    """(wall s, busy CPU s of the whole machine, CPU s of this process), or None.
-
-    Busy = user + nice + system + irq + softirq from /proc/stat (Linux only)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:8]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq = fields
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return (time.perf_counter(), (user + nice + system + irq + softirq) / _CLK_TCK,
-            own.ru_utime + own.ru_stime)
 
 
 @pytest.fixture(autouse=True)
@@ -49,9 +32,9 @@ def settle(request):
     while the case ran (0 = the case had the machine to itself, 1 = others kept every
     core busy)."""
     time.sleep(SETTLE_S)
-    before = _cpu_snapshot()
+    before = cpu_snapshot()
     yield
-    after = _cpu_snapshot()
+    after = cpu_snapshot()
     bench = request.node.funcargs.get("benchmark")
     if before is None or after is None or bench is None:
         return

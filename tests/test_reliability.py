@@ -675,12 +675,12 @@ print("DONE", flush=True)
 @linux_only
 @skip_if_sanitized
 @pytest.mark.parametrize("mode", ["first_call", "new_python_thread"])
-def test_no_room_for_openmp_threads_is_not_fatal(mode):
-    """A parallel C call whose OpenMP worker threads cannot be created (no
-    address space for their stacks) must raise MemoryError or run on fewer
-    threads -- not end the process.  GNU OpenMP creates a calling thread's team
-    at its first parallel region (``first_call``), and every Python thread has
-    its own team (``new_python_thread``, after the main thread's team exists).
+def test_no_room_for_worker_threads_is_not_fatal(mode):
+    """A parallel C call whose worker threads cannot be created (no address
+    space for their stacks) must raise MemoryError or run on fewer threads --
+    not end the process (as GNU OpenMP, tripmine's earlier runtime, did).  The
+    pool creates its workers at the first parallel call (``first_call``); a new
+    Python thread then uses the same pool (``new_python_thread``).
     """
     completed = _run_script(THREAD_START_SCRIPT.replace("MODE", repr(mode)))
     assert completed.returncode == 0 and "DONE" in completed.stdout, _describe_exit(completed)

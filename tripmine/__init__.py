@@ -13,7 +13,7 @@ Architecture
     tripmine._core  -- cffi -->  C core (csrc/)  status codes -> exceptions in one place
                                     |
                                     v
-                  tile engine: anchor blocks x reference blocks (OpenMP)
+                  tile engine: anchor blocks x reference blocks (own thread pool)
                   micro-kernel (generic | avx2 | avx512) -> tile of distances -> reducer
 
 Every miner and loss is one walk of the tile engine with its own reducer; only
