@@ -11,7 +11,7 @@
  *     +--------+            +------+------+------+
  *     | block1 |  ------->  | tile | tile | tile |  --> reducer
  *     +--------+            +------+------+------+
- *        ...   (anchor blocks are the unit of parallel work, OpenMP)
+ *        ...   (anchor blocks are the unit of parallel work, pool.c)
  *
  * A micro-kernel (portable C, or an ISA-specific variant chosen once at load
  * time) computes an MR x NR tile of dot products from packed panels; the
