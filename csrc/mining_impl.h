@@ -245,10 +245,65 @@ typedef struct {
  * distance strictly above it.  One pass over the negatives records, for each
  * rank boundary k (the number of positives below the negative), the best
  * negative; a suffix minimum then serves every rank. */
+/* The first largest negative: the answer when no negative is above a positive. */
+static int64_t TM_FN(farthest_negative)(const tm_scored *negatives, int64_t n_neg)
+{
+    int64_t far = 0;
+    for (int64_t q = 1; q < n_neg; ++q)
+        if (negatives[q].value > negatives[far].value)
+            far = q;
+    return negatives[far].index;
+}
+
+#define TM_CLOSEST_FEW 8
+/* closest_negatives for the few positives of a P x K row: the same answers,
+ * with each negative's update written as selects on its rank's bucket (bucket
+ * 0 takes the negatives below every positive and is ignored) instead of a
+ * branch on the rank, which mispredicted about every other negative; and the
+ * farthest negative found only when some positive needs it. */
+static void TM_FN(closest_negatives_few)(const tm_scored *sorted_pos, int64_t n_pos,
+                                         const tm_scored *negatives, int64_t n_neg,
+                                         int64_t *answer /* n_pos */)
+{
+    double low[TM_CLOSEST_FEW + 1];
+    int64_t at[TM_CLOSEST_FEW + 1];
+    for (int64_t k = 0; k <= n_pos; ++k) {
+        low[k] = 0.0;
+        at[k] = -1;
+    }
+    for (int64_t q = 0; q < n_neg; ++q) {
+        const double v = negatives[q].value;
+        const int64_t k = tm_count_below(sorted_pos, n_pos, v);
+        const int take = (at[k] < 0) | (v < low[k]);
+        low[k] = take ? v : low[k];
+        at[k] = take ? q : at[k];
+    }
+    /* Equal values share a bucket, so the buckets' minima never tie. */
+    int64_t run = -1, far = -1;
+    double run_value = 0.0;
+    for (int64_t r = n_pos - 1; r >= 0; --r) {
+        if (at[r + 1] >= 0 && (run < 0 || low[r + 1] < run_value)) {
+            run = at[r + 1];
+            run_value = low[r + 1];
+        }
+        if (run >= 0) {
+            answer[r] = negatives[run].index;
+        } else {
+            if (far < 0)
+                far = TM_FN(farthest_negative)(negatives, n_neg);
+            answer[r] = far;
+        }
+    }
+}
+
 static void TM_FN(closest_negatives)(const tm_scored *sorted_pos, int64_t n_pos,
                                      const tm_scored *negatives, int64_t n_neg,
                                      tm_scored *best /* n_pos */, int64_t *answer /* n_pos */)
 {
+    if (n_pos <= TM_CLOSEST_FEW) {
+        TM_FN(closest_negatives_few)(sorted_pos, n_pos, negatives, n_neg, answer);
+        return;
+    }
     for (int64_t r = 0; r < n_pos; ++r)
         best[r].index = -1;
     int64_t far = -1;
