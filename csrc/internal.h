@@ -35,8 +35,6 @@ void tm_parallel_for(int threads, int64_t n, int64_t grain, tm_range_fn body, vo
 void tm_parallel_slots(int slots, int64_t n, tm_unit_fn body, void *ctx);
 /* The CPUs this process may use (or OMP_NUM_THREADS), at most TM_MAX_THREADS. */
 int tm_default_threads(void);
-const char *tm_runtime_name(void);
-void tm_pool_after_fork_child(void);
 
 /* 64-byte aligned allocation; a request of 0 bytes still returns a valid
  * pointer, so "NULL" always means "out of memory". */

@@ -113,7 +113,6 @@ typedef struct {
     const double *dists;
     double *coef; /* per triplet: (a,p) and (a,n) alpha, beta, gamma */
     const int64_t *start, *order;
-    const int64_t *rows_of; /* role 1 or 2: the positive or negative indices */
     int offset;             /* 0 (positive) or 3 (negative) */
     double *target;         /* gradient rows of the role being written */
 } TM_FN(triplet_grad_job);
@@ -219,15 +218,14 @@ static int TM_FN(triplet_gradient)(const TM_REAL *x, int64_t n, const TM_REAL *r
     /* Chunks of about 64 rows' (or triplets') work each. */
     const int64_t row_grain = 64, coef_grain = 1 + 16384 / (d > 0 ? d : 1);
     TM_FN(triplet_grad_job) job = {x, r, d, metric, soft, anchor, positive, negative, margin,
-                                   scale, dists, coef, start, order, NULL, 0, gx};
+                                   scale, dists, coef, start, order, 0, gx};
     tm_parallel_for(threads, t, coef_grain, TM_FN(triplet_coef_range), &job);
     TM_FN(order_by_row)(anchor, t, n, start, order);
     tm_parallel_for(threads, n, row_grain, TM_FN(triplet_anchor_rows), &job);
     job.target = self ? gx : gr; /* NULL: the reference gradient is not wanted */
     for (int role = 1; role <= 2 && job.target != NULL; ++role) {
-        job.rows_of = role == 1 ? positive : negative;
         job.offset = role == 1 ? 0 : 3;
-        TM_FN(order_by_row)(job.rows_of, t, m, start, order);
+        TM_FN(order_by_row)(role == 1 ? positive : negative, t, m, start, order);
         tm_parallel_for(threads, m, row_grain, TM_FN(triplet_other_rows), &job);
     }
     tm_free(coef);

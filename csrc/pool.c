@@ -48,7 +48,6 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "internal.h"
 
@@ -87,11 +86,7 @@ void tm_pool_stats(int64_t *jobs, int64_t *worker_items, int64_t *caller_items)
     *jobs = *worker_items = *caller_items = 0;
 }
 
-void tm_pool_after_fork_child(void)
-{
-}
-
-const char *tm_runtime_name(void)
+const char *tm_runtime(void)
 {
     return "none (single-threaded build)";
 }
@@ -110,7 +105,6 @@ void tm_parallel_slots(int slots, int64_t n, tm_unit_fn body, void *ctx)
 
 #else /* the pthread pool */
 
-#include <errno.h>
 #include <pthread.h>
 #include <sched.h>
 #include <time.h>
@@ -165,7 +159,7 @@ static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
 static _Thread_local int inside_worker = 0;
 static int64_t spin_ns = (int64_t)TM_SPIN_US * 1000;
 
-const char *tm_runtime_name(void)
+const char *tm_runtime(void)
 {
     return "tripmine pool (pthreads, spin then sleep)";
 }
@@ -199,11 +193,6 @@ static void reset_in_child(void)
     pool.workers = 0;
     pool.create_failed = 0;
     atomic_fetch_add(&pool.gen, 1);
-}
-
-void tm_pool_after_fork_child(void)
-{
-    /* pthread_atfork already reset the pool; nothing else to do. */
 }
 
 static void init_once(void)

@@ -56,11 +56,6 @@ const char *tm_compiler(void)
 #endif
 }
 
-const char *tm_runtime(void)
-{
-    return tm_runtime_name();
-}
-
 int tm_threaded(void)
 {
     return TM_THREADED;
@@ -79,7 +74,6 @@ int tm_set_num_threads(int n)
  * calls then create fresh workers: nothing is left to do here. */
 void tm_after_fork_child(void)
 {
-    tm_pool_after_fork_child();
 }
 
 /* A call that walks the engine several times pins the thread count of its
