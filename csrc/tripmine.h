@@ -290,6 +290,69 @@ TM_PUBLIC int tm_contrastive_loss_f64(const double *x, int64_t n, const double *
                                       int reduction, double *loss, int64_t *counts,
                                       double *per_anchor, double *grad, double *ref_grad);
 
+/* ---- classification heads: the margin-softmax family (heads.c) ----------
+ *
+ * Cross-entropy over C classes whose logits come from a weight matrix W
+ * (c x d, one row per class): the reference set of the tile engine is W, the
+ * row reducer an online log-sum-exp.  No n x c buffer is ever allocated.
+ * For sample i with label y and theta_j the angle between x_i and W_j:
+ *
+ *   head               target logit z_y                     other logits z_j
+ *   SOFTMAX            W_y.x + b_y                          W_j.x + b_j
+ *   NORMFACE           s cos theta_y                        s cos theta_j
+ *   COSFACE            s (cos theta_y - m3)                 s cos theta_j
+ *   ARCFACE            s cos(theta_y + m2) (see heads.c)    s cos theta_j
+ *   COMBINED           s (cos(m1 theta_y + m2) - m3)        s cos theta_j
+ *   SPHEREFACE         |x| F(theta_y)                       |x| cos theta_j
+ *   LSOFTMAX           |W_y| |x| F(theta_y)                 W_j.x
+ *
+ * with F = (lambda cos + psi) / (1 + lambda), psi(theta) = (-1)^k cos(m theta)
+ * - 2k, k = floor(m theta / pi), m = `margin` (an integer >= 1).  The loss of
+ * sample i is class_weight[y] (LSE_j z_j - z_y); reduction MEAN divides the
+ * sum by the sum of class_weight[y_i] (n without class weights), SUM adds,
+ * NONE writes per_sample and differentiates the sum.  upstream (n, or NULL)
+ * multiplies each sample's gradient: the chain rule for a caller that
+ * weighs the per-sample losses. */
+typedef enum {
+    TM_HEAD_SOFTMAX = 0,
+    TM_HEAD_NORMFACE = 1,
+    TM_HEAD_COSFACE = 2,
+    TM_HEAD_ARCFACE = 3,
+    TM_HEAD_COMBINED = 4,
+    TM_HEAD_SPHEREFACE = 5,
+    TM_HEAD_LSOFTMAX = 6
+} tm_head_kind;
+
+/* A head's parameters (argon2_context style: one struct, not more positional
+ * arguments).  Fields a head does not use are ignored. */
+typedef struct {
+    int kind;             /* tm_head_kind */
+    double scale;         /* s: NORMFACE .. COMBINED */
+    double m1, m2, m3;    /* COMBINED; COSFACE uses m3, ARCFACE m2 */
+    int margin;           /* SPHEREFACE, LSOFTMAX: integer m >= 1 */
+    double lambda_;       /* SPHEREFACE, LSOFTMAX: annealing weight >= 0 */
+    int easy_margin;      /* ARCFACE: the margin only where cos theta > 0 */
+    int straight_through; /* ARCFACE, COMBINED: dz_y/dcos = s (InsightFace) */
+} tm_head;
+
+/* x: n x d; labels in [0, c); weight: c x d; bias: c or NULL (SOFTMAX only);
+ * class_weight: c (>= 0) or NULL; upstream: n or NULL.  Outputs, each
+ * optional (NULL): loss, per_sample (n), n_correct (top-1 of the logits
+ * without margin, ties to the lowest class), grad (n x d), weight_grad
+ * (c x d), bias_grad (c).  Results do not depend on the thread count. */
+TM_PUBLIC int tm_softmax_head_f32(const tm_head *head, const float *x, int64_t n, int64_t d,
+                                  const int64_t *labels, const float *weight, int64_t c,
+                                  const float *bias, const double *class_weight, int reduction,
+                                  const double *upstream, double *loss, double *per_sample,
+                                  int64_t *n_correct, float *grad, float *weight_grad,
+                                  float *bias_grad);
+TM_PUBLIC int tm_softmax_head_f64(const tm_head *head, const double *x, int64_t n, int64_t d,
+                                  const int64_t *labels, const double *weight, int64_t c,
+                                  const double *bias, const double *class_weight, int reduction,
+                                  const double *upstream, double *loss, double *per_sample,
+                                  int64_t *n_correct, double *grad, double *weight_grad,
+                                  double *bias_grad);
+
 /* The counter-based generator of rng.h, exposed for tests and the GPU path. */
 TM_PUBLIC double tm_uniform(uint64_t seed, int64_t anchor, int64_t draw);
 

@@ -131,3 +131,36 @@ int tm_contrastive_loss_f64(const double *x, int64_t n, const double *ref, int64
                             double *grad, double *ref_grad);
 
 double tm_uniform(uint64_t seed, int64_t anchor, int64_t draw);
+
+typedef enum {
+    TM_HEAD_SOFTMAX,
+    TM_HEAD_NORMFACE,
+    TM_HEAD_COSFACE,
+    TM_HEAD_ARCFACE,
+    TM_HEAD_COMBINED,
+    TM_HEAD_SPHEREFACE,
+    TM_HEAD_LSOFTMAX,
+    ...
+} tm_head_kind;
+
+typedef struct {
+    int kind;
+    double scale;
+    double m1, m2, m3;
+    int margin;
+    double lambda_;
+    int easy_margin;
+    int straight_through;
+} tm_head;
+
+int tm_softmax_head_f32(const tm_head *head, const float *x, int64_t n, int64_t d,
+                        const int64_t *labels, const float *weight, int64_t c,
+                        const float *bias, const double *class_weight, int reduction,
+                        const double *upstream, double *loss, double *per_sample,
+                        int64_t *n_correct, float *grad, float *weight_grad, float *bias_grad);
+int tm_softmax_head_f64(const tm_head *head, const double *x, int64_t n, int64_t d,
+                        const int64_t *labels, const double *weight, int64_t c,
+                        const double *bias, const double *class_weight, int reduction,
+                        const double *upstream, double *loss, double *per_sample,
+                        int64_t *n_correct, double *grad, double *weight_grad,
+                        double *bias_grad);

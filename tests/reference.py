@@ -486,3 +486,76 @@ def map_at_r_reference(x, labels, ref=None, ref_labels=None, metric="euclidean")
                 ap += relevant_so_far / i  # P(i) rel(i)
         total += ap / r
     return total / scored if scored else math.nan
+
+
+# ---- the margin-softmax heads (tripmine.heads) ------------------------------------------
+
+def _psi(m: int, theta: float) -> float:
+    k = math.floor(m * theta / math.pi)
+    return (-1) ** k * math.cos(m * theta) - 2 * k
+
+
+def head_logits_row(kind: str, x: np.ndarray, weight: np.ndarray, y: int, bias=None,
+                    **p) -> tuple[list[float], list[float]]:
+    """One sample's logits, loop by loop: (with the target's margin, without any margin)."""
+    nx = math.sqrt(sum(float(v) * float(v) for v in x))
+    plain, marg = [], []
+    for j, w in enumerate(weight):
+        dot = sum(float(a) * float(b) for a, b in zip(x, w))
+        nw = math.sqrt(sum(float(v) * float(v) for v in w))
+        cos = dot / (nx * nw) if nx > 0 and nw > 0 else 0.0
+        cos = min(1.0, max(-1.0, cos))
+        theta = math.acos(cos)
+        s = p.get("scale", 1.0)
+        if kind == "softmax":
+            z = dot + (float(bias[j]) if bias is not None else 0.0)
+            zt = z
+        elif kind in ("normface", "cosface", "arcface", "combined"):
+            z = s * cos
+            if kind == "normface":
+                zt = z
+            elif kind == "cosface":
+                zt = s * (cos - p["margin"])
+            elif kind == "arcface":
+                m = p["margin"]
+                if p.get("easy_margin"):
+                    zt = s * math.cos(theta + m) if cos > 0 else s * cos
+                else:
+                    zt = (s * math.cos(theta + m) if cos > math.cos(math.pi - m)
+                          else s * (cos - m * math.sin(m)))
+            else:
+                u = p["m1"] * theta + p["m2"]
+                k = math.floor(u / math.pi)
+                zt = s * ((-1) ** k * math.cos(u) - 2 * k - p["m3"])
+        else:  # sphereface, lsoftmax
+            m, lam = p["margin"], p.get("lambda_", 0.0)
+            f = (lam * cos + _psi(m, theta)) / (1 + lam)
+            if kind == "sphereface":
+                z, zt = nx * cos, nx * f
+            else:
+                z, zt = dot, nw * nx * f
+        plain.append(z)
+        marg.append(zt if j == y else z)
+    return marg, plain
+
+
+def head_loss(kind: str, x, labels, weight, *, bias=None, class_weight=None,
+              reduction="mean", **p):
+    """(loss, per-sample losses, n_correct) of a margin-softmax head, one sample at a time."""
+    per, correct, total_w = [], 0, 0.0
+    for i in range(x.shape[0]):
+        y = int(labels[i])
+        marg, plain = head_logits_row(kind, x[i], weight, y, bias, **p)
+        top = max(marg)
+        lse = top + math.log(sum(math.exp(v - top) for v in marg))
+        w = 1.0 if class_weight is None else float(class_weight[y])
+        per.append(w * (lse - marg[y]))
+        total_w += w
+        correct += int(np.argmax(plain)) == y
+    per = np.array(per)
+    if reduction == "none":
+        return per, per, correct
+    total = float(sum(per))
+    if reduction == "mean":
+        total = total / total_w if total_w > 0 else 0.0
+    return total, per, correct

@@ -317,3 +317,45 @@ def nearest_neighbors(x: np.ndarray, ref: np.ndarray | None, metric: int, k: int
     check(_typed("tm_nearest_neighbors", x.dtype)(*_problem_args(x, ref), metric, k,
                                                   _ptr(indices), _ptr(distances)),
           "nearest_neighbors")
+
+
+HEADS = {
+    "softmax": lib.TM_HEAD_SOFTMAX,
+    "normface": lib.TM_HEAD_NORMFACE,
+    "cosface": lib.TM_HEAD_COSFACE,
+    "arcface": lib.TM_HEAD_ARCFACE,
+    "combined": lib.TM_HEAD_COMBINED,
+    "sphereface": lib.TM_HEAD_SPHEREFACE,
+    "lsoftmax": lib.TM_HEAD_LSOFTMAX,
+}
+_HEAD_REDUCTIONS = {"mean": lib.TM_REDUCE_MEAN, "sum": lib.TM_REDUCE_SUM,
+                    "none": lib.TM_REDUCE_NONE}
+
+
+def softmax_head(head, x, labels, weight, bias, class_weight, reduction, want_grad, want_wgrad,
+                 upstream=None):
+    """One margin-softmax head (tripmine.heads): ``head`` is a dict with ``kind`` and the
+    tm_head fields it sets.  Returns (loss, per_sample, n_correct, grad, weight_grad,
+    bias_grad)."""
+    params = ffi.new("tm_head *")
+    params.kind = HEADS[head["kind"]]
+    params.scale = head.get("scale", 1.0)
+    params.m1 = head.get("m1", 1.0)
+    params.m2 = head.get("m2", 0.0)
+    params.m3 = head.get("m3", 0.0)
+    params.margin = head.get("margin", 1)
+    params.lambda_ = head.get("lambda_", 0.0)
+    params.easy_margin = int(head.get("easy_margin", False))
+    params.straight_through = int(head.get("straight_through", False))
+    loss = ffi.new("double *")
+    correct = ffi.new("int64_t *")
+    per_sample = np.empty(x.shape[0]) if reduction == "none" else None
+    grad = np.empty_like(x) if want_grad else None
+    weight_grad = np.empty_like(weight) if want_wgrad else None
+    bias_grad = np.empty_like(bias) if (want_wgrad and bias is not None) else None
+    check(_typed("tm_softmax_head", x.dtype)(
+        params, _ptr(x), x.shape[0], x.shape[1], _ptr(labels), _ptr(weight), weight.shape[0],
+        _ptr(bias), _ptr(class_weight), _HEAD_REDUCTIONS[reduction], _ptr(upstream), loss,
+        _ptr(per_sample), correct, _ptr(grad), _ptr(weight_grad), _ptr(bias_grad)),
+        f"{head['kind']} head")
+    return loss[0], per_sample, int(correct[0]), grad, weight_grad, bias_grad

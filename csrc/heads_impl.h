@@ -1,0 +1,612 @@
+/*
+ * The fused margin-softmax kernel for one precision (heads.c; template.h).
+ *
+ * 1. Prepare (one parallel region): the norms, alpha_i and beta_j, each
+ *    sample's target logit (its own dot product, in double, then the
+ *    margin) and gradient coefficients; x packed into MR-row panels and,
+ *    for weight_grad, alpha_i x_i into column panels.
+ * 2. Forward, over blocks of samples (the pool's work items): each block
+ *    walks the classes in blocks, in increasing order.  A tile of dot
+ *    products (the micro-kernel, on W's block packed once per visit) becomes
+ *    logits in place; an online log-sum-exp keeps a running max and sum per
+ *    row.  With grad, the same walk also accumulates sum_j exp(z_ij - max_i)
+ *    beta_j W_j over the non-target classes on the micro-kernels (rescaled
+ *    when the max grows, as FlashAttention does), which is dL/dx_i up to a
+ *    per-row factor once the row's sum is known: dX costs one more
+ *    GEMM-sized product and no second walk.
+ * 3. Backward for weight_grad, over blocks of classes: each block walks the
+ *    samples in blocks, recomputes the same tiles (the same bits: same
+ *    panels, same kernel), forms G = dL/dz for its classes and adds G^T
+ *    (alpha x) into its own rows of weight_grad.  Then the target terms, in
+ *    sample order.
+ * Every per-row and per-class sum runs in a fixed order over fixed blocks,
+ * so the results do not depend on the thread count.  Memory: O((n + c) +
+ * n d) plus one block's tiles per thread; never n x c.
+ */
+
+#undef TM_HEAD_EXP
+#if TM_BITS == 32
+#define TM_HEAD_EXP(v) tm_exp_nonpositive_f32(v)
+#else
+#define TM_HEAD_EXP(v) exp(v)
+#endif
+
+/* Samples per forward block (rounded up to MR): large enough that packing
+ * W's blocks (once per sample block) costs a few percent of the products. */
+#ifndef TM_HEAD_ROWS
+#define TM_HEAD_ROWS 240
+#endif
+/* Bytes of one packed block of W (it stays in L2 while the samples' panels
+ * stream past it). */
+#ifndef TM_HEAD_CLASS_BYTES
+#define TM_HEAD_CLASS_BYTES (256 * 1024)
+#endif
+
+/* Below about this many multiply-adds a call is not worth a thread team. */
+#ifndef TM_HEAD_MIN_PARALLEL_WORK
+#define TM_HEAD_MIN_PARALLEL_WORK (1 << 18)
+#endif
+
+static double TM_FN(head_sqnorm)(const TM_REAL *a, int64_t d)
+{
+    double sum = 0.0;
+    for (int64_t p = 0; p < d; ++p)
+        sum += (double)a[p] * (double)a[p];
+    return sum;
+}
+
+typedef struct {
+    const tm_head *head;
+    const TM_REAL *x, *w, *bias;
+    const int64_t *labels;
+    const double *class_weight, *upstream;
+    int64_t n, d, c;
+    int unit_rows, unit_cols; /* alpha (beta) is 1 everywhere */
+    int norm_x, norm_w;       /* logits go through x's (W's) normalisation */
+    int want_grad, want_wgrad;
+    double red;
+    const tm_kernel_set *kernels;
+    TM_FN(tm_dot_kernel) dot;
+    int mr, nr;
+    int64_t rb, cb, ldt;
+    TM_REAL *alpha, *beta, *tz;
+    double *norm_x2, *coef, *lse, *gain, *gain_y, *sample_loss;
+    int64_t *argmax;
+    TM_REAL *xpack, *xcol;
+    TM_REAL *grad, *wgrad, *bgrad;
+    char *scratch;
+    size_t scratch_stride;
+} TM_FN(head_job);
+
+/* One participant's scratch, carved from its slice of job->scratch. */
+typedef struct {
+    TM_REAL *wpanel, *tile, *wcol, *acc, *gemm, *best;
+    double *m, *s, *rz, *cz, *bs;
+    int64_t *bestj;
+} TM_FN(head_scratch);
+
+static size_t TM_FN(head_carve)(const TM_FN(head_job) *job, char *base,
+                                TM_FN(head_scratch) *out)
+{
+    const int64_t d = job->d, rb = job->rb, cb = job->cb, ldt = job->ldt;
+    const int64_t d_cols = TM_FN(round_up)(d > 0 ? d : 1, job->nr);
+    size_t offset = 0;
+#define TM_HEAD_TAKE(field, type, count)                                                  \
+    do {                                                                                  \
+        if (out != NULL)                                                                  \
+            out->field = (type *)(void *)(base + offset);                                 \
+        offset += ((size_t)(count) * sizeof(type) + 63) / 64 * 64;                        \
+    } while (0)
+    TM_HEAD_TAKE(wpanel, TM_REAL, ldt * d);
+    TM_HEAD_TAKE(tile, TM_REAL, TM_FN(round_up)(rb, job->mr) * ldt);
+    TM_HEAD_TAKE(wcol, TM_REAL, job->want_grad ? d_cols * cb : 0);
+    TM_HEAD_TAKE(acc, TM_REAL, job->want_grad ? rb * d : 0);
+    TM_HEAD_TAKE(gemm, TM_REAL, tm_gemm_scratch_elems(job->kernels));
+    TM_HEAD_TAKE(best, TM_REAL, rb);
+    TM_HEAD_TAKE(m, double, rb);
+    TM_HEAD_TAKE(s, double, rb);
+    TM_HEAD_TAKE(rz, double, rb);
+    TM_HEAD_TAKE(cz, double, cb);
+    TM_HEAD_TAKE(bs, double, cb);
+    TM_HEAD_TAKE(bestj, int64_t, rb);
+#undef TM_HEAD_TAKE
+    return offset;
+}
+
+/* ---- 1. preparation --------------------------------------------------------- */
+
+static void TM_FN(head_prepare_range)(void *ctx, int participant, int64_t begin, int64_t end)
+{
+    (void)participant;
+    TM_FN(head_job) *job = ctx;
+    const int64_t d = job->d, c = job->c, n = job->n, mr = job->mr, nr = job->nr;
+    const int head = job->head->kind;
+    for (int64_t item = begin; item < end; ++item) {
+        if (item < c) { /* class j: beta_j */
+            const double nw = sqrt(TM_FN(head_sqnorm)(job->w + item * d, d));
+            job->beta[item] = job->unit_cols ? 1 : (TM_REAL)(nw > 0.0 ? 1.0 / nw : 0.0);
+            continue;
+        }
+        const int64_t row = item - c;
+        TM_REAL *panel = job->xpack + (row / mr) * mr * d + row % mr;
+        if (row >= n) { /* the zero padding of the last panel */
+            for (int64_t p = 0; p < d; ++p)
+                panel[p * mr] = 0;
+            continue;
+        }
+        const TM_REAL *xi = job->x + row * d;
+        const int64_t y = job->labels[row];
+        const TM_REAL *wy = job->w + y * d;
+        const double nx2 = TM_FN(head_sqnorm)(xi, d), nx = sqrt(nx2);
+        const double nw = sqrt(TM_FN(head_sqnorm)(wy, d));
+        double dot = 0.0;
+        for (int64_t p = 0; p < d; ++p)
+            dot += (double)xi[p] * (double)wy[p];
+        double z;
+        tm_head_target(job->head, dot, nx, nw, job->bias != NULL ? (double)job->bias[y] : 0.0,
+                       &z, job->coef + 4 * row);
+        job->tz[row] = (TM_REAL)z;
+        job->norm_x2[row] = nx2;
+        const double a = head == TM_HEAD_SOFTMAX || head == TM_HEAD_LSOFTMAX ||
+                                 head == TM_HEAD_SPHEREFACE
+                             ? 1.0
+                             : (nx > 0.0 ? job->head->scale / nx : 0.0);
+        job->alpha[row] = (TM_REAL)a;
+        for (int64_t p = 0; p < d; ++p)
+            panel[p * mr] = xi[p];
+        if (job->xcol != NULL) {
+            const TM_REAL ar = job->alpha[row];
+            for (int64_t p = 0; p < d; ++p)
+                job->xcol[((p / nr) * n + row) * nr + p % nr] = ar * xi[p];
+            for (int64_t p = d; p % nr != 0; ++p)
+                job->xcol[((p / nr) * n + row) * nr + p % nr] = 0;
+        }
+    }
+}
+
+/* W's rows j0 .. j0 + ncols - 1 as NR-row panels, k-major, zero padded:
+ * dst[(q d + p) nr + i] = W[j0 + q nr + i][p]. */
+static void TM_FN(head_pack_rows)(const TM_FN(head_job) *job, int64_t j0, int64_t ncols,
+                                  TM_REAL *dst)
+{
+    const int64_t d = job->d, nr = job->nr, panels = (ncols + nr - 1) / nr;
+    for (int64_t q = 0; q < panels; ++q)
+        for (int64_t i = 0; i < nr; ++i) {
+            TM_REAL *out = dst + q * d * nr + i;
+            const int64_t j = q * nr + i;
+            if (j >= ncols) {
+                for (int64_t p = 0; p < d; ++p)
+                    out[p * nr] = 0;
+                continue;
+            }
+            const TM_REAL *src = job->w + (j0 + j) * d;
+            for (int64_t p = 0; p < d; ++p)
+                out[p * nr] = src[p];
+        }
+}
+
+/* beta_j W_j for the same rows as column panels (the K side of dX's
+ * product): dst[(q ncols + p) nr + i] = beta_{j0+p} W[j0 + p][q nr + i]. */
+static void TM_FN(head_pack_cols)(const TM_FN(head_job) *job, int64_t j0, int64_t ncols,
+                                  TM_REAL *dst)
+{
+    const int64_t d = job->d, nr = job->nr, panels = (d + nr - 1) / nr;
+    for (int64_t p = 0; p < ncols; ++p) {
+        const TM_REAL *src = job->w + (j0 + p) * d;
+        const TM_REAL b = job->beta[j0 + p];
+        for (int64_t q = 0; q < panels; ++q) {
+            TM_REAL *out = dst + (q * ncols + p) * nr;
+            const int64_t width = d - q * nr < nr ? d - q * nr : nr;
+            for (int64_t i = 0; i < width; ++i)
+                out[i] = b * src[q * nr + i];
+            for (int64_t i = width; i < nr; ++i)
+                out[i] = 0;
+        }
+    }
+}
+
+/* The tile of dot products of samples row0 .. row0 + nrows - 1 with the
+ * packed class block, then logits in place: z = (alpha_i beta_j) t + b_j.
+ * Both walks call this, so they see the same bits. */
+static void TM_FN(head_logits)(const TM_FN(head_job) *job, int64_t row0, int64_t nrows,
+                               int64_t j0, int64_t ncols, const TM_REAL *wpanel, TM_REAL *tile)
+{
+    const int64_t d = job->d, mr = job->mr, nr = job->nr, ldt = job->ldt;
+    const int64_t row_panels = (nrows + mr - 1) / mr, col_panels = (ncols + nr - 1) / nr;
+    const TM_REAL *a0 = job->xpack + row0 * d;
+    for (int64_t jp = 0; jp < col_panels; ++jp)
+        for (int64_t ip = 0; ip < row_panels; ++ip)
+            job->dot(d, a0 + ip * mr * d, wpanel + jp * nr * d, tile + ip * mr * ldt + jp * nr,
+                     ldt);
+    const TM_REAL *beta = job->beta + j0;
+    const TM_REAL *bias = job->bias != NULL ? job->bias + j0 : NULL;
+    for (int64_t i = 0; i < nrows; ++i) {
+        TM_REAL *t = tile + i * ldt;
+        if (!job->unit_rows || !job->unit_cols) {
+            const TM_REAL a = job->alpha[row0 + i];
+            for (int64_t j = 0; j < ncols; ++j)
+                t[j] = (a * beta[j]) * t[j];
+        }
+        if (bias != NULL)
+            for (int64_t j = 0; j < ncols; ++j)
+                t[j] = t[j] + bias[j];
+    }
+}
+
+static TM_REAL TM_FN(head_max)(const TM_REAL *t, int64_t n)
+{
+    TM_REAL best = t[0];
+    for (int64_t j = 1; j < n; ++j)
+        best = t[j] > best ? t[j] : best;
+    return best;
+}
+
+/* ---- 2. forward (and dX) over sample blocks ------------------------------------ */
+
+static void TM_FN(head_forward_block)(TM_FN(head_job) *job, TM_FN(head_scratch) *sc,
+                                      int64_t unit)
+{
+    const int64_t n = job->n, d = job->d, c = job->c, ldt = job->ldt;
+    const int64_t row0 = unit * job->rb;
+    const int64_t nrows = n - row0 < job->rb ? n - row0 : job->rb;
+    const int grad = job->want_grad;
+    for (int64_t i = 0; i < nrows; ++i) {
+        sc->m[i] = -INFINITY;
+        sc->s[i] = 0.0;
+        sc->rz[i] = 0.0;
+        sc->best[i] = -INFINITY;
+        sc->bestj[i] = -1;
+    }
+    if (grad)
+        memset(sc->acc, 0, (size_t)(nrows * d) * sizeof(TM_REAL));
+    for (int64_t j0 = 0; j0 < c; j0 += job->cb) {
+        const int64_t ncols = c - j0 < job->cb ? c - j0 : job->cb;
+        TM_FN(head_pack_rows)(job, j0, ncols, sc->wpanel);
+        TM_FN(head_logits)(job, row0, nrows, j0, ncols, sc->wpanel, sc->tile);
+        if (grad)
+            TM_FN(head_pack_cols)(job, j0, ncols, sc->wcol);
+        for (int64_t i = 0; i < nrows; ++i) {
+            const int64_t row = row0 + i;
+            TM_REAL *t = sc->tile + i * ldt;
+            const TM_REAL base_max = TM_FN(head_max)(t, ncols);
+            if (base_max > sc->best[i]) { /* the first class reaching the max */
+                int64_t j = 0;
+                while (t[j] != base_max)
+                    ++j;
+                sc->best[i] = base_max;
+                sc->bestj[i] = j0 + j;
+            }
+            const int64_t y = job->labels[row] - j0;
+            const int has_target = y >= 0 && y < ncols;
+            if (has_target)
+                t[y] = job->tz[row];
+            const TM_REAL block_max = has_target ? TM_FN(head_max)(t, ncols) : base_max;
+            if ((double)block_max > sc->m[i]) {
+                const double f = exp(sc->m[i] - (double)block_max);
+                sc->s[i] *= f;
+                sc->rz[i] *= f;
+                if (grad && sc->m[i] != -INFINITY) {
+                    const TM_REAL fr = (TM_REAL)f;
+                    TM_REAL *acc = sc->acc + i * d;
+                    for (int64_t p = 0; p < d; ++p)
+                        acc[p] *= fr;
+                }
+                sc->m[i] = (double)block_max;
+            }
+            const TM_REAL mx = (TM_REAL)sc->m[i];
+            TM_REAL sum = 0, rz = 0;
+            if (grad && job->norm_x) {
+                for (int64_t j = 0; j < ncols; ++j) {
+                    const TM_REAL p = TM_HEAD_EXP(t[j] - mx);
+                    rz += p * t[j];
+                    sum += p;
+                    t[j] = p;
+                }
+            } else {
+                for (int64_t j = 0; j < ncols; ++j) {
+                    const TM_REAL p = TM_HEAD_EXP(t[j] - mx);
+                    sum += p;
+                    t[j] = p;
+                }
+            }
+            if (has_target) { /* the target's own gradient is formed apart */
+                rz -= t[y] * job->tz[row];
+                t[y] = 0;
+            }
+            sc->s[i] += (double)sum;
+            sc->rz[i] += (double)rz;
+        }
+        if (grad)
+            TM_FN(tm_gemm_acc)(job->kernels, nrows, ncols, sc->tile, ldt, 0, sc->wcol, ncols, 0,
+                               d, sc->acc, d, sc->gemm);
+    }
+    for (int64_t i = 0; i < nrows; ++i) {
+        const int64_t row = row0 + i, y = job->labels[row];
+        const double lse = sc->m[i] + log(sc->s[i]);
+        const double tz = (double)job->tz[row];
+        const double cw = job->class_weight != NULL ? job->class_weight[y] : 1.0;
+        job->lse[row] = lse;
+        job->sample_loss[row] = cw * (lse - tz);
+        job->argmax[row] = sc->bestj[i];
+        if (!grad && !job->want_wgrad)
+            continue;
+        const double g = cw * job->red * (job->upstream != NULL ? job->upstream[row] : 1.0);
+        const double gy = g * (exp(tz - lse) - 1.0);
+        job->gain[row] = g;
+        job->gain_y[row] = gy;
+        if (!grad)
+            continue;
+        const double gs = g / sc->s[i], a = (double)job->alpha[row];
+        const double *co = job->coef + 4 * row;
+        const double corr = job->norm_x && job->norm_x2[row] > 0.0
+                                ? gs * sc->rz[i] / job->norm_x2[row]
+                                : 0.0;
+        const TM_REAL *xi = job->x + row * d, *wy = job->w + y * d;
+        const TM_REAL *acc = sc->acc + i * d;
+        TM_REAL *out = job->grad + row * d;
+        for (int64_t p = 0; p < d; ++p)
+            out[p] = (TM_REAL)(gs * a * (double)acc[p] - corr * (double)xi[p] +
+                               gy * (co[0] * (double)xi[p] + co[1] * (double)wy[p]));
+    }
+}
+
+static void TM_FN(head_forward_range)(void *ctx, int participant, int64_t begin, int64_t end)
+{
+    TM_FN(head_job) *job = ctx;
+    TM_FN(head_scratch) sc;
+    TM_FN(head_carve)(job, job->scratch + (size_t)participant * job->scratch_stride, &sc);
+    for (int64_t unit = begin; unit < end; ++unit)
+        TM_FN(head_forward_block)(job, &sc, unit);
+}
+
+/* ---- 3. weight_grad over class blocks ---------------------------------------- */
+
+/* G = g_i exp(z - lse_i) over columns [lo, hi) of one tile row, in place,
+ * with the column sums that the normalisation and the bias need. */
+static void TM_FN(head_g_span)(TM_REAL *t, int64_t lo, int64_t hi, TM_REAL g, TM_REAL lse,
+                               double *cz, double *bs)
+{
+    if (cz != NULL)
+        for (int64_t j = lo; j < hi; ++j) {
+            const TM_REAL G = g * TM_HEAD_EXP(t[j] - lse);
+            cz[j] += (double)(G * t[j]);
+            t[j] = G;
+        }
+    else
+        for (int64_t j = lo; j < hi; ++j)
+            t[j] = g * TM_HEAD_EXP(t[j] - lse);
+    if (bs != NULL)
+        for (int64_t j = lo; j < hi; ++j)
+            bs[j] += (double)t[j];
+}
+
+static void TM_FN(head_backward_block)(TM_FN(head_job) *job, TM_FN(head_scratch) *sc,
+                                       int64_t unit)
+{
+    const int64_t n = job->n, d = job->d, c = job->c, ldt = job->ldt;
+    const int64_t j0 = unit * job->cb;
+    const int64_t ncols = c - j0 < job->cb ? c - j0 : job->cb;
+    TM_REAL *wg = job->wgrad + j0 * d;
+    memset(wg, 0, (size_t)(ncols * d) * sizeof(TM_REAL));
+    double *cz = job->norm_w ? sc->cz : NULL, *bs = job->bgrad != NULL ? sc->bs : NULL;
+    for (int64_t j = 0; j < ncols; ++j)
+        sc->cz[j] = sc->bs[j] = 0.0;
+    TM_FN(head_pack_rows)(job, j0, ncols, sc->wpanel);
+    for (int64_t row0 = 0; row0 < n; row0 += job->rb) {
+        const int64_t nrows = n - row0 < job->rb ? n - row0 : job->rb;
+        TM_FN(head_logits)(job, row0, nrows, j0, ncols, sc->wpanel, sc->tile);
+        for (int64_t i = 0; i < nrows; ++i) {
+            const int64_t row = row0 + i;
+            TM_REAL *t = sc->tile + i * ldt;
+            const TM_REAL g = (TM_REAL)job->gain[row], lse = (TM_REAL)job->lse[row];
+            const int64_t y = job->labels[row] - j0;
+            if (y >= 0 && y < ncols) { /* the target's terms come later */
+                TM_FN(head_g_span)(t, 0, y, g, lse, cz, bs);
+                t[y] = 0;
+                TM_FN(head_g_span)(t, y + 1, ncols, g, lse, cz, bs);
+            } else {
+                TM_FN(head_g_span)(t, 0, ncols, g, lse, cz, bs);
+            }
+        }
+        TM_FN(tm_gemm_acc)(job->kernels, ncols, nrows, sc->tile, ldt, 1, job->xcol, n, row0, d,
+                           wg, d, sc->gemm);
+    }
+    for (int64_t j = 0; j < ncols; ++j) {
+        TM_REAL *row = wg + j * d;
+        const TM_REAL b = job->beta[j0 + j];
+        if (!job->unit_cols)
+            for (int64_t p = 0; p < d; ++p)
+                row[p] *= b;
+        if (job->norm_w) {
+            const double k = sc->cz[j] * (double)b * (double)b;
+            const TM_REAL *wj = job->w + (j0 + j) * d;
+            for (int64_t p = 0; p < d; ++p)
+                row[p] = (TM_REAL)((double)row[p] - k * (double)wj[p]);
+        }
+        if (job->bgrad != NULL)
+            job->bgrad[j0 + j] = (TM_REAL)sc->bs[j];
+    }
+}
+
+static void TM_FN(head_backward_range)(void *ctx, int participant, int64_t begin, int64_t end)
+{
+    TM_FN(head_job) *job = ctx;
+    TM_FN(head_scratch) sc;
+    TM_FN(head_carve)(job, job->scratch + (size_t)participant * job->scratch_stride, &sc);
+    for (int64_t unit = begin; unit < end; ++unit)
+        TM_FN(head_backward_block)(job, &sc, unit);
+}
+
+/* ---- the entry point ----------------------------------------------------------- */
+
+int TM_FN(tm_softmax_head)(const tm_head *head, const TM_REAL *x, int64_t n, int64_t d,
+                           const int64_t *labels, const TM_REAL *weight, int64_t c,
+                           const TM_REAL *bias, const double *class_weight, int reduction,
+                           const double *upstream, double *loss, double *per_sample,
+                           int64_t *n_correct, TM_REAL *grad, TM_REAL *weight_grad,
+                           TM_REAL *bias_grad)
+{
+    if (!tm_head_valid(head) || n < 0 || d < 0 || c < 0 || (n > 0 && c < 1))
+        return TM_ERR_INVALID;
+    if (reduction != TM_REDUCE_MEAN && reduction != TM_REDUCE_SUM &&
+        reduction != TM_REDUCE_NONE)
+        return TM_ERR_INVALID;
+    if ((n > 0 && d > 0 && x == NULL) || (c > 0 && d > 0 && weight == NULL) ||
+        (n > 0 && labels == NULL))
+        return TM_ERR_INVALID;
+    if ((bias != NULL || bias_grad != NULL) && head->kind != TM_HEAD_SOFTMAX)
+        return TM_ERR_INVALID;
+    if (bias_grad != NULL && weight_grad == NULL)
+        return TM_ERR_INVALID;
+    for (int64_t i = 0; i < n; ++i)
+        if (labels[i] < 0 || labels[i] >= c)
+            return TM_ERR_INVALID;
+    if (class_weight != NULL)
+        for (int64_t j = 0; j < c; ++j)
+            if (!(class_weight[j] >= 0.0) || !isfinite(class_weight[j]))
+                return TM_ERR_INVALID;
+
+    TM_FN(head_job) job;
+    memset(&job, 0, sizeof job);
+    job.head = head;
+    job.x = x;
+    job.w = weight;
+    job.bias = bias;
+    job.labels = labels;
+    job.class_weight = class_weight;
+    job.upstream = upstream;
+    job.n = n;
+    job.d = d;
+    job.c = c;
+    const int kind = head->kind;
+    job.unit_rows = kind == TM_HEAD_SOFTMAX || kind == TM_HEAD_LSOFTMAX ||
+                    kind == TM_HEAD_SPHEREFACE;
+    job.unit_cols = kind == TM_HEAD_SOFTMAX || kind == TM_HEAD_LSOFTMAX;
+    job.norm_x = !job.unit_rows;
+    job.norm_w = !job.unit_cols;
+    job.want_grad = grad != NULL;
+    job.want_wgrad = weight_grad != NULL;
+    job.grad = grad;
+    job.wgrad = weight_grad;
+    job.bgrad = bias_grad;
+    job.kernels = tm_active_kernels();
+    job.dot = TM_FN(kernel_dot)(job.kernels);
+    job.mr = TM_FN(kernel_mr)(job.kernels);
+    job.nr = TM_FN(kernel_nr)(job.kernels);
+    job.rb = TM_FN(round_up)(TM_HEAD_ROWS, job.mr);
+    {
+        int64_t cb = TM_HEAD_CLASS_BYTES / ((int64_t)sizeof(TM_REAL) * (d > 0 ? d : 1));
+        cb = cb / job.nr * job.nr;
+        job.cb = cb < job.nr ? job.nr : (cb > 1024 ? 1024 : cb);
+    }
+    job.ldt = TM_FN(round_up)(job.cb, job.nr);
+
+    /* Reduction: mean divides by the weight the samples carry. */
+    double divisor = (double)n;
+    if (class_weight != NULL) {
+        divisor = 0.0;
+        for (int64_t i = 0; i < n; ++i)
+            divisor += class_weight[labels[i]];
+    }
+    job.red = reduction == TM_REDUCE_MEAN ? (divisor > 0.0 ? 1.0 / divisor : 0.0) : 1.0;
+
+    if (n == 0 || c == 0) {
+        if (loss != NULL)
+            *loss = 0.0;
+        if (n_correct != NULL)
+            *n_correct = 0;
+        if (weight_grad != NULL)
+            memset(weight_grad, 0, (size_t)(c * d) * sizeof(TM_REAL));
+        if (bias_grad != NULL)
+            memset(bias_grad, 0, (size_t)c * sizeof(TM_REAL));
+        return TM_OK;
+    }
+
+    /* Every allocation before any output is written. */
+    const int64_t n_pad = TM_FN(round_up)(n, job.mr);
+    const int64_t d_cols = TM_FN(round_up)(d > 0 ? d : 1, job.nr);
+    size_t bytes_xpack, bytes_xcol, bytes_c;
+    int st = tm_bytes(n_pad, d, sizeof(TM_REAL), &bytes_xpack);
+    if (st == TM_OK)
+        st = tm_bytes(weight_grad != NULL ? n : 0, d_cols, sizeof(TM_REAL), &bytes_xcol);
+    if (st == TM_OK)
+        st = tm_bytes(c, 1, sizeof(TM_REAL), &bytes_c);
+    if (st != TM_OK)
+        return st;
+    const int64_t forward_units = (n + job.rb - 1) / job.rb;
+    const int64_t backward_units = weight_grad != NULL ? (c + job.cb - 1) / job.cb : 0;
+    const int64_t units = forward_units > backward_units ? forward_units : backward_units;
+    const int previous_pin = tm_pin_threads();
+    const double work = (double)n * (double)c * (double)(d > 0 ? d : 1);
+    const int threads = work < (double)TM_HEAD_MIN_PARALLEL_WORK ? 1 : tm_threads_for(units);
+    job.scratch_stride = TM_FN(head_carve)(&job, NULL, NULL);
+    job.xpack = tm_alloc(bytes_xpack);
+    job.xcol = weight_grad != NULL ? tm_alloc(bytes_xcol) : NULL;
+    job.beta = tm_alloc(bytes_c);
+    job.alpha = tm_alloc((size_t)n * sizeof(TM_REAL));
+    job.tz = tm_alloc((size_t)n * sizeof(TM_REAL));
+    job.argmax = tm_alloc((size_t)n * sizeof(int64_t));
+    job.norm_x2 = tm_alloc((size_t)n * sizeof(double));
+    job.coef = tm_alloc((size_t)n * 4 * sizeof(double));
+    job.lse = tm_alloc((size_t)n * sizeof(double));
+    job.gain = tm_alloc((size_t)n * sizeof(double));
+    job.gain_y = tm_alloc((size_t)n * sizeof(double));
+    job.sample_loss = tm_alloc((size_t)n * sizeof(double));
+    job.scratch = tm_alloc((size_t)threads * job.scratch_stride);
+    if (job.xpack == NULL || (weight_grad != NULL && job.xcol == NULL) || job.beta == NULL ||
+        job.alpha == NULL || job.tz == NULL || job.argmax == NULL || job.norm_x2 == NULL ||
+        job.coef == NULL || job.lse == NULL || job.gain == NULL || job.gain_y == NULL ||
+        job.sample_loss == NULL || job.scratch == NULL) {
+        st = TM_ERR_NOMEM;
+        goto done;
+    }
+
+    tm_parallel_for(threads, c + n_pad, 256, TM_FN(head_prepare_range), &job);
+    tm_parallel_for(threads, forward_units, 1, TM_FN(head_forward_range), &job);
+    if (weight_grad != NULL) {
+        tm_parallel_for(threads, backward_units, 1, TM_FN(head_backward_range), &job);
+        /* The target terms, in sample order (several samples share a class). */
+        for (int64_t i = 0; i < n; ++i) {
+            const double gy = job.gain_y[i];
+            const int64_t y = labels[i];
+            const double *co = job.coef + 4 * i;
+            const TM_REAL *xi = x + i * d, *wy = weight + y * d;
+            TM_REAL *out = weight_grad + y * d;
+            for (int64_t p = 0; p < d; ++p)
+                out[p] = (TM_REAL)((double)out[p] +
+                                   gy * (co[2] * (double)xi[p] + co[3] * (double)wy[p]));
+            if (bias_grad != NULL)
+                bias_grad[y] = (TM_REAL)((double)bias_grad[y] + gy);
+        }
+    }
+
+    double total = 0.0;
+    int64_t correct = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        total += job.sample_loss[i];
+        correct += job.argmax[i] == labels[i];
+    }
+    if (loss != NULL)
+        *loss = total * job.red;
+    if (per_sample != NULL)
+        memcpy(per_sample, job.sample_loss, (size_t)n * sizeof(double));
+    if (n_correct != NULL)
+        *n_correct = correct;
+
+done:
+    tm_unpin_threads(previous_pin);
+    tm_free(job.xpack);
+    tm_free(job.xcol);
+    tm_free(job.beta);
+    tm_free(job.alpha);
+    tm_free(job.tz);
+    tm_free(job.argmax);
+    tm_free(job.norm_x2);
+    tm_free(job.coef);
+    tm_free(job.lse);
+    tm_free(job.gain);
+    tm_free(job.gain_y);
+    tm_free(job.sample_loss);
+    tm_free(job.scratch);
+    return st;
+}

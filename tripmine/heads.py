@@ -1,0 +1,316 @@
+"""Classification heads: the margin-softmax family, fused so that the N x C logits never exist.
+
+Each function takes embeddings ``x`` (N, D), integer ``labels`` in ``[0, C)`` and
+``weight`` (C, D), one row per class, and returns a :class:`SoftmaxLossResult` with the
+cross-entropy, ``grad`` = dL/dx, ``weight_grad`` = dL/dW and the training accuracy.  The
+C core walks the classes in blocks with an online log-sum-exp per sample (csrc/heads.c):
+memory is linear in N + C, never N x C, and the target's logit is recomputed from its own
+dot product, in double, before the head's margin is applied.
+
+Heads (theta_j is the angle between x and W_j; s the scale):
+
+==========================  =========================================  =================
+function                    target logit (class y)                     other classes j
+==========================  =========================================  =================
+softmax_loss                W_y.x + b_y                                W_j.x + b_j
+normface_loss               s cos theta_y                              s cos theta_j
+cosface_loss                s (cos theta_y - m)                        s cos theta_j
+arcface_loss                s cos(theta_y + m)                         s cos theta_j
+combined_margin_loss        s (cos(m1 theta_y + m2) - m3)              s cos theta_j
+sphereface_loss             |x| F(theta_y)                             |x| cos theta_j
+large_margin_softmax_loss   |W_y| |x| F(theta_y)                       W_j.x
+==========================  =========================================  =================
+
+with F = (lambda_ cos theta + psi(theta)) / (1 + lambda_), psi(theta) = (-1)^k cos(m theta) -
+2k, k = floor(m theta / pi).
+
+Common keywords: ``class_weight`` (C,) makes the weighted softmax loss, sample i weighing
+``class_weight[y_i]`` (``"mean"`` divides by the sum of those weights, as
+``torch.nn.CrossEntropyLoss(weight=)`` does); ``reduction`` ``"mean"`` | ``"sum"`` |
+``"none"`` (per-sample losses; the gradients are those of their sum); ``grad``;
+``weight_grad`` (with ``grad``: also dL/dW, which costs two more GEMM-sized products);
+``check_finite``.  float32 and float64 compute in their own precision, float16 in float32;
+gradients come back in the computing dtype.
+
+Corner rules, the same in every head:
+
+* a zero ``x_i`` or ``W_j`` has cos 0 with everything, and no gradient flows through the
+  normalisation it leaves undefined;
+* gradients are finite everywhere: at cos theta = +-1 the direction of d(cos)/dx vanishes,
+  so the margin's derivative there (infinite for cos(theta + m) at theta = 0) is taken as 0;
+* psi is continuously differentiable at its k boundaries (its derivative is 0 from both
+  sides), so no subgradient is needed there;
+* training accuracy (``n_correct``) is the top-1 of the logits *without* margin, ties going
+  to the lowest class index (``argmax``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from . import _validation as check
+from ._dispatch import dispatch
+
+__all__ = [
+    "SoftmaxLossResult",
+    "arcface_loss",
+    "combined_margin_loss",
+    "cosface_loss",
+    "large_margin_softmax_loss",
+    "normface_loss",
+    "softmax_loss",
+    "sphereface_loss",
+]
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass(frozen=True)
+class SoftmaxLossResult:
+    """What the heads return.
+
+    ``loss`` is a float, or for ``reduction="none"`` a float64 vector of per-sample losses.
+    ``grad`` = dL/dx (N, D) and ``weight_grad`` = dL/dW (C, D) (None when not computed);
+    ``bias_grad`` (C,) when a bias was given.  ``n_correct`` counts the samples whose top-1
+    logit without margin is their label; ``accuracy`` = ``n_correct / n_samples``.
+    """
+
+    loss: float | np.ndarray
+    grad: np.ndarray | None
+    weight_grad: np.ndarray | None
+    bias_grad: np.ndarray | None
+    n_samples: int
+    n_correct: int
+    accuracy: float
+
+
+def _real(value: Any, name: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {check._describe(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _in_range(value: Any, name: str, low: float, high: float, *, low_open: bool = False,
+              high_open: bool = False) -> float:
+    value = _real(value, name)
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above:
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ValueError(f"{name} must lie in {lo}{low:g}, {high:g}{hi}, got {value}")
+    return value
+
+
+def _integer_margin(value: Any) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():
+            value = int(value)
+        else:
+            raise ValueError(f"margin must be an integer >= 1 (the angle multiplier m), got "
+                             f"{value!r}")
+    if not 1 <= value <= 64:
+        raise ValueError(f"margin must be an integer in [1, 64], got {value}")
+    return int(value)
+
+
+def _class_vector(value: Any, name: str, c: int, dtype: Any, check_finite: bool) -> np.ndarray:
+    arr = check._as_array(value, name)
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must be a real-valued vector, got dtype {arr.dtype}")
+    if arr.shape != (c,):
+        raise ValueError(f"{name} must have shape ({c},) (one entry per row of weight), got "
+                         f"shape {arr.shape}")
+    arr = check.c_array(arr, dtype)
+    if check_finite and not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinity")
+    return arr
+
+
+def _class_labels(labels: Any, n: int, c: int) -> np.ndarray:
+    arr = check._as_array(labels, "labels")
+    if arr.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {arr.shape}")
+    if arr.shape[0] != n:
+        raise ValueError(f"labels has length {arr.shape[0]} but x has {n} rows")
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"labels must be integer class indices in [0, {c}), got dtype "
+                         f"{arr.dtype}")
+    if n and (arr.min() < 0 or arr.max() >= c):
+        bad = arr[(arr < 0) | (arr >= c)][0]
+        raise ValueError(f"labels must lie in [0, {c}) (weight has {c} rows), found {bad}")
+    return check.c_array(arr, np.int64)
+
+
+def _run(head: dict, x: Any, labels: Any, weight: Any, *, bias: Any = None,
+         class_weight: Any = None, reduction: str = "mean", grad: bool = True,
+         weight_grad: bool = True, check_finite: bool = True) -> SoftmaxLossResult:
+    """Validate the common inputs and run one head in the C core."""
+    reduction = check.choice(reduction, "reduction", REDUCTIONS)
+    want_grad = check.flag(grad, "grad")
+    want_wgrad = check.flag(weight_grad, "weight_grad") and want_grad
+    check_finite = check.flag(check_finite, "check_finite")
+    x_arr = check._float_matrix(x, "x", check_finite)
+    w_arr = check._float_matrix(weight, "weight", check_finite)
+    if w_arr.shape[1] != x_arr.shape[1]:
+        raise ValueError(f"weight has {w_arr.shape[1]} features per row but x has "
+                         f"{x_arr.shape[1]}: weight must be (num_classes, {x_arr.shape[1]})")
+    if w_arr.shape[0] < 1:
+        raise ValueError("weight must have at least one row (one per class)")
+    dtype = check.compute_dtype(x_arr, w_arr)
+    n, c = x_arr.shape[0], w_arr.shape[0]
+    codes = _class_labels(labels, n, c)
+    x_arr, w_arr = check.c_array(x_arr, dtype), check.c_array(w_arr, dtype)
+    b_arr = None if bias is None else _class_vector(bias, "bias", c, dtype, check_finite)
+    cw = None
+    if class_weight is not None:
+        cw = _class_vector(class_weight, "class_weight", c, np.float64, True)
+        if (cw < 0).any():
+            raise ValueError(f"class_weight must be >= 0, found {cw[cw < 0][0]}")
+    loss, per_sample, correct, g, wg, bg = _core.softmax_head(
+        head, x_arr, codes, w_arr, b_arr, cw, reduction, want_grad, want_wgrad)
+    return SoftmaxLossResult(per_sample if reduction == "none" else float(loss), g, wg, bg, n,
+                             correct, correct / n if n else 0.0)
+
+
+@dispatch
+def softmax_loss(x: Any, labels: Any, weight: Any, *, bias: Any = None,
+                 class_weight: Any = None, reduction: str = "mean", grad: bool = True,
+                 weight_grad: bool = True, check_finite: bool = True) -> SoftmaxLossResult:
+    """Softmax cross-entropy of the linear logits ``x @ weight.T + bias``.
+
+    With ``class_weight``, the weighted softmax loss ``-w_y log p_y``.  Matches
+    ``torch.nn.CrossEntropyLoss(weight=class_weight)`` on ``torch.nn.Linear`` logits, without
+    the (N, C) logits.
+    """
+    return _run({"kind": "softmax"}, x, labels, weight, bias=bias, class_weight=class_weight,
+                reduction=reduction, grad=grad, weight_grad=weight_grad,
+                check_finite=check_finite)
+
+
+@dispatch
+def normface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 20.0,
+                  class_weight: Any = None, reduction: str = "mean", grad: bool = True,
+                  weight_grad: bool = True, check_finite: bool = True) -> SoftmaxLossResult:
+    """NormFace (Wang et al. 2017): softmax over ``scale * cos(x, W_j)``.
+
+    ``scale=20`` is pytorch-metric-learning's ``NormalizedSoftmaxLoss`` default (its
+    temperature 0.05 = 1 / scale).
+    """
+    s = _in_range(scale, "scale", 0.0, math.inf, low_open=True, high_open=True)
+    return _run({"kind": "normface", "scale": s}, x, labels, weight, class_weight=class_weight,
+                reduction=reduction, grad=grad, weight_grad=weight_grad,
+                check_finite=check_finite)
+
+
+@dispatch
+def cosface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.0,
+                 margin: float = 0.35, class_weight: Any = None, reduction: str = "mean",
+                 grad: bool = True, weight_grad: bool = True,
+                 check_finite: bool = True) -> SoftmaxLossResult:
+    """CosFace / AM-Softmax (Wang et al. 2018): target logit ``scale * (cos theta - margin)``.
+
+    Defaults ``scale=64, margin=0.35`` are the CosFace paper's.  ``margin`` in [0, 1].
+    """
+    s = _in_range(scale, "scale", 0.0, math.inf, low_open=True, high_open=True)
+    m = _in_range(margin, "margin", 0.0, 1.0)
+    return _run({"kind": "cosface", "scale": s, "m3": m}, x, labels, weight,
+                class_weight=class_weight, reduction=reduction, grad=grad,
+                weight_grad=weight_grad, check_finite=check_finite)
+
+
+@dispatch
+def arcface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.0, margin: float = 0.5,
+                 easy_margin: bool = False, straight_through: bool = False,
+                 class_weight: Any = None, reduction: str = "mean", grad: bool = True,
+                 weight_grad: bool = True, check_finite: bool = True) -> SoftmaxLossResult:
+    """ArcFace (Deng et al. 2019): target logit ``scale * cos(theta + margin)``.
+
+    Defaults ``scale=64, margin=0.5`` (radians) are the ArcFace paper's.  Where ``theta +
+    margin`` would pass pi, the rule of InsightFace's reference code applies: for
+    ``cos theta <= cos(pi - margin)`` the target logit is ``scale * (cos theta - margin *
+    sin(margin))``, which keeps it decreasing in theta.  ``easy_margin=True`` applies the
+    margin only where ``cos theta > 0`` (the target logit is ``scale * cos theta`` elsewhere).
+
+    ``straight_through=True`` reproduces InsightFace's current training code, which applies
+    the margin under ``no_grad``: the forward value is the same, but the gradient is that of
+    ``scale * cos theta`` (dz/dcos = scale), not the margin's exact derivative.
+    """
+    s = _in_range(scale, "scale", 0.0, math.inf, low_open=True, high_open=True)
+    m = _in_range(margin, "margin", 0.0, math.pi, high_open=True)
+    return _run({"kind": "arcface", "scale": s, "m2": m,
+                 "easy_margin": check.flag(easy_margin, "easy_margin"),
+                 "straight_through": check.flag(straight_through, "straight_through")},
+                x, labels, weight, class_weight=class_weight, reduction=reduction, grad=grad,
+                weight_grad=weight_grad, check_finite=check_finite)
+
+
+@dispatch
+def combined_margin_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.0,
+                         m1: float = 1.0, m2: float = 0.3, m3: float = 0.2,
+                         straight_through: bool = False, class_weight: Any = None,
+                         reduction: str = "mean", grad: bool = True, weight_grad: bool = True,
+                         check_finite: bool = True) -> SoftmaxLossResult:
+    """The combined margin of InsightFace: target logit ``scale * (cos(m1 theta + m2) - m3)``.
+
+    ``m1`` is SphereFace's multiplicative angular margin, ``m2`` ArcFace's additive angular
+    margin and ``m3`` CosFace's additive cosine margin; the defaults (1.0, 0.3, 0.2) are those
+    of InsightFace's combined-margin configuration.  Where ``u = m1 theta + m2`` passes pi
+    the logit continues as ``scale * ((-1)^k cos u - 2k - m3)``, k = floor(u / pi) (SphereFace's
+    psi), which keeps it continuous and decreasing in theta.  ``straight_through`` as in
+    :func:`arcface_loss`.
+    """
+    s = _in_range(scale, "scale", 0.0, math.inf, low_open=True, high_open=True)
+    v1 = _in_range(m1, "m1", 0.0, 64.0, low_open=True)
+    v2 = _in_range(m2, "m2", 0.0, math.pi, high_open=True)
+    v3 = _in_range(m3, "m3", 0.0, 1.0)
+    return _run({"kind": "combined", "scale": s, "m1": v1, "m2": v2, "m3": v3,
+                 "straight_through": check.flag(straight_through, "straight_through")},
+                x, labels, weight, class_weight=class_weight, reduction=reduction, grad=grad,
+                weight_grad=weight_grad, check_finite=check_finite)
+
+
+@dispatch
+def sphereface_loss(x: Any, labels: Any, weight: Any, *, margin: int = 4, lambda_: float = 0.0,
+                    class_weight: Any = None, reduction: str = "mean", grad: bool = True,
+                    weight_grad: bool = True, check_finite: bool = True) -> SoftmaxLossResult:
+    """SphereFace / A-Softmax (Liu et al. 2017): only W is normalised.
+
+    Target logit ``|x| (lambda_ cos theta + psi(theta)) / (1 + lambda_)``, others ``|x| cos
+    theta_j``.  ``margin=4`` is the paper's; ``lambda_`` is its annealing weight, which the
+    caller schedules (the paper starts large and decays it towards a small floor; 0 applies
+    the full margin).
+    """
+    m = _integer_margin(margin)
+    lam = _in_range(lambda_, "lambda_", 0.0, math.inf, high_open=True)
+    return _run({"kind": "sphereface", "margin": m, "lambda_": lam}, x, labels, weight,
+                class_weight=class_weight, reduction=reduction, grad=grad,
+                weight_grad=weight_grad, check_finite=check_finite)
+
+
+@dispatch
+def large_margin_softmax_loss(x: Any, labels: Any, weight: Any, *, margin: int = 4,
+                              lambda_: float = 0.0, class_weight: Any = None,
+                              reduction: str = "mean", grad: bool = True,
+                              weight_grad: bool = True,
+                              check_finite: bool = True) -> SoftmaxLossResult:
+    """L-Softmax (Liu et al. 2016): nothing is normalised.
+
+    Target logit ``|W_y| |x| (lambda_ cos theta + psi(theta)) / (1 + lambda_)``, others
+    ``W_j . x``.  ``margin=4`` is pytorch-metric-learning's ``LargeMarginSoftmaxLoss`` default
+    (the paper trains with m in {2, 3, 4}); ``lambda_`` anneals as in
+    :func:`sphereface_loss`.
+    """
+    m = _integer_margin(margin)
+    lam = _in_range(lambda_, "lambda_", 0.0, math.inf, high_open=True)
+    return _run({"kind": "lsoftmax", "margin": m, "lambda_": lam}, x, labels, weight,
+                class_weight=class_weight, reduction=reduction, grad=grad,
+                weight_grad=weight_grad, check_finite=check_finite)
