@@ -36,6 +36,14 @@
 #ifndef TM_HEAD_ROWS
 #define TM_HEAD_ROWS 240
 #endif
+/* Forward blocks may be larger (their size changes no result): fewer blocks
+ * pack W fewer times.  Blocks per thread, and the most rows of one. */
+#ifndef TM_HEAD_FORWARD_SPLIT
+#define TM_HEAD_FORWARD_SPLIT 2
+#endif
+#ifndef TM_HEAD_ROWS_MAX
+#define TM_HEAD_ROWS_MAX 480
+#endif
 /* Bytes of one packed block of W (it stays in L2 while the samples' panels
  * stream past it). */
 #ifndef TM_HEAD_CLASS_BYTES
@@ -69,6 +77,7 @@ typedef struct {
     TM_FN(tm_dot_kernel) dot;
     int mr, nr;
     int64_t rb, cb, ldt;
+    int64_t rb_forward; /* samples per forward block: any multiple of MR gives the same bits */
     TM_REAL *alpha, *beta, *tz;
     double *norm_x2, *coef, *lse, *gain, *gain_y, *sample_loss;
     int64_t *argmax;
@@ -88,7 +97,8 @@ typedef struct {
 static size_t TM_FN(head_carve)(const TM_FN(head_job) *job, char *base,
                                 TM_FN(head_scratch) *out)
 {
-    const int64_t d = job->d, rb = job->rb, cb = job->cb, ldt = job->ldt;
+    const int64_t d = job->d, cb = job->cb, ldt = job->ldt;
+    const int64_t rb = job->rb > job->rb_forward ? job->rb : job->rb_forward;
     const int64_t d_cols = TM_FN(round_up)(d > 0 ? d : 1, job->nr);
     size_t offset = 0;
 #define TM_HEAD_TAKE(field, type, count)                                                  \
@@ -170,19 +180,23 @@ static void TM_FN(head_pack_rows)(const TM_FN(head_job) *job, int64_t j0, int64_
                                   TM_REAL *dst)
 {
     const int64_t d = job->d, nr = job->nr, panels = (ncols + nr - 1) / nr;
-    for (int64_t q = 0; q < panels; ++q)
-        for (int64_t i = 0; i < nr; ++i) {
-            TM_REAL *out = dst + q * d * nr + i;
-            const int64_t j = q * nr + i;
-            if (j >= ncols) {
-                for (int64_t p = 0; p < d; ++p)
-                    out[p * nr] = 0;
-                continue;
+    for (int64_t q = 0; q < panels; ++q) {
+        TM_REAL *out = dst + q * d * nr;
+        const int64_t width = ncols - q * nr < nr ? ncols - q * nr : nr;
+        const TM_REAL *src = job->w + (j0 + q * nr) * d;
+        if (width < nr)
+            memset(out, 0, (size_t)(d * nr) * sizeof(TM_REAL));
+        /* Eight features of every row at a time: reads stay on a few lines per row
+         * and writes are contiguous. */
+        for (int64_t p0 = 0; p0 < d; p0 += 8) {
+            const int64_t p1 = d - p0 < 8 ? d : p0 + 8;
+            for (int64_t i = 0; i < width; ++i) {
+                const TM_REAL *s = src + i * d;
+                for (int64_t p = p0; p < p1; ++p)
+                    out[p * nr + i] = s[p];
             }
-            const TM_REAL *src = job->w + (j0 + j) * d;
-            for (int64_t p = 0; p < d; ++p)
-                out[p * nr] = src[p];
         }
+    }
 }
 
 /* beta_j W_j for the same rows as column panels (the K side of dX's
@@ -247,8 +261,8 @@ static void TM_FN(head_forward_block)(TM_FN(head_job) *job, TM_FN(head_scratch) 
                                       int64_t unit)
 {
     const int64_t n = job->n, d = job->d, c = job->c, ldt = job->ldt;
-    const int64_t row0 = unit * job->rb;
-    const int64_t nrows = n - row0 < job->rb ? n - row0 : job->rb;
+    const int64_t row0 = unit * job->rb_forward;
+    const int64_t nrows = n - row0 < job->rb_forward ? n - row0 : job->rb_forward;
     const int grad = job->want_grad;
     for (int64_t i = 0; i < nrows; ++i) {
         sc->m[i] = -INFINITY;
@@ -533,12 +547,20 @@ int TM_FN(tm_softmax_head)(const tm_head *head, const TM_REAL *x, int64_t n, int
         st = tm_bytes(c, 1, sizeof(TM_REAL), &bytes_c);
     if (st != TM_OK)
         return st;
-    const int64_t forward_units = (n + job.rb - 1) / job.rb;
     const int64_t backward_units = weight_grad != NULL ? (c + job.cb - 1) / job.cb : 0;
-    const int64_t units = forward_units > backward_units ? forward_units : backward_units;
+    const int64_t row_panels = n_pad / job.mr;
+    const int64_t units = row_panels > backward_units ? row_panels : backward_units;
     const int previous_pin = tm_pin_threads();
     const double work = (double)n * (double)c * (double)(d > 0 ? d : 1);
     const int threads = work < (double)TM_HEAD_MIN_PARALLEL_WORK ? 1 : tm_threads_for(units);
+    /* Forward blocks: TM_HEAD_FORWARD_SPLIT per thread, at most TM_HEAD_ROWS_MAX rows. */
+    {
+        const int64_t parts = (int64_t)threads * TM_HEAD_FORWARD_SPLIT;
+        int64_t rows = TM_FN(round_up)((n + parts - 1) / parts, job.mr);
+        const int64_t most = TM_FN(round_up)(TM_HEAD_ROWS_MAX, job.mr);
+        job.rb_forward = rows > most ? most : rows;
+    }
+    const int64_t forward_units = (n + job.rb_forward - 1) / job.rb_forward;
     job.scratch_stride = TM_FN(head_carve)(&job, NULL, NULL);
     job.xpack = tm_alloc(bytes_xpack);
     job.xcol = weight_grad != NULL ? tm_alloc(bytes_xcol) : NULL;

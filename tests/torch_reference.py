@@ -141,3 +141,58 @@ def contrastive_reference(x, labels, *, pos_margin, neg_margin, power, metric, n
 
 REFERENCES = {"batch_hard": batch_hard_reference, "batch_all": batch_all_reference,
               "semi_hard": semi_hard_reference}
+
+
+# ---- the margin-softmax heads ----------------------------------------------------------
+
+def _psi_torch(m, theta):
+    k = torch.floor(m * theta / torch.pi)
+    return (-1.0) ** k * torch.cos(m * theta) - 2 * k
+
+
+def head_reference(kind, x, labels, weight, *, bias=None, class_weight=None, reduction="mean",
+                   **p):
+    """The whole (N, C) logit matrix, the margin on the target column, and
+    ``torch.nn.functional.cross_entropy``: autograd differentiates everything (acos
+    included, so keep cos theta away from +-1)."""
+    n = x.shape[0]
+    rows = torch.arange(n)
+    nx = torch.linalg.vector_norm(x, dim=1)
+    nw = torch.linalg.vector_norm(weight, dim=1)
+    dots = x @ weight.T
+    if kind == "softmax":
+        logits = dots + (bias if bias is not None else 0.0)
+    elif kind in ("normface", "cosface", "arcface", "combined"):
+        s = p["scale"]
+        cos = dots / (nx[:, None] * nw[None, :])
+        cos_y = cos[rows, labels]
+        theta = torch.acos(cos_y)
+        if kind == "normface":
+            target = cos_y
+        elif kind == "cosface":
+            target = cos_y - p["margin"]
+        elif kind == "arcface":
+            m = p["margin"]
+            phi = torch.cos(theta + m)
+            if p.get("easy_margin"):
+                target = torch.where(cos_y > 0, phi, cos_y)
+            else:
+                target = torch.where(cos_y > np.cos(np.pi - m), phi, cos_y - m * np.sin(m))
+        else:
+            u = p["m1"] * theta + p["m2"]
+            k = torch.floor(u / torch.pi)
+            target = (-1.0) ** k * torch.cos(u) - 2 * k - p["m3"]
+        if p.get("straight_through"):  # InsightFace: the margin under no_grad
+            target = cos_y + (target - cos_y).detach()
+        logits = s * cos.index_put((rows, labels), target)
+    else:
+        m, lam = p["margin"], p.get("lambda_", 0.0)
+        cos = dots / (nx[:, None] * nw[None, :])
+        cos_y = cos[rows, labels]
+        f = (lam * cos_y + _psi_torch(m, torch.acos(cos_y))) / (1 + lam)
+        if kind == "sphereface":
+            logits = (nx[:, None] * cos).index_put((rows, labels), nx * f)
+        else:
+            logits = dots.index_put((rows, labels), nw[labels] * nx * f)
+    return torch.nn.functional.cross_entropy(logits, labels, weight=class_weight,
+                                             reduction=reduction)

@@ -1,0 +1,298 @@
+"""The margin-softmax heads (tripmine.heads) against the loop reference, float64 finite
+differences and pure-torch autograd; their corners, threads and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import tripmine
+from tripmine import heads
+
+import reference
+
+#: (reference kind, function, keyword arguments): every head, with non-default options.
+HEADS = [
+    ("softmax", heads.softmax_loss, {}),
+    ("normface", heads.normface_loss, {"scale": 4.0}),
+    ("cosface", heads.cosface_loss, {"scale": 4.0, "margin": 0.35}),
+    ("arcface", heads.arcface_loss, {"scale": 4.0, "margin": 0.5}),
+    ("arcface", heads.arcface_loss, {"scale": 4.0, "margin": 0.5, "easy_margin": True}),
+    ("combined", heads.combined_margin_loss, {"scale": 4.0, "m1": 1.0, "m2": 0.3, "m3": 0.2}),
+    ("combined", heads.combined_margin_loss, {"scale": 3.0, "m1": 1.35, "m2": 0.2, "m3": 0.1}),
+    ("sphereface", heads.sphereface_loss, {"margin": 4}),
+    ("sphereface", heads.sphereface_loss, {"margin": 3, "lambda_": 2.0}),
+    ("lsoftmax", heads.large_margin_softmax_loss, {"margin": 2}),
+    ("lsoftmax", heads.large_margin_softmax_loss, {"margin": 4, "lambda_": 5.0}),
+]
+IDS = [f"{kind}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for kind, _, kw in HEADS]
+
+
+def _ref_params(kw):
+    """The reference's spelling of a head's options (``margin`` for the additive margins)."""
+    return dict(kw)
+
+
+def _problem(rng, n, c, d, dtype=np.float64, weight_scale=0.3):
+    x = rng.standard_normal((n, d)).astype(dtype)
+    w = (weight_scale * rng.standard_normal((c, d))).astype(dtype)
+    labels = rng.integers(0, c, n)
+    return x, labels, w
+
+
+@pytest.mark.parametrize("kind, fn, kw", HEADS, ids=IDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_and_accuracy_match_the_loop_reference(kind, fn, kw, dtype, reduction):
+    rng = np.random.default_rng(7)
+    x, labels, w = _problem(rng, 23, 41, 12, dtype)
+    class_weight = rng.uniform(0.2, 2.0, 41)
+    for cw in (None, class_weight):
+        result = fn(x, labels, w, class_weight=cw, reduction=reduction, **kw)
+        expected, per_sample, correct = reference.head_loss(
+            kind, x.astype(np.float64), labels, w.astype(np.float64), class_weight=cw,
+            reduction=reduction, **_ref_params(kw))
+        rtol = 1e-11 if dtype == np.float64 else 2e-4
+        np.testing.assert_allclose(result.loss, expected, rtol=rtol, atol=rtol)
+        assert result.n_samples == 23
+        if dtype == np.float64:
+            assert result.n_correct == correct
+        assert result.accuracy == result.n_correct / 23
+        assert result.grad.dtype == dtype and result.weight_grad.dtype == dtype
+        assert result.bias_grad is None
+
+
+def _directional(fn, args, kw, which, direction, h=1e-6):
+    def at(t):
+        moved = list(args)
+        moved[which] = args[which] + t * direction
+        return fn(*moved, grad=False, **kw).loss
+    return (at(h) - at(-h)) / (2 * h)
+
+
+@pytest.mark.parametrize("kind, fn, kw", HEADS, ids=IDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradients_match_float64_finite_differences(kind, fn, kw, reduction):
+    rng = np.random.default_rng(11)
+    x, labels, w = _problem(rng, 17, 29, 10)
+    cw = rng.uniform(0.5, 1.5, 29)
+    call_kw = dict(kw, class_weight=cw, reduction="sum" if reduction == "none" else reduction)
+    result = fn(x, labels, w, **call_kw)
+    if reduction == "none":  # the gradient of the per-sample losses' sum
+        assert np.array_equal(fn(x, labels, w, **dict(call_kw, reduction="none")).grad,
+                              result.grad)
+    for which, analytic in ((0, result.grad), (2, result.weight_grad)):
+        for _ in range(3):
+            direction = rng.standard_normal(analytic.shape)
+            numeric = _directional(fn, (x, labels, w), call_kw, which, direction)
+            assert abs(np.sum(analytic * direction) - numeric) <= 1e-6 * (1 + abs(numeric)), \
+                (which, numeric)
+
+
+def test_softmax_bias_gradient_and_weighted_mean():
+    rng = np.random.default_rng(3)
+    x, labels, w = _problem(rng, 30, 12, 6)
+    bias = rng.standard_normal(12)
+    cw = rng.uniform(0.0, 2.0, 12)
+    result = heads.softmax_loss(x, labels, w, bias=bias, class_weight=cw)
+    expected, _, _ = reference.head_loss("softmax", x, labels, w, bias=bias, class_weight=cw)
+    assert result.loss == pytest.approx(expected, rel=1e-12)
+    for _ in range(3):
+        direction = rng.standard_normal(12)
+        numeric = (heads.softmax_loss(x, labels, w, bias=bias + 1e-6 * direction,
+                                      class_weight=cw, grad=False).loss -
+                   heads.softmax_loss(x, labels, w, bias=bias - 1e-6 * direction,
+                                      class_weight=cw, grad=False).loss) / 2e-6
+        assert np.sum(result.bias_grad * direction) == pytest.approx(numeric, rel=1e-6, abs=1e-9)
+
+
+def test_straight_through_changes_only_the_gradient():
+    rng = np.random.default_rng(5)
+    x, labels, w = _problem(rng, 20, 15, 8)
+    exact = heads.arcface_loss(x, labels, w, scale=8.0)
+    through = heads.arcface_loss(x, labels, w, scale=8.0, straight_through=True)
+    assert through.loss == exact.loss
+    assert not np.allclose(through.grad, exact.grad)
+    # dz_y/dcos = s: the gradient NormFace would give with the margin's probabilities.
+    assert np.all(np.isfinite(through.grad)) and np.all(np.isfinite(through.weight_grad))
+
+
+@pytest.mark.parametrize("kind, fn, kw", HEADS, ids=IDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gradients_are_finite_at_cos_plus_minus_one_and_zero_vectors(kind, fn, kw, dtype):
+    rng = np.random.default_rng(2)
+    x, labels, w = _problem(rng, 8, 6, 5, dtype)
+    x[0] = w[labels[0]] * 3          # theta = 0 exactly (cos = 1)
+    x[1] = -2 * w[labels[1]]         # theta = pi
+    x[2] = 0                         # a zero embedding
+    w[labels[3]] = 0                 # a zero class vector
+    result = fn(x, labels, w, **kw)
+    assert math.isfinite(result.loss)
+    assert np.all(np.isfinite(result.grad)) and np.all(np.isfinite(result.weight_grad))
+    assert not np.any(result.grad[2]) or kind in ("softmax", "lsoftmax", "sphereface")
+
+
+@pytest.mark.parametrize("kind, fn, kw", HEADS[:4] + HEADS[7:8], ids=IDS[:4] + IDS[7:8])
+def test_results_do_not_depend_on_the_thread_count(kind, fn, kw):
+    """Several forward and class blocks (C > one block at d = 256), any thread count:
+    the same bits."""
+    rng = np.random.default_rng(9)
+    x, labels, w = _problem(rng, 530, 700, 256, np.float32)
+    before = tripmine.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            tripmine.set_num_threads(threads)
+            results.append(fn(x, labels, w, **kw))
+    finally:
+        tripmine.set_num_threads(before)
+    for other in results[1:]:
+        assert other.loss == results[0].loss
+        assert np.array_equal(other.grad, results[0].grad)
+        assert np.array_equal(other.weight_grad, results[0].weight_grad)
+        assert other.n_correct == results[0].n_correct
+
+
+def test_many_blocks_match_the_reference():
+    """Rows and classes spanning several blocks of each walk, in both precisions."""
+    rng = np.random.default_rng(4)
+    for dtype in (np.float32, np.float64):
+        x, labels, w = _problem(rng, 530, 700, 256, dtype, weight_scale=0.05)
+        cw = rng.uniform(0.5, 2.0, 700)
+        result = heads.cosface_loss(x, labels, w, scale=10.0, class_weight=cw,
+                                    reduction="none")
+        expected, _, _ = reference.head_loss("cosface", x[:60].astype(np.float64), labels[:60],
+                                             w.astype(np.float64), class_weight=cw,
+                                             reduction="none", scale=10.0, margin=0.35)
+        np.testing.assert_allclose(result.loss[:60], expected,
+                                   rtol=1e-11 if dtype == np.float64 else 1e-4)
+
+
+def test_gradient_matches_dense_numpy_for_many_blocks():
+    rng = np.random.default_rng(6)
+    x, labels, w = _problem(rng, 530, 700, 256, np.float64, weight_scale=0.05)
+    result = heads.softmax_loss(x, labels, w)
+    z = x @ w.T
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(530), labels] -= 1
+    p /= 530
+    np.testing.assert_allclose(result.grad, p @ w, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(result.weight_grad, p.T @ x, rtol=1e-10, atol=1e-14)
+
+
+def test_float16_computes_in_float32():
+    rng = np.random.default_rng(8)
+    x, labels, w = _problem(rng, 10, 7, 4, np.float16)
+    result = heads.arcface_loss(x, labels, w, scale=4.0)
+    as32 = heads.arcface_loss(x.astype(np.float32), labels, w.astype(np.float32), scale=4.0)
+    assert result.loss == as32.loss and result.grad.dtype == np.float32
+
+
+def test_empty_batch_and_grad_flags():
+    w = np.ones((5, 3))
+    empty = heads.cosface_loss(np.zeros((0, 3)), np.zeros(0, dtype=np.int64), w)
+    assert empty.loss == 0.0 and empty.n_samples == 0 and empty.accuracy == 0.0
+    assert empty.grad.shape == (0, 3) and not empty.weight_grad.any()
+    rng = np.random.default_rng(0)
+    x, labels, w = _problem(rng, 6, 5, 3)
+    bare = heads.cosface_loss(x, labels, w, grad=False)
+    assert bare.grad is None and bare.weight_grad is None
+    no_w = heads.cosface_loss(x, labels, w, weight_grad=False)
+    full = heads.cosface_loss(x, labels, w)
+    assert no_w.weight_grad is None and np.array_equal(no_w.grad, full.grad)
+    assert bare.loss == full.loss == no_w.loss
+
+
+def test_all_zero_class_weights_give_zero_not_nan():
+    rng = np.random.default_rng(1)
+    x, labels, w = _problem(rng, 6, 4, 3)
+    result = heads.softmax_loss(x, labels, w, class_weight=np.zeros(4))
+    assert result.loss == 0.0 and not result.grad.any() and not result.weight_grad.any()
+
+
+# ---- bad input ------------------------------------------------------------------------
+
+def _bad_calls():
+    rng = np.random.default_rng(0)
+    x, labels, w = _problem(rng, 6, 5, 3)
+    yield "labels", heads.softmax_loss, (x, np.array([0, 1, 2, 3, 4, 5]), w), {}
+    yield "labels", heads.softmax_loss, (x, np.array([0, 1, 2, 3, 4, -1]), w), {}
+    yield "labels", heads.softmax_loss, (x, labels.astype(np.float64), w), {}
+    yield "labels", heads.softmax_loss, (x, labels[:5], w), {}
+    yield "weight", heads.softmax_loss, (x, labels, w[:, :2]), {}
+    yield "class_weight", heads.softmax_loss, (x, labels, w), {"class_weight": -np.ones(5)}
+    yield "class_weight", heads.softmax_loss, (x, labels, w), {"class_weight": np.ones(4)}
+    yield "class_weight", heads.softmax_loss, (x, labels, w), \
+        {"class_weight": np.array([1, 1, np.nan, 1, 1])}
+    yield "bias", heads.softmax_loss, (x, labels, w), {"bias": np.ones(3)}
+    yield "scale", heads.cosface_loss, (x, labels, w), {"scale": float("inf")}
+    yield "scale", heads.arcface_loss, (x, labels, w), {"scale": 0.0}
+    yield "margin", heads.cosface_loss, (x, labels, w), {"margin": float("nan")}
+    yield "margin", heads.cosface_loss, (x, labels, w), {"margin": -0.1}
+    yield "margin", heads.arcface_loss, (x, labels, w), {"margin": 4.0}
+    yield "m1", heads.combined_margin_loss, (x, labels, w), {"m1": 0.0}
+    yield "m2", heads.combined_margin_loss, (x, labels, w), {"m2": -1.0}
+    yield "m3", heads.combined_margin_loss, (x, labels, w), {"m3": float("inf")}
+    yield "margin", heads.sphereface_loss, (x, labels, w), {"margin": 1.5}
+    yield "margin", heads.sphereface_loss, (x, labels, w), {"margin": 0}
+    yield "margin", heads.large_margin_softmax_loss, (x, labels, w), {"margin": "2"}
+    yield "lambda_", heads.sphereface_loss, (x, labels, w), {"lambda_": -1.0}
+    yield "reduction", heads.softmax_loss, (x, labels, w), {"reduction": "mean_nonzero"}
+    yield "x", heads.softmax_loss, (np.full((6, 3), np.nan), labels, w), {}
+    yield "weight", heads.softmax_loss, (x, labels, np.full((5, 3), np.inf)), {}
+
+
+@pytest.mark.parametrize("name, fn, args, kw", list(_bad_calls()),
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(_bad_calls())])
+def test_bad_input_raises_value_error_naming_the_argument(name, fn, args, kw):
+    copies = [np.array(a, copy=True) for a in args]
+    kw_copies = {k: np.array(v, copy=True) for k, v in kw.items() if isinstance(v, np.ndarray)}
+    with pytest.raises(ValueError, match=name):
+        fn(*args, **kw)
+    for before, after in zip(copies, args):
+        assert np.array_equal(before, after, equal_nan=True)
+    for k, before in kw_copies.items():
+        assert np.array_equal(before, kw[k], equal_nan=True)
+
+
+def test_reaches_the_c_core_with_its_own_guard():
+    """The C core refuses what the Python layer would have caught (defence in depth)."""
+    from tripmine import _core
+    x = np.ones((2, 3))
+    w = np.ones((4, 3))
+    with pytest.raises(ValueError):
+        _core.softmax_head({"kind": "sphereface", "margin": 0}, x,
+                           np.zeros(2, dtype=np.int64), w, None, None, "mean", True, True)
+    with pytest.raises(ValueError):
+        _core.softmax_head({"kind": "softmax"}, x, np.array([0, 4], dtype=np.int64), w, None,
+                           None, "mean", True, True)
+
+
+# ---- pure-torch autograd ------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, fn, kw", HEADS + [
+    ("arcface", heads.arcface_loss, {"scale": 4.0, "margin": 0.5, "straight_through": True}),
+    ("combined", heads.combined_margin_loss,
+     {"scale": 4.0, "m1": 1.2, "m2": 0.3, "m3": 0.2, "straight_through": True}),
+], ids=IDS + ["arcface-straight_through", "combined-straight_through"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_pure_torch_autograd(kind, fn, kw, reduction):
+    torch = pytest.importorskip("torch")
+    import torch_reference
+
+    rng = np.random.default_rng(13)
+    x, labels, w = _problem(rng, 19, 23, 7)
+    cw = rng.uniform(0.3, 1.7, 23)
+    result = fn(x, labels, w, class_weight=cw, reduction=reduction, **kw)
+    xt = torch.tensor(x, requires_grad=True)
+    wt = torch.tensor(w, requires_grad=True)
+    loss = torch_reference.head_reference(kind, xt, torch.tensor(labels), wt,
+                                          class_weight=torch.tensor(cw), reduction=reduction,
+                                          **_ref_params(kw))
+    loss.sum().backward()
+    np.testing.assert_allclose(result.loss, loss.detach().numpy(), rtol=1e-11)
+    np.testing.assert_allclose(result.grad, xt.grad.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(result.weight_grad, wt.grad.numpy(), rtol=1e-9, atol=1e-12)
