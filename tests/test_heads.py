@@ -8,10 +8,9 @@ import math
 import numpy as np
 import pytest
 
+import reference
 import tripmine
 from tripmine import heads
-
-import reference
 
 #: (reference kind, function, keyword arguments): every head, with non-default options.
 HEADS = [
@@ -269,30 +268,3 @@ def test_reaches_the_c_core_with_its_own_guard():
     with pytest.raises(ValueError):
         _core.softmax_head({"kind": "softmax"}, x, np.array([0, 4], dtype=np.int64), w, None,
                            None, "mean", True, True)
-
-
-# ---- pure-torch autograd ------------------------------------------------------------
-
-@pytest.mark.parametrize("kind, fn, kw", HEADS + [
-    ("arcface", heads.arcface_loss, {"scale": 4.0, "margin": 0.5, "straight_through": True}),
-    ("combined", heads.combined_margin_loss,
-     {"scale": 4.0, "m1": 1.2, "m2": 0.3, "m3": 0.2, "straight_through": True}),
-], ids=IDS + ["arcface-straight_through", "combined-straight_through"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_matches_pure_torch_autograd(kind, fn, kw, reduction):
-    torch = pytest.importorskip("torch")
-    import torch_reference
-
-    rng = np.random.default_rng(13)
-    x, labels, w = _problem(rng, 19, 23, 7)
-    cw = rng.uniform(0.3, 1.7, 23)
-    result = fn(x, labels, w, class_weight=cw, reduction=reduction, **kw)
-    xt = torch.tensor(x, requires_grad=True)
-    wt = torch.tensor(w, requires_grad=True)
-    loss = torch_reference.head_reference(kind, xt, torch.tensor(labels), wt,
-                                          class_weight=torch.tensor(cw), reduction=reduction,
-                                          **_ref_params(kw))
-    loss.sum().backward()
-    np.testing.assert_allclose(result.loss, loss.detach().numpy(), rtol=1e-11)
-    np.testing.assert_allclose(result.grad, xt.grad.numpy(), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(result.weight_grad, wt.grad.numpy(), rtol=1e-9, atol=1e-12)

@@ -29,7 +29,9 @@ Common keywords: ``class_weight`` (C,) makes the weighted softmax loss, sample i
 ``torch.nn.CrossEntropyLoss(weight=)`` does); ``reduction`` ``"mean"`` | ``"sum"`` |
 ``"none"`` (per-sample losses; the gradients are those of their sum); ``grad``;
 ``weight_grad`` (with ``grad``: also dL/dW, which costs two more GEMM-sized products);
-``check_finite``.  float32 and float64 compute in their own precision, float16 in float32;
+``upstream`` (N,) with ``reduction="none"``: the gradients become those of ``sum_i
+upstream[i] * loss[i]``, the chain rule of an autograd caller; ``check_finite``.  float32
+and float64 compute in their own precision, float16 in float32;
 gradients come back in the computing dtype.
 
 Corner rules, the same in every head:
@@ -122,13 +124,13 @@ def _integer_margin(value: Any) -> int:
     return int(value)
 
 
-def _class_vector(value: Any, name: str, c: int, dtype: Any, check_finite: bool) -> np.ndarray:
+def _class_vector(value: Any, name: str, c: int, dtype: Any, check_finite: bool,
+                  what: str = "one entry per row of weight") -> np.ndarray:
     arr = check._as_array(value, name)
     if arr.dtype.kind not in "fiu":
         raise ValueError(f"{name} must be a real-valued vector, got dtype {arr.dtype}")
     if arr.shape != (c,):
-        raise ValueError(f"{name} must have shape ({c},) (one entry per row of weight), got "
-                         f"shape {arr.shape}")
+        raise ValueError(f"{name} must have shape ({c},) ({what}), got shape {arr.shape}")
     arr = check.c_array(arr, dtype)
     if check_finite and not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or infinity")
@@ -152,7 +154,8 @@ def _class_labels(labels: Any, n: int, c: int) -> np.ndarray:
 
 def _run(head: dict, x: Any, labels: Any, weight: Any, *, bias: Any = None,
          class_weight: Any = None, reduction: str = "mean", grad: bool = True,
-         weight_grad: bool = True, check_finite: bool = True) -> SoftmaxLossResult:
+         weight_grad: bool = True, upstream: Any = None,
+        check_finite: bool = True) -> SoftmaxLossResult:
     """Validate the common inputs and run one head in the C core."""
     reduction = check.choice(reduction, "reduction", REDUCTIONS)
     want_grad = check.flag(grad, "grad")
@@ -175,8 +178,13 @@ def _run(head: dict, x: Any, labels: Any, weight: Any, *, bias: Any = None,
         cw = _class_vector(class_weight, "class_weight", c, np.float64, True)
         if (cw < 0).any():
             raise ValueError(f"class_weight must be >= 0, found {cw[cw < 0][0]}")
+    up = None
+    if upstream is not None:
+        if reduction != "none":
+            raise ValueError("upstream weighs per-sample gradients: it needs reduction='none'")
+        up = _class_vector(upstream, "upstream", n, np.float64, True, "one entry per sample")
     loss, per_sample, correct, g, wg, bg = _core.softmax_head(
-        head, x_arr, codes, w_arr, b_arr, cw, reduction, want_grad, want_wgrad)
+        head, x_arr, codes, w_arr, b_arr, cw, reduction, want_grad, want_wgrad, upstream=up)
     return SoftmaxLossResult(per_sample if reduction == "none" else float(loss), g, wg, bg, n,
                              correct, correct / n if n else 0.0)
 
@@ -184,7 +192,8 @@ def _run(head: dict, x: Any, labels: Any, weight: Any, *, bias: Any = None,
 @dispatch
 def softmax_loss(x: Any, labels: Any, weight: Any, *, bias: Any = None,
                  class_weight: Any = None, reduction: str = "mean", grad: bool = True,
-                 weight_grad: bool = True, check_finite: bool = True) -> SoftmaxLossResult:
+                 weight_grad: bool = True, upstream: Any = None,
+                 check_finite: bool = True) -> SoftmaxLossResult:
     """Softmax cross-entropy of the linear logits ``x @ weight.T + bias``.
 
     With ``class_weight``, the weighted softmax loss ``-w_y log p_y``.  Matches
@@ -192,14 +201,15 @@ def softmax_loss(x: Any, labels: Any, weight: Any, *, bias: Any = None,
     the (N, C) logits.
     """
     return _run({"kind": "softmax"}, x, labels, weight, bias=bias, class_weight=class_weight,
-                reduction=reduction, grad=grad, weight_grad=weight_grad,
+                reduction=reduction, grad=grad, weight_grad=weight_grad, upstream=upstream,
                 check_finite=check_finite)
 
 
 @dispatch
 def normface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 20.0,
                   class_weight: Any = None, reduction: str = "mean", grad: bool = True,
-                  weight_grad: bool = True, check_finite: bool = True) -> SoftmaxLossResult:
+                  weight_grad: bool = True, upstream: Any = None,
+        check_finite: bool = True) -> SoftmaxLossResult:
     """NormFace (Wang et al. 2017): softmax over ``scale * cos(x, W_j)``.
 
     ``scale=20`` is pytorch-metric-learning's ``NormalizedSoftmaxLoss`` default (its
@@ -207,7 +217,7 @@ def normface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 20.0,
     """
     s = _in_range(scale, "scale", 0.0, math.inf, low_open=True, high_open=True)
     return _run({"kind": "normface", "scale": s}, x, labels, weight, class_weight=class_weight,
-                reduction=reduction, grad=grad, weight_grad=weight_grad,
+                reduction=reduction, grad=grad, weight_grad=weight_grad, upstream=upstream,
                 check_finite=check_finite)
 
 
@@ -215,7 +225,8 @@ def normface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 20.0,
 def cosface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.0,
                  margin: float = 0.35, class_weight: Any = None, reduction: str = "mean",
                  grad: bool = True, weight_grad: bool = True,
-                 check_finite: bool = True) -> SoftmaxLossResult:
+                 upstream: Any = None,
+        check_finite: bool = True) -> SoftmaxLossResult:
     """CosFace / AM-Softmax (Wang et al. 2018): target logit ``scale * (cos theta - margin)``.
 
     Defaults ``scale=64, margin=0.35`` are the CosFace paper's.  ``margin`` in [0, 1].
@@ -224,14 +235,15 @@ def cosface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.0,
     m = _in_range(margin, "margin", 0.0, 1.0)
     return _run({"kind": "cosface", "scale": s, "m3": m}, x, labels, weight,
                 class_weight=class_weight, reduction=reduction, grad=grad,
-                weight_grad=weight_grad, check_finite=check_finite)
+                weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)
 
 
 @dispatch
 def arcface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.0, margin: float = 0.5,
                  easy_margin: bool = False, straight_through: bool = False,
                  class_weight: Any = None, reduction: str = "mean", grad: bool = True,
-                 weight_grad: bool = True, check_finite: bool = True) -> SoftmaxLossResult:
+                 weight_grad: bool = True, upstream: Any = None,
+        check_finite: bool = True) -> SoftmaxLossResult:
     """ArcFace (Deng et al. 2019): target logit ``scale * cos(theta + margin)``.
 
     Defaults ``scale=64, margin=0.5`` (radians) are the ArcFace paper's.  Where ``theta +
@@ -250,7 +262,7 @@ def arcface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.0, margi
                  "easy_margin": check.flag(easy_margin, "easy_margin"),
                  "straight_through": check.flag(straight_through, "straight_through")},
                 x, labels, weight, class_weight=class_weight, reduction=reduction, grad=grad,
-                weight_grad=weight_grad, check_finite=check_finite)
+                weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)
 
 
 @dispatch
@@ -258,7 +270,8 @@ def combined_margin_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.
                          m1: float = 1.0, m2: float = 0.3, m3: float = 0.2,
                          straight_through: bool = False, class_weight: Any = None,
                          reduction: str = "mean", grad: bool = True, weight_grad: bool = True,
-                         check_finite: bool = True) -> SoftmaxLossResult:
+                         upstream: Any = None,
+        check_finite: bool = True) -> SoftmaxLossResult:
     """The combined margin of InsightFace: target logit ``scale * (cos(m1 theta + m2) - m3)``.
 
     ``m1`` is SphereFace's multiplicative angular margin, ``m2`` ArcFace's additive angular
@@ -275,13 +288,14 @@ def combined_margin_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.
     return _run({"kind": "combined", "scale": s, "m1": v1, "m2": v2, "m3": v3,
                  "straight_through": check.flag(straight_through, "straight_through")},
                 x, labels, weight, class_weight=class_weight, reduction=reduction, grad=grad,
-                weight_grad=weight_grad, check_finite=check_finite)
+                weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)
 
 
 @dispatch
 def sphereface_loss(x: Any, labels: Any, weight: Any, *, margin: int = 4, lambda_: float = 0.0,
                     class_weight: Any = None, reduction: str = "mean", grad: bool = True,
-                    weight_grad: bool = True, check_finite: bool = True) -> SoftmaxLossResult:
+                    weight_grad: bool = True, upstream: Any = None,
+        check_finite: bool = True) -> SoftmaxLossResult:
     """SphereFace / A-Softmax (Liu et al. 2017): only W is normalised.
 
     Target logit ``|x| (lambda_ cos theta + psi(theta)) / (1 + lambda_)``, others ``|x| cos
@@ -293,7 +307,7 @@ def sphereface_loss(x: Any, labels: Any, weight: Any, *, margin: int = 4, lambda
     lam = _in_range(lambda_, "lambda_", 0.0, math.inf, high_open=True)
     return _run({"kind": "sphereface", "margin": m, "lambda_": lam}, x, labels, weight,
                 class_weight=class_weight, reduction=reduction, grad=grad,
-                weight_grad=weight_grad, check_finite=check_finite)
+                weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)
 
 
 @dispatch
@@ -301,7 +315,8 @@ def large_margin_softmax_loss(x: Any, labels: Any, weight: Any, *, margin: int =
                               lambda_: float = 0.0, class_weight: Any = None,
                               reduction: str = "mean", grad: bool = True,
                               weight_grad: bool = True,
-                              check_finite: bool = True) -> SoftmaxLossResult:
+                              upstream: Any = None,
+        check_finite: bool = True) -> SoftmaxLossResult:
     """L-Softmax (Liu et al. 2016): nothing is normalised.
 
     Target logit ``|W_y| |x| (lambda_ cos theta + psi(theta)) / (1 + lambda_)``, others
@@ -313,4 +328,4 @@ def large_margin_softmax_loss(x: Any, labels: Any, weight: Any, *, margin: int =
     lam = _in_range(lambda_, "lambda_", 0.0, math.inf, high_open=True)
     return _run({"kind": "lsoftmax", "margin": m, "lambda_": lam}, x, labels, weight,
                 class_weight=class_weight, reduction=reduction, grad=grad,
-                weight_grad=weight_grad, check_finite=check_finite)
+                weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)

@@ -21,11 +21,25 @@ autograd graph is built through the distances or the mining.
 * :class:`TripletLoss`, :func:`triplet_loss` -- every mining rule of
   :func:`tripmine.triplet_loss`, plus the miners' options;
 * :class:`ContrastiveLoss`, :func:`contrastive_loss`;
+* :class:`SoftmaxLoss`, :class:`NormFace`, :class:`CosFace`, :class:`ArcFace`,
+  :class:`CombinedMargin`, :class:`SphereFace`, :class:`LargeMarginSoftmax` -- the
+  margin-softmax heads, each owning its class weights (``tripmine.heads``);
 * :class:`MemoryBank` -- cross-batch memory (XBM): mine each batch against
   thousands of past embeddings.
 """
 
+from .heads import (
+    ArcFace,
+    CombinedMargin,
+    CosFace,
+    LargeMarginSoftmax,
+    NormFace,
+    SoftmaxLoss,
+    SphereFace,
+)
 from .losses import ContrastiveLoss, TripletLoss, contrastive_loss, triplet_loss
 from .memory import MemoryBank
 
-__all__ = ["ContrastiveLoss", "MemoryBank", "TripletLoss", "contrastive_loss", "triplet_loss"]
+__all__ = ["ArcFace", "CombinedMargin", "ContrastiveLoss", "CosFace", "LargeMarginSoftmax",
+           "MemoryBank", "NormFace", "SoftmaxLoss", "SphereFace", "TripletLoss",
+           "contrastive_loss", "triplet_loss"]
