@@ -109,21 +109,27 @@ static void angular(const tm_head *h, double c, double *F, double *dF)
         *dF = 1.0;
 }
 
-/* The target logit of one sample from its dot product with W_y, the two
- * norms and the bias, and the coefficients of its gradient. */
-static void tm_head_target(const tm_head *h, double dot, double norm_x, double norm_w,
-                           double bias, double *z, double coef[4])
+/* The target logit of one sample and its gradient's coefficients, in the
+ * basis of the unit vectors u = x / |x|, v = W_y / |W_y| (SOFTMAX: the raw x
+ * and W_y, with c their dot product plus the bias):
+ *   dz/dx   = Px (coef[0] u + coef[1] v),   Px = 1 / |x| for the heads that
+ *             normalise x (NORMFACE .. COMBINED), else 1;
+ *   dz/dW_y = Pw (coef[2] u + coef[3] v),   Pw = 1 / |W_y| for the heads that
+ *             normalise W (all but SOFTMAX and LSOFTMAX), else 1.
+ * The 1 / |x| factors are applied by the caller after the combination, so a
+ * vanishing direction gives 0, never inf * 0.  ok: both norms are nonzero
+ * (otherwise c is 0 and no gradient flows through the normalisation). */
+static void tm_head_target(const tm_head *h, double c, int ok, double norm_x, double norm_w,
+                           double *z, double coef[4])
 {
     if (h->kind == TM_HEAD_SOFTMAX) {
-        *z = dot + bias;
+        *z = c;
         coef[0] = 0.0;
         coef[1] = 1.0;
         coef[2] = 1.0;
         coef[3] = 0.0;
         return;
     }
-    const int ok = norm_x > 0.0 && norm_w > 0.0;
-    double c = ok ? dot / (norm_x * norm_w) : 0.0;
     c = c > 1.0 ? 1.0 : (c < -1.0 ? -1.0 : c);
     double F, dF;
     angular(h, c, &F, &dF);
@@ -132,25 +138,25 @@ static void tm_head_target(const tm_head *h, double dot, double norm_x, double n
     switch (h->kind) {
     case TM_HEAD_SPHEREFACE:
         *z = norm_x * F;
-        coef[0] = norm_x > 0.0 ? (F - dF * c) / norm_x : 0.0;
-        coef[1] = ok ? dF / norm_w : 0.0;
-        coef[2] = coef[1];
-        coef[3] = ok ? -norm_x * dF * c / (norm_w * norm_w) : 0.0;
+        coef[0] = F - dF * c;
+        coef[1] = dF;
+        coef[2] = norm_x * dF;
+        coef[3] = -norm_x * dF * c;
         return;
     case TM_HEAD_LSOFTMAX:
         *z = norm_w * norm_x * F;
-        coef[0] = norm_x > 0.0 ? norm_w * (F - dF * c) / norm_x : 0.0;
-        coef[1] = dF;
-        coef[2] = dF;
-        coef[3] = norm_w > 0.0 ? norm_x * (F - dF * c) / norm_w : 0.0;
+        coef[0] = norm_w * (F - dF * c);
+        coef[1] = norm_w * dF;
+        coef[2] = norm_x * dF;
+        coef[3] = norm_x * (F - dF * c);
         return;
     default: { /* NORMFACE .. COMBINED */
         const double s = h->scale;
         *z = s * F;
-        coef[0] = ok ? -s * dF * c / (norm_x * norm_x) : 0.0;
-        coef[1] = ok ? s * dF / (norm_x * norm_w) : 0.0;
-        coef[2] = coef[1];
-        coef[3] = ok ? -s * dF * c / (norm_w * norm_w) : 0.0;
+        coef[0] = -s * dF * c;
+        coef[1] = s * dF;
+        coef[2] = s * dF;
+        coef[3] = -s * dF * c;
         return;
     }
     }

@@ -1,23 +1,25 @@
 /*
  * The fused margin-softmax kernel for one precision (heads.c; template.h).
  *
- * 1. Prepare (one parallel region): the norms, alpha_i and beta_j, each
- *    sample's target logit (its own dot product, in double, then the
- *    margin) and gradient coefficients; x packed into MR-row panels and,
- *    for weight_grad, alpha_i x_i into column panels.
+ * 1. Prepare (one parallel region): the norms (robust to any magnitude),
+ *    each sample's target logit (its own cosine or dot product, in double,
+ *    then the margin) and gradient coefficients; x (or its unit vector, for
+ *    the heads that normalise x) packed into MR-row panels and, for
+ *    weight_grad, s x^ (or x) into column panels.  The heads that normalise
+ *    W pack its unit vectors as they go, so every tile holds cosines.
  * 2. Forward, over blocks of samples (the pool's work items): each block
  *    walks the classes in blocks, in increasing order.  A tile of dot
  *    products (the micro-kernel, on W's block packed once per visit) becomes
  *    logits in place; an online log-sum-exp keeps a running max and sum per
  *    row.  With grad, the same walk also accumulates sum_j exp(z_ij - max_i)
- *    beta_j W_j over the non-target classes on the micro-kernels (rescaled
+ *    W^_j (W_j itself where W is not normalised) over the non-target classes on the micro-kernels (rescaled
  *    when the max grows, as FlashAttention does), which is dL/dx_i up to a
  *    per-row factor once the row's sum is known: dX costs one more
  *    GEMM-sized product and no second walk.
  * 3. Backward for weight_grad, over blocks of classes: each block walks the
  *    samples in blocks, recomputes the same tiles (the same bits: same
  *    panels, same kernel), forms G = dL/dz for its classes and adds G^T
- *    (alpha x) into its own rows of weight_grad.  Then the target terms, in
+ *    (s x^, or x) into its own rows of weight_grad.  Then the target terms, in
  *    sample order.
  * Every per-row and per-class sum runs in a fixed order over fixed blocks,
  * so the results do not depend on the thread count.  Memory: O((n + c) +
@@ -55,12 +57,42 @@
 #define TM_HEAD_MIN_PARALLEL_WORK (1 << 18)
 #endif
 
-static double TM_FN(head_sqnorm)(const TM_REAL *a, int64_t d)
+/* |a| in double without overflow or underflow of the squares: a row whose sum of
+ * squares leaves [2^-960, 2^960] (only float64 rows of extreme magnitude) is
+ * scaled by a power of two first, which is exact.  The unit vector is then
+ * (a[p] * *scale) * *inv, both factors finite; a zero row has inv = 0. */
+static double TM_FN(head_norm)(const TM_REAL *a, int64_t d, double *scale, double *inv)
 {
     double sum = 0.0;
     for (int64_t p = 0; p < d; ++p)
         sum += (double)a[p] * (double)a[p];
-    return sum;
+    *scale = 1.0;
+    if (sum >= 0x1p-960 && sum <= 0x1p960) {
+        const double norm = sqrt(sum);
+        *inv = 1.0 / norm;
+        return norm;
+    }
+    double most = 0.0;
+    for (int64_t p = 0; p < d; ++p)
+        most = fmax(most, fabs((double)a[p]));
+    if (most == 0.0) {
+        *inv = 0.0;
+        return 0.0;
+    }
+    int e;
+    frexp(most, &e);
+    /* 2^-e brings the largest entry to [1/2, 1); capped at 2^1023 (the subnormals'
+     * largest entry then lands at >= 2^-51, still far from underflow). */
+    const double k = ldexp(1.0, -e < 1023 ? -e : 1023);
+    sum = 0.0;
+    for (int64_t p = 0; p < d; ++p) {
+        const double v = (double)a[p] * k;
+        sum += v * v;
+    }
+    const double r = sqrt(sum);
+    *scale = k;
+    *inv = 1.0 / r;
+    return r / k; /* inf only where the true norm passes the largest double */
 }
 
 typedef struct {
@@ -69,17 +101,21 @@ typedef struct {
     const int64_t *labels;
     const double *class_weight, *upstream;
     int64_t n, d, c;
-    int unit_rows, unit_cols; /* alpha (beta) is 1 everywhere */
-    int norm_x, norm_w;       /* logits go through x's (W's) normalisation */
+    int norm_x, norm_w; /* the head normalises x (W): logits are cosines */
     int want_grad, want_wgrad;
     double red;
+    TM_REAL scale; /* s of the normalised heads, 1 otherwise */
     const tm_kernel_set *kernels;
     TM_FN(tm_dot_kernel) dot;
     int mr, nr;
     int64_t rb, cb, ldt;
     int64_t rb_forward; /* samples per forward block: any multiple of MR gives the same bits */
-    TM_REAL *alpha, *beta, *tz;
-    double *norm_x2, *coef, *lse, *gain, *gain_y, *sample_loss;
+    /* unit vectors: u = (a * scale) * inv, scale a power of two (head_norm) */
+    double *w_scale, *w_inv; /* c */
+    TM_REAL *w_unit;          /* c: scale * inv in the working precision, 0 if it overflows */
+    double *x_scale, *x_inv, *wy_scale, *wy_inv, *coef; /* n (coef: 4 n) */
+    TM_REAL *tz;
+    double *lse, *gain, *gain_y, *sample_loss;
     int64_t *argmax;
     TM_REAL *xpack, *xcol;
     TM_REAL *grad, *wgrad, *bgrad;
@@ -130,11 +166,15 @@ static void TM_FN(head_prepare_range)(void *ctx, int participant, int64_t begin,
     (void)participant;
     TM_FN(head_job) *job = ctx;
     const int64_t d = job->d, c = job->c, n = job->n, mr = job->mr, nr = job->nr;
-    const int head = job->head->kind;
+    const int softmax = job->head->kind == TM_HEAD_SOFTMAX;
     for (int64_t item = begin; item < end; ++item) {
-        if (item < c) { /* class j: beta_j */
-            const double nw = sqrt(TM_FN(head_sqnorm)(job->w + item * d, d));
-            job->beta[item] = job->unit_cols ? 1 : (TM_REAL)(nw > 0.0 ? 1.0 / nw : 0.0);
+        if (item < c) { /* class j: its unit vector's factors */
+            if (!job->norm_w)
+                continue;
+            TM_FN(head_norm)(job->w + item * d, d, &job->w_scale[item], &job->w_inv[item]);
+            const double f = job->w_scale[item] * job->w_inv[item];
+            const TM_REAL fr = (TM_REAL)f;
+            job->w_unit[item] = isfinite(f) && isfinite((double)fr) ? fr : 0;
             continue;
         }
         const int64_t row = item - c;
@@ -147,31 +187,48 @@ static void TM_FN(head_prepare_range)(void *ctx, int participant, int64_t begin,
         const TM_REAL *xi = job->x + row * d;
         const int64_t y = job->labels[row];
         const TM_REAL *wy = job->w + y * d;
-        const double nx2 = TM_FN(head_sqnorm)(xi, d), nx = sqrt(nx2);
-        const double nw = sqrt(TM_FN(head_sqnorm)(wy, d));
-        double dot = 0.0;
-        for (int64_t p = 0; p < d; ++p)
-            dot += (double)xi[p] * (double)wy[p];
-        double z;
-        tm_head_target(job->head, dot, nx, nw, job->bias != NULL ? (double)job->bias[y] : 0.0,
-                       &z, job->coef + 4 * row);
-        job->tz[row] = (TM_REAL)z;
-        job->norm_x2[row] = nx2;
-        const double a = head == TM_HEAD_SOFTMAX || head == TM_HEAD_LSOFTMAX ||
-                                 head == TM_HEAD_SPHEREFACE
-                             ? 1.0
-                             : (nx > 0.0 ? job->head->scale / nx : 0.0);
-        job->alpha[row] = (TM_REAL)a;
-        for (int64_t p = 0; p < d; ++p)
-            panel[p * mr] = xi[p];
-        if (job->xcol != NULL) {
-            const TM_REAL ar = job->alpha[row];
+        double xs = 1.0, xv = 1.0, ws = 1.0, wv = 1.0, nx = 0.0, nw = 0.0, cos = 0.0;
+        if (softmax) {
             for (int64_t p = 0; p < d; ++p)
-                job->xcol[((p / nr) * n + row) * nr + p % nr] = ar * xi[p];
+                cos += (double)xi[p] * (double)wy[p];
+            if (job->bias != NULL)
+                cos += (double)job->bias[y];
+        } else {
+            nx = TM_FN(head_norm)(xi, d, &xs, &xv);
+            nw = TM_FN(head_norm)(wy, d, &ws, &wv);
+            for (int64_t p = 0; p < d; ++p)
+                cos += ((double)xi[p] * xs * xv) * ((double)wy[p] * ws * wv);
+        }
+        double z;
+        tm_head_target(job->head, cos, nx > 0.0 && nw > 0.0, nx, nw, &z, job->coef + 4 * row);
+        job->tz[row] = (TM_REAL)z;
+        job->x_scale[row] = xs;
+        job->x_inv[row] = xv;
+        job->wy_scale[row] = ws;
+        job->wy_inv[row] = wv;
+        const TM_REAL s = job->scale;
+        for (int64_t p = 0; p < d; ++p) {
+            const TM_REAL v = job->norm_x ? (TM_REAL)((double)xi[p] * xs * xv) : xi[p];
+            panel[p * mr] = v;
+            if (job->xcol != NULL)
+                job->xcol[((p / nr) * n + row) * nr + p % nr] = job->norm_x ? s * v : v;
+        }
+        if (job->xcol != NULL)
             for (int64_t p = d; p % nr != 0; ++p)
                 job->xcol[((p / nr) * n + row) * nr + p % nr] = 0;
-        }
     }
+}
+
+/* Class j's row as the head sees it: W_j, or its unit vector. */
+static inline TM_REAL TM_FN(head_w)(const TM_FN(head_job) *job, int64_t j, const TM_REAL *src,
+                                    int64_t p)
+{
+    if (!job->norm_w)
+        return src[p];
+    const TM_REAL f = job->w_unit[j];
+    if (f != 0 || job->w_inv[j] == 0.0)
+        return src[p] * f;
+    return (TM_REAL)((double)src[p] * job->w_scale[j] * job->w_inv[j]);
 }
 
 /* W's rows j0 .. j0 + ncols - 1 as NR-row panels, k-major, zero padded:
@@ -192,27 +249,35 @@ static void TM_FN(head_pack_rows)(const TM_FN(head_job) *job, int64_t j0, int64_
             const int64_t p1 = d - p0 < 8 ? d : p0 + 8;
             for (int64_t i = 0; i < width; ++i) {
                 const TM_REAL *s = src + i * d;
-                for (int64_t p = p0; p < p1; ++p)
-                    out[p * nr + i] = s[p];
+                const int64_t j = j0 + q * nr + i;
+                const TM_REAL f = job->norm_w ? job->w_unit[j] : 1;
+                if (!job->norm_w)
+                    for (int64_t p = p0; p < p1; ++p)
+                        out[p * nr + i] = s[p];
+                else if (f != 0 || job->w_inv[j] == 0.0)
+                    for (int64_t p = p0; p < p1; ++p)
+                        out[p * nr + i] = s[p] * f;
+                else
+                    for (int64_t p = p0; p < p1; ++p)
+                        out[p * nr + i] = TM_FN(head_w)(job, j, s, p);
             }
         }
     }
 }
 
-/* beta_j W_j for the same rows as column panels (the K side of dX's
- * product): dst[(q ncols + p) nr + i] = beta_{j0+p} W[j0 + p][q nr + i]. */
+/* The same rows (W_j or its unit vector) as column panels, the K side of dX's
+ * product: dst[(q ncols + p) nr + i] = row j0 + p, feature q nr + i. */
 static void TM_FN(head_pack_cols)(const TM_FN(head_job) *job, int64_t j0, int64_t ncols,
                                   TM_REAL *dst)
 {
     const int64_t d = job->d, nr = job->nr, panels = (d + nr - 1) / nr;
     for (int64_t p = 0; p < ncols; ++p) {
         const TM_REAL *src = job->w + (j0 + p) * d;
-        const TM_REAL b = job->beta[j0 + p];
         for (int64_t q = 0; q < panels; ++q) {
             TM_REAL *out = dst + (q * ncols + p) * nr;
             const int64_t width = d - q * nr < nr ? d - q * nr : nr;
             for (int64_t i = 0; i < width; ++i)
-                out[i] = b * src[q * nr + i];
+                out[i] = TM_FN(head_w)(job, j0 + p, src, q * nr + i);
             for (int64_t i = width; i < nr; ++i)
                 out[i] = 0;
         }
@@ -220,7 +285,8 @@ static void TM_FN(head_pack_cols)(const TM_FN(head_job) *job, int64_t j0, int64_
 }
 
 /* The tile of dot products of samples row0 .. row0 + nrows - 1 with the
- * packed class block, then logits in place: z = (alpha_i beta_j) t + b_j.
+ * packed class block, then logits in place: s t (the normalised heads, whose
+ * panels hold unit vectors), t + b_j (softmax with a bias) or t.
  * Both walks call this, so they see the same bits. */
 static void TM_FN(head_logits)(const TM_FN(head_job) *job, int64_t row0, int64_t nrows,
                                int64_t j0, int64_t ncols, const TM_REAL *wpanel, TM_REAL *tile)
@@ -232,15 +298,13 @@ static void TM_FN(head_logits)(const TM_FN(head_job) *job, int64_t row0, int64_t
         for (int64_t ip = 0; ip < row_panels; ++ip)
             job->dot(d, a0 + ip * mr * d, wpanel + jp * nr * d, tile + ip * mr * ldt + jp * nr,
                      ldt);
-    const TM_REAL *beta = job->beta + j0;
     const TM_REAL *bias = job->bias != NULL ? job->bias + j0 : NULL;
+    const TM_REAL s = job->scale;
     for (int64_t i = 0; i < nrows; ++i) {
         TM_REAL *t = tile + i * ldt;
-        if (!job->unit_rows || !job->unit_cols) {
-            const TM_REAL a = job->alpha[row0 + i];
+        if (job->norm_x)
             for (int64_t j = 0; j < ncols; ++j)
-                t[j] = (a * beta[j]) * t[j];
-        }
+                t[j] = s * t[j];
         if (bias != NULL)
             for (int64_t j = 0; j < ncols; ++j)
                 t[j] = t[j] + bias[j];
@@ -350,17 +414,29 @@ static void TM_FN(head_forward_block)(TM_FN(head_job) *job, TM_FN(head_scratch) 
         job->gain_y[row] = gy;
         if (!grad)
             continue;
-        const double gs = g / sc->s[i], a = (double)job->alpha[row];
+        /* Non-target: G_ij = (g / S_i) p~_ij; with x normalised,
+         * dX_i = (1 / |x_i|) (s sum_j G_ij W^_j - (sum_j G_ij z_ij) x^_i).  Target:
+         * gy (coef[0] u + coef[1] v), times 1 / |x_i| likewise. */
+        const double gs = g / sc->s[i], rz = sc->rz[i];
         const double *co = job->coef + 4 * row;
-        const double corr = job->norm_x && job->norm_x2[row] > 0.0
-                                ? gs * sc->rz[i] / job->norm_x2[row]
-                                : 0.0;
+        const double xs = job->x_scale[row], xv = job->x_inv[row];
+        const double ws = job->wy_scale[row], wv = job->wy_inv[row];
+        const double s = (double)job->scale;
+        const int unit_x = job->head->kind != TM_HEAD_SOFTMAX;
         const TM_REAL *xi = job->x + row * d, *wy = job->w + y * d;
         const TM_REAL *acc = sc->acc + i * d;
         TM_REAL *out = job->grad + row * d;
-        for (int64_t p = 0; p < d; ++p)
-            out[p] = (TM_REAL)(gs * a * (double)acc[p] - corr * (double)xi[p] +
-                               gy * (co[0] * (double)xi[p] + co[1] * (double)wy[p]));
+        for (int64_t p = 0; p < d; ++p) {
+            const double u = unit_x ? (double)xi[p] * xs * xv : (double)xi[p];
+            const double v = unit_x ? (double)wy[p] * ws * wv : (double)wy[p];
+            const double target = gy * (co[0] * u + co[1] * v);
+            double value;
+            if (job->norm_x)
+                value = ((gs * (s * (double)acc[p] - rz * u) + target) * xv) * xs;
+            else
+                value = gs * (double)acc[p] + target;
+            out[p] = (TM_REAL)value;
+        }
     }
 }
 
@@ -425,21 +501,18 @@ static void TM_FN(head_backward_block)(TM_FN(head_job) *job, TM_FN(head_scratch)
         TM_FN(tm_gemm_acc)(job->kernels, ncols, nrows, sc->tile, ldt, 1, job->xcol, n, row0, d,
                            wg, d, sc->gemm);
     }
-    for (int64_t j = 0; j < ncols; ++j) {
-        TM_REAL *row = wg + j * d;
-        const TM_REAL b = job->beta[j0 + j];
-        if (!job->unit_cols)
-            for (int64_t p = 0; p < d; ++p)
-                row[p] *= b;
-        if (job->norm_w) {
-            const double k = sc->cz[j] * (double)b * (double)b;
+    /* With W normalised: dW_j = (1 / |W_j|) (sum_i G_ij xcol_i - (sum_i G_ij z_ij) W^_j). */
+    if (job->norm_w)
+        for (int64_t j = 0; j < ncols; ++j) {
+            TM_REAL *row = wg + j * d;
             const TM_REAL *wj = job->w + (j0 + j) * d;
+            const double ws = job->w_scale[j0 + j], wv = job->w_inv[j0 + j], k = sc->cz[j];
             for (int64_t p = 0; p < d; ++p)
-                row[p] = (TM_REAL)((double)row[p] - k * (double)wj[p]);
+                row[p] = (TM_REAL)((((double)row[p] - k * ((double)wj[p] * ws * wv)) * wv) * ws);
         }
-        if (job->bgrad != NULL)
+    if (job->bgrad != NULL)
+        for (int64_t j = 0; j < ncols; ++j)
             job->bgrad[j0 + j] = (TM_REAL)sc->bs[j];
-    }
 }
 
 static void TM_FN(head_backward_range)(void *ctx, int participant, int64_t begin, int64_t end)
@@ -493,11 +566,10 @@ int TM_FN(tm_softmax_head)(const tm_head *head, const TM_REAL *x, int64_t n, int
     job.d = d;
     job.c = c;
     const int kind = head->kind;
-    job.unit_rows = kind == TM_HEAD_SOFTMAX || kind == TM_HEAD_LSOFTMAX ||
-                    kind == TM_HEAD_SPHEREFACE;
-    job.unit_cols = kind == TM_HEAD_SOFTMAX || kind == TM_HEAD_LSOFTMAX;
-    job.norm_x = !job.unit_rows;
-    job.norm_w = !job.unit_cols;
+    job.norm_x = kind != TM_HEAD_SOFTMAX && kind != TM_HEAD_LSOFTMAX &&
+                 kind != TM_HEAD_SPHEREFACE;
+    job.norm_w = kind != TM_HEAD_SOFTMAX && kind != TM_HEAD_LSOFTMAX;
+    job.scale = job.norm_x ? (TM_REAL)head->scale : 1;
     job.want_grad = grad != NULL;
     job.want_wgrad = weight_grad != NULL;
     job.grad = grad;
@@ -544,7 +616,7 @@ int TM_FN(tm_softmax_head)(const tm_head *head, const TM_REAL *x, int64_t n, int
     if (st == TM_OK)
         st = tm_bytes(weight_grad != NULL ? n : 0, d_cols, sizeof(TM_REAL), &bytes_xcol);
     if (st == TM_OK)
-        st = tm_bytes(c, 1, sizeof(TM_REAL), &bytes_c);
+        st = tm_bytes(c, 1, sizeof(double), &bytes_c);
     if (st != TM_OK)
         return st;
     const int64_t backward_units = weight_grad != NULL ? (c + job.cb - 1) / job.cb : 0;
@@ -564,21 +636,28 @@ int TM_FN(tm_softmax_head)(const tm_head *head, const TM_REAL *x, int64_t n, int
     job.scratch_stride = TM_FN(head_carve)(&job, NULL, NULL);
     job.xpack = tm_alloc(bytes_xpack);
     job.xcol = weight_grad != NULL ? tm_alloc(bytes_xcol) : NULL;
-    job.beta = tm_alloc(bytes_c);
-    job.alpha = tm_alloc((size_t)n * sizeof(TM_REAL));
+    job.w_scale = job.norm_w ? tm_alloc(bytes_c) : NULL;
+    job.w_inv = job.norm_w ? tm_alloc(bytes_c) : NULL;
+    job.w_unit = job.norm_w ? tm_alloc(bytes_c) : NULL;
+    const size_t row_doubles = (size_t)n * sizeof(double);
+    job.x_scale = tm_alloc(row_doubles);
+    job.x_inv = tm_alloc(row_doubles);
+    job.wy_scale = tm_alloc(row_doubles);
+    job.wy_inv = tm_alloc(row_doubles);
+    job.coef = tm_alloc(row_doubles * 4);
     job.tz = tm_alloc((size_t)n * sizeof(TM_REAL));
     job.argmax = tm_alloc((size_t)n * sizeof(int64_t));
-    job.norm_x2 = tm_alloc((size_t)n * sizeof(double));
-    job.coef = tm_alloc((size_t)n * 4 * sizeof(double));
-    job.lse = tm_alloc((size_t)n * sizeof(double));
-    job.gain = tm_alloc((size_t)n * sizeof(double));
-    job.gain_y = tm_alloc((size_t)n * sizeof(double));
-    job.sample_loss = tm_alloc((size_t)n * sizeof(double));
+    job.lse = tm_alloc(row_doubles);
+    job.gain = tm_alloc(row_doubles);
+    job.gain_y = tm_alloc(row_doubles);
+    job.sample_loss = tm_alloc(row_doubles);
     job.scratch = tm_alloc((size_t)threads * job.scratch_stride);
-    if (job.xpack == NULL || (weight_grad != NULL && job.xcol == NULL) || job.beta == NULL ||
-        job.alpha == NULL || job.tz == NULL || job.argmax == NULL || job.norm_x2 == NULL ||
-        job.coef == NULL || job.lse == NULL || job.gain == NULL || job.gain_y == NULL ||
-        job.sample_loss == NULL || job.scratch == NULL) {
+    if (job.xpack == NULL || (weight_grad != NULL && job.xcol == NULL) ||
+        (job.norm_w && (job.w_scale == NULL || job.w_inv == NULL || job.w_unit == NULL)) ||
+        job.x_scale == NULL || job.x_inv == NULL || job.wy_scale == NULL ||
+        job.wy_inv == NULL || job.coef == NULL || job.tz == NULL || job.argmax == NULL ||
+        job.lse == NULL || job.gain == NULL || job.gain_y == NULL || job.sample_loss == NULL ||
+        job.scratch == NULL) {
         st = TM_ERR_NOMEM;
         goto done;
     }
@@ -587,16 +666,25 @@ int TM_FN(tm_softmax_head)(const tm_head *head, const TM_REAL *x, int64_t n, int
     tm_parallel_for(threads, forward_units, 1, TM_FN(head_forward_range), &job);
     if (weight_grad != NULL) {
         tm_parallel_for(threads, backward_units, 1, TM_FN(head_backward_range), &job);
-        /* The target terms, in sample order (several samples share a class). */
+        /* The target terms, in sample order (several samples share a class):
+         * gy Pw (coef[2] u + coef[3] v), Pw = 1 / |W_y| where W is normalised. */
+        const int unit = kind != TM_HEAD_SOFTMAX;
         for (int64_t i = 0; i < n; ++i) {
             const double gy = job.gain_y[i];
             const int64_t y = labels[i];
             const double *co = job.coef + 4 * i;
+            const double xs = job.x_scale[i], xv = job.x_inv[i];
+            const double ws = job.wy_scale[i], wv = job.wy_inv[i];
             const TM_REAL *xi = x + i * d, *wy = weight + y * d;
             TM_REAL *out = weight_grad + y * d;
-            for (int64_t p = 0; p < d; ++p)
-                out[p] = (TM_REAL)((double)out[p] +
-                                   gy * (co[2] * (double)xi[p] + co[3] * (double)wy[p]));
+            for (int64_t p = 0; p < d; ++p) {
+                const double u = unit ? (double)xi[p] * xs * xv : (double)xi[p];
+                const double v = unit ? (double)wy[p] * ws * wv : (double)wy[p];
+                double term = gy * (co[2] * u + co[3] * v);
+                if (job.norm_w)
+                    term = (term * wv) * ws;
+                out[p] = (TM_REAL)((double)out[p] + term);
+            }
             if (bias_grad != NULL)
                 bias_grad[y] = (TM_REAL)((double)bias_grad[y] + gy);
         }
@@ -619,12 +707,16 @@ done:
     tm_unpin_threads(previous_pin);
     tm_free(job.xpack);
     tm_free(job.xcol);
-    tm_free(job.beta);
-    tm_free(job.alpha);
+    tm_free(job.w_scale);
+    tm_free(job.w_inv);
+    tm_free(job.w_unit);
+    tm_free(job.x_scale);
+    tm_free(job.x_inv);
+    tm_free(job.wy_scale);
+    tm_free(job.wy_inv);
+    tm_free(job.coef);
     tm_free(job.tz);
     tm_free(job.argmax);
-    tm_free(job.norm_x2);
-    tm_free(job.coef);
     tm_free(job.lse);
     tm_free(job.gain);
     tm_free(job.gain_y);

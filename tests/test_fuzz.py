@@ -1364,3 +1364,165 @@ def test_retrieval_metrics_refuse_unknown_metric_on_tiny_batches(func, x, labels
     # name was never looked at.
     with pytest.raises(ValueError, match="metric"):
         func(x, labels, metric="manhattan")
+
+
+# ---- the margin-softmax heads ------------------------------------------------------------
+
+#: (function, valid options, option faults): each head's keywords and their bad values.
+_SCALES = st.one_of(st.sampled_from([1e-3, 1.0, 64.0, np.float32(30.0), 1000]),
+                    st.floats(0.01, 100))
+_SCALE_FAULTS = ((0.0, ValueError), (-1.0, ValueError), (math.inf, ValueError),
+                 (math.nan, ValueError), ("64", TypeError), (True, TypeError))
+_INT_MARGINS = st.sampled_from([1, 2, 3, 4, np.int64(4), 4.0, 7])
+_INT_MARGIN_FAULTS = ((0, ValueError), (1.5, ValueError), (65, ValueError), ("4", ValueError),
+                      (None, ValueError))
+_LAMBDAS = st.one_of(st.sampled_from([0.0, 1.0, 1e6]), st.floats(0, 100))
+HEAD_SPECS = {
+    "softmax": (tripmine.heads.softmax_loss, {}),
+    "normface": (tripmine.heads.normface_loss, {"scale": (_SCALES, _SCALE_FAULTS)}),
+    "cosface": (tripmine.heads.cosface_loss, {
+        "scale": (_SCALES, _SCALE_FAULTS),
+        "margin": (st.floats(0, 1), ((-0.1, ValueError), (1.5, ValueError),
+                                     (math.nan, ValueError)))}),
+    "arcface": (tripmine.heads.arcface_loss, {
+        "scale": (_SCALES, _SCALE_FAULTS),
+        "margin": (st.floats(0, 3.1), ((math.pi, ValueError), (-0.5, ValueError))),
+        "easy_margin": (st.booleans(), FLAG_FAULTS),
+        "straight_through": (st.booleans(), FLAG_FAULTS)}),
+    "combined": (tripmine.heads.combined_margin_loss, {
+        "scale": (_SCALES, _SCALE_FAULTS),
+        "m1": (st.floats(0.1, 5), ((0.0, ValueError), (math.inf, ValueError))),
+        "m2": (st.floats(0, 3.1), ((-0.1, ValueError), (4.0, ValueError))),
+        "m3": (st.floats(0, 1), ((2.0, ValueError), (math.nan, ValueError))),
+        "straight_through": (st.booleans(), FLAG_FAULTS)}),
+    "sphereface": (tripmine.heads.sphereface_loss, {
+        "margin": (_INT_MARGINS, _INT_MARGIN_FAULTS),
+        "lambda_": (_LAMBDAS, ((-1.0, ValueError), (math.inf, ValueError)))}),
+    "lsoftmax": (tripmine.heads.large_margin_softmax_loss, {
+        "margin": (_INT_MARGINS, _INT_MARGIN_FAULTS),
+        "lambda_": (_LAMBDAS, ((-1.0, ValueError),))}),
+}
+_HEAD_LABEL_FAULTS = (("out_of_range", ValueError), ("negative", ValueError),
+                      ("float", ValueError), ("length", ValueError), ("2d", ValueError),
+                      ("str", ValueError))
+
+
+def _head_labels(draw, n: int, c: int, fault: str | None):
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    codes = rng.integers(0, c, n)
+    kind = draw(st.sampled_from(["int64", "int8", "uint16", "int32", "list", "unaligned"]))
+    if fault in ("out_of_range", "negative", "float", "str") and not n:
+        return codes, False  # nothing to corrupt in an empty batch
+    if fault == "out_of_range":
+        codes[-1] = c
+    elif fault == "negative":
+        codes[0] = -1
+    elif fault == "length":
+        codes = rng.integers(0, c, n + 1)
+    elif fault == "2d":
+        return codes.reshape(-1, 1), True
+    elif fault == "float":
+        return codes.astype(np.float64), True
+    elif fault == "str":
+        return np.array([str(v) for v in codes]), True
+    if kind == "list":
+        return [int(v) for v in codes], fault is not None
+    if kind == "unaligned":
+        return _unaligned(codes.astype(np.int64)), fault is not None
+    return codes.astype(kind), fault is not None
+
+
+def _head_in_domain(kind: str, x: np.ndarray, w: np.ndarray, options: dict, dtype) -> bool:
+    """No true logit or gradient of the head overflows the compute dtype: the logits are
+    bounded by |x| |W| (2m + 2) and the gradients by that, by (2m + 2)^2 |x| / |W| and, through
+    the normalisations, by scale m^2 / min(|x|, |W|)."""
+    top = math.log10(float(np.finfo(dtype).max)) - 3
+    lx, lw = _log_norms(x), _log_norms(w)
+    lx_max, lw_max = (max(lx.max(initial=-np.inf), 0), max(lw.max(initial=-np.inf), 0))
+    lx_min = min(lx[np.isfinite(lx)].min(initial=0), 0)
+    lw_min = min(lw[np.isfinite(lw)].min(initial=0), 0)
+    m = float(options.get("margin", 1)) if kind in ("sphereface", "lsoftmax") else 1.0
+    factor = math.log10(2 * m + 2) * 2 + math.log10(float(options.get("scale", 1.0)) + 1)
+    worst = max(lx_max + lw_max, lx_max - lw_min, -lx_min, -lw_min, lw_max - lx_min)
+    return worst + factor + 2 < top
+
+
+@FUZZ
+@given(st.data())
+@counted
+def test_fuzz_heads(data):
+    kind = data.draw(st.sampled_from(sorted(HEAD_SPECS)), label="head")
+    fn, spec = HEAD_SPECS[kind]
+    draws = Draws(data, ("input", "labels", "class_weight", "reduction", "grad") + tuple(spec))
+    n, d, c = data.draw(SIZES), data.draw(DIMS), data.draw(st.integers(1, 9))
+    x, x_arr = data.draw(matrices(n, d))
+    w, w_arr = data.draw(matrices(c, d))
+    errors = set()
+    if draws.fault == "input":
+        bad = data.draw(st.sampled_from(["weight_width", "weight_int", "x_1d", "no_classes"]))
+        if bad == "weight_width":
+            w, w_arr = np.zeros((c, d + 1)), np.zeros((c, d + 1))
+        elif bad == "weight_int":
+            w = w_arr.astype(np.int32) if np.isfinite(w_arr).all() else np.zeros((c, d), int)
+            errors.add(TypeError)
+        elif bad == "x_1d":
+            x = x_arr.reshape(-1)
+        else:
+            w, w_arr = np.zeros((0, d)), np.zeros((0, d))
+        errors.add(ValueError if bad != "weight_int" else TypeError)
+    label_fault = error = None
+    if draws.fault == "labels":
+        label_fault, error = data.draw(st.sampled_from(_HEAD_LABEL_FAULTS), label="labels")
+    labels, applied = _head_labels(data.draw, n, max(c, 1), label_fault)
+    if applied:
+        errors.add(error)
+    options = {name: draws(name, valid, faults) for name, (valid, faults) in spec.items()}
+    class_weight = draws("class_weight", st.sampled_from([None, "uniform", "zeros", "mixed"]),
+                         (("negative", ValueError), ("length", ValueError),
+                          ("nan", ValueError)))
+    cw = {None: None, "uniform": np.full(c, 0.5), "zeros": np.zeros(c),
+          "mixed": np.arange(c) % 3 * 1.5, "negative": -np.ones(c), "length": np.ones(c + 1),
+          "nan": np.full(c, np.nan)}[class_weight]
+    reduction = draws("reduction", st.sampled_from(["mean", "sum", "none"]),
+                      (("mean_nonzero", ValueError), (None, ValueError)))
+    want_grad = draws("grad", st.booleans(), FLAG_FAULTS)
+    errors |= draws.errors
+    bias = None
+    if kind == "softmax" and data.draw(st.booleans(), label="bias"):
+        bias = np.linspace(-1, 1, c)
+    if x_arr.ndim != 2 or w_arr.ndim != 2:  # a list of no rows is 1-D
+        errors.add(ValueError)
+    finite = bool(np.isfinite(x_arr).all() and np.isfinite(w_arr).all())
+    if not finite:
+        errors.add(ValueError)
+    if w_arr.ndim == 2 and w_arr.shape[0] == 0:
+        errors.add(ValueError)
+    kwargs = dict(options, class_weight=cw, reduction=reduction, grad=want_grad)
+    if bias is not None:
+        kwargs["bias"] = bias
+    got = call(tuple(errors) if errors else None, fn, x, labels, w, **kwargs)
+    dtype = np.dtype(np.float64 if 8 in (x_arr.dtype.itemsize, w_arr.dtype.itemsize)
+                     else np.float32)
+    checked = got is not RAISED and _head_in_domain(kind, x_arr, w_arr, options, dtype)
+    _outcome(got, checked)
+    if got is RAISED:
+        return
+    assert isinstance(got, tripmine.heads.SoftmaxLossResult)
+    assert got.n_samples == n and 0 <= got.n_correct <= n
+    if reduction == "none":
+        _check_array(got.loss, (n,), np.float64)
+    else:
+        assert isinstance(got.loss, float)
+    if want_grad:
+        _check_array(got.grad, (n, d), dtype)
+        _check_array(got.weight_grad, (c, d), dtype)
+        if bias is not None:
+            _check_array(got.bias_grad, (c,), dtype)
+    else:
+        assert got.grad is None and got.weight_grad is None
+    if checked:
+        assert np.all(np.isfinite(got.loss)) and np.all(np.asarray(got.loss) >= -1e-6 * (
+            1 + np.abs(np.asarray(got.loss))))
+        if want_grad:
+            assert np.isfinite(got.grad).all() and np.isfinite(got.weight_grad).all()
+    _assert_same(got, fn(_plain(x_arr), labels, _plain(w_arr), **kwargs))

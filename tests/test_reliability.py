@@ -127,6 +127,10 @@ def _mixed_calls(problem) -> dict:
         "recall_at_k": lambda: metrics.recall_at_k(x, y, k=(1, 4)),
         "map_at_r_ref": lambda: metrics.mean_average_precision_at_r(x, y, **bank),
         "nearest_neighbors": lambda: metrics.nearest_neighbors(x, 5),
+        "arcface": lambda: tripmine.arcface_loss(x, y, ref[:64]),
+        "softmax_f64": lambda: tripmine.softmax_loss(x64, y, ref[:64], bias=ref[64, :1].repeat(64),
+                                                     class_weight=ry[:64] % 3),
+        "sphereface_none": lambda: tripmine.sphereface_loss(unit, y, ref[:64], reduction="none"),
     }
 
 
@@ -190,6 +194,8 @@ def test_changing_the_thread_count_while_calls_run_is_safe(threads):
         "batch_hard_ref": lambda: tripmine.triplet_loss(x, y, mining="batch_hard", **bank),
         "semi_hard_random": lambda: tripmine.semi_hard(small, small_y, select="random", seed=1),
         "pairwise_distances": lambda: tripmine.pairwise_distances(small, ref[:, :16]),
+        "cosface": lambda: tripmine.cosface_loss(x, y, ref[:8]),
+        "softmax": lambda: tripmine.softmax_loss(small, small_y, small[:64] * 0.1),
     }
     tripmine.set_num_threads(2)
     serial = {name: call() for name, call in calls.items()}
@@ -219,7 +225,8 @@ def test_changing_the_thread_count_while_calls_run_is_safe(threads):
     errors = [f"{name}: {type(r).__name__}: {r}" for name, r in outcomes
               if isinstance(r, Exception)]
     assert errors == [], f"{len(errors)} of {len(outcomes)} calls failed: {errors[:3]}"
-    exact_gradients = ("batch_hard_ref",)  # over mined triplets: any thread count
+    # over mined triplets, and the heads (fixed blocks): any thread count
+    exact_gradients = ("batch_hard_ref", "cosface", "softmax")
     for name, result in outcomes:
         want = serial[name]
         if not dataclasses.is_dataclass(want) or name in exact_gradients:
@@ -372,6 +379,10 @@ calls = {
     "raise_shape": lambda: raises(lambda: tripmine.pairwise_distances(x, ref[:, :5]),
                                   ValueError),
     "raise_labels": lambda: raises(lambda: tripmine.contrastive_loss(x, y[:-1]), ValueError),
+    "arcface": lambda: tripmine.arcface_loss(big, big_y, big[:24]),
+    "softmax_none": lambda: tripmine.softmax_loss(x, y, ref[:6], reduction="none"),
+    "raise_head_labels": lambda: raises(lambda: tripmine.cosface_loss(x, y + 100, ref),
+                                        ValueError),
     "raise_margin": lambda: raises(lambda: tripmine.semi_hard(x, y, margin=-1.0), ValueError),
     "raise_dtype": lambda: raises(lambda: tripmine.batch_hard(x.astype(np.int32), y),
                                   TypeError),

@@ -5,7 +5,7 @@ Architecture
 ::
 
     tripmine.<function>(x, labels, ...)          public modules, one concept each
-          |                                      (distances, masks, miners, losses, runtime)
+          |                                      (distances, masks, miners, losses, heads, runtime)
           v
     tripmine._validation                         dtype, shape, labels -> int64 codes,
           |                                      check_finite, out= checks
@@ -21,8 +21,18 @@ functions whose *output* is a matrix (``pairwise_distances``, the masks)
 allocate N x M.  See README.md for the semantics (metrics, self mode, ties).
 """
 
-from . import _core, metrics, sampling
+from . import _core, heads, metrics, sampling
 from .distances import pairwise_distances
+from .heads import (
+    SoftmaxLossResult,
+    arcface_loss,
+    combined_margin_loss,
+    cosface_loss,
+    large_margin_softmax_loss,
+    normface_loss,
+    softmax_loss,
+    sphereface_loss,
+)
 from .losses import ContrastiveLossResult, TripletLossResult, contrastive_loss, triplet_loss
 from .masks import TRIPLET_MASK_MAX_N, negative_mask, positive_mask, triplet_mask
 from .miners import Triplets, batch_hard, distance_weighted, semi_hard
@@ -33,20 +43,29 @@ __version__ = _core.build_facts()["version"]
 __all__ = [
     "TRIPLET_MASK_MAX_N",
     "ContrastiveLossResult",
+    "SoftmaxLossResult",
     "TripletLossResult",
     "Triplets",
+    "arcface_loss",
     "batch_hard",
     "build_info",
+    "combined_margin_loss",
     "contrastive_loss",
+    "cosface_loss",
     "distance_weighted",
     "get_num_threads",
+    "heads",
+    "large_margin_softmax_loss",
     "metrics",
     "negative_mask",
+    "normface_loss",
     "pairwise_distances",
     "positive_mask",
     "sampling",
     "semi_hard",
     "set_num_threads",
+    "softmax_loss",
+    "sphereface_loss",
     "triplet_loss",
     "triplet_mask",
 ]

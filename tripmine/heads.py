@@ -143,7 +143,7 @@ def _class_labels(labels: Any, n: int, c: int) -> np.ndarray:
         raise ValueError(f"labels must be 1-D, got shape {arr.shape}")
     if arr.shape[0] != n:
         raise ValueError(f"labels has length {arr.shape[0]} but x has {n} rows")
-    if arr.dtype.kind not in "iu":
+    if arr.dtype.kind not in "iu" and arr.size:  # np.asarray([]) is float64: no labels
         raise ValueError(f"labels must be integer class indices in [0, {c}), got dtype "
                          f"{arr.dtype}")
     if n and (arr.min() < 0 or arr.max() >= c):
