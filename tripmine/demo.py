@@ -13,7 +13,9 @@ retrieval on held-out images:
   backward written by hand in NumPy, trained with Adam on P x K batches from
   :class:`tripmine.sampling.PKSampler`;
 * loss and gradient: :func:`tripmine.triplet_loss` (batch-hard by default, any
-  mining rule) or :func:`tripmine.contrastive_loss`;
+  mining rule), :func:`tripmine.contrastive_loss`, or a margin-softmax head of
+  :mod:`tripmine.heads` (``--loss arcface`` and the others), whose class weights
+  the optimiser updates beside the network's;
 * evaluation: Recall@1 and MAP@R (:mod:`tripmine.metrics`) of the held-out
   images in self mode (each held-out image queries all the others) for three
   embeddings: the raw pixels, the untrained network and the trained network.
@@ -40,7 +42,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import runtime
+from . import heads, runtime
 from .losses import MINING, contrastive_loss, triplet_loss
 from .metrics import mean_average_precision_at_r, recall_at_k
 from .sampling import PKSampler
@@ -59,7 +61,19 @@ __all__ = [
 
 DEFAULT_PLOT = "tripmine-demo.png"
 INSTALL_HINT = ("pip install 'tripmine[demo]'  (in a source checkout: pip install -e '.[demo]')")
-LOSSES = ("triplet", "contrastive")
+#: The margin-softmax heads (tripmine.heads) the demo trains with, and their options on digits:
+#: a smaller scale than the face-recognition defaults (64), which suit thousands of classes
+#: and 512-d embeddings, not 10 digits.  ``--margin`` sets each head's margin.
+HEAD_LOSSES = {
+    "softmax": (heads.softmax_loss, {}, None),
+    "normface": (heads.normface_loss, {"scale": 16.0}, None),
+    "cosface": (heads.cosface_loss, {"scale": 16.0, "margin": 0.35}, "margin"),
+    "arcface": (heads.arcface_loss, {"scale": 16.0, "margin": 0.5}, "margin"),
+    "combined": (heads.combined_margin_loss, {"scale": 16.0}, "m2"),
+    "sphereface": (heads.sphereface_loss, {"margin": 2, "lambda_": 1.0}, "margin"),
+    "lsoftmax": (heads.large_margin_softmax_loss, {"margin": 2, "lambda_": 1.0}, "margin"),
+}
+LOSSES = ("triplet", "contrastive", *HEAD_LOSSES)
 PROJECTIONS = ("tsne", "pca")
 #: Default margins, tuned on the closed-set split (unit-norm embeddings: distances in [0, 2]).
 TRIPLET_MARGIN = 0.8
@@ -298,14 +312,24 @@ class History:
 
 
 def loss_and_grad(config: DemoConfig, embeddings: np.ndarray, labels: np.ndarray,
-                  seed: int) -> tuple[float, np.ndarray, float]:
-    """The configured loss of one batch: value, dL/d(embeddings), fraction active."""
+                  seed: int, weight: np.ndarray | None = None
+                  ) -> tuple[float, np.ndarray, float, np.ndarray | None]:
+    """The configured loss of one batch: value, dL/d(embeddings), fraction active (the
+    training accuracy for a head) and, for a head, dL/d(its class weights)."""
+    if config.loss in HEAD_LOSSES:
+        fn, options, margin_name = HEAD_LOSSES[config.loss]
+        if config.margin is not None and margin_name is not None:
+            options = {**options, margin_name: (int(config.margin) if margin_name == "margin"
+                                                and config.loss in ("sphereface", "lsoftmax")
+                                                else config.margin)}
+        result = fn(embeddings, labels, weight, **options)
+        return result.loss, result.grad, result.accuracy, result.weight_grad
     if config.loss == "contrastive":
         result = contrastive_loss(embeddings, labels, neg_margin=config.resolved_margin())
     else:
         result = triplet_loss(embeddings, labels, mining=config.mining,
                               margin=config.resolved_margin(), seed=seed)
-    return result.loss, result.grad, result.fraction_active
+    return result.loss, result.grad, result.fraction_active, None
 
 
 def train(model: MLP, x: np.ndarray, labels: np.ndarray, config: DemoConfig, *,
@@ -334,7 +358,15 @@ def train(model: MLP, x: np.ndarray, labels: np.ndarray, config: DemoConfig, *,
         tqdm = _require("tqdm", "tqdm", "the progress bar (or pass --no-progress)")
         bar = tqdm.tqdm(total=total, desc="training", unit="step", leave=True,
                         dynamic_ncols=True)
-    optimizer = Adam(model.params, lr=config.lr)
+    # A head's class weights (one row per training class, labels mapped to 0..C-1) are
+    # trained with the network.
+    head = config.loss in HEAD_LOSSES
+    classes_index = np.searchsorted(classes, labels)
+    weight = None
+    if head:
+        rng = np.random.default_rng(np.random.SeedSequence([config.seed, 4]))
+        weight = (0.01 * rng.standard_normal((len(classes), config.dim))).astype(config.dtype)
+    optimizer = Adam(model.params + ([weight] if head else []), lr=config.lr)
     history = History()
     running_loss = running_active = None
     start = time.perf_counter()
@@ -347,10 +379,12 @@ def train(model: MLP, x: np.ndarray, labels: np.ndarray, config: DemoConfig, *,
                 if step >= total:
                     break
                 out, cache = model.forward(x[batch])
-                loss, grad_out, active = loss_and_grad(config, out, labels[batch],
-                                                       (loss_seed + step) % 2**63)
+                loss, grad_out, active, weight_grad = loss_and_grad(
+                    config, out, classes_index[batch] if head else labels[batch],
+                    (loss_seed + step) % 2**63, weight)
                 lr = 0.5 * config.lr * (1 + np.cos(np.pi * step / total))
-                optimizer.step(model.backward(cache, grad_out), lr=lr)
+                grads = model.backward(cache, grad_out)
+                optimizer.step(grads + ([weight_grad] if head else []), lr=lr)
                 history.loss.append(float(loss))
                 history.fraction_active.append(float(active))
                 step += 1
@@ -470,7 +504,13 @@ def _describe(config: DemoConfig, split: DigitsSplit, p: int) -> list[str]:
         data = (f"digits (sklearn load_digits), split by samples: {len(split.y_train)} "
                 f"training / {len(split.y_test)} held-out images, {len(test_classes)} classes")
     widths = "-".join(str(s) for s in (split.x_train.shape[1], *config.hidden, config.dim))
-    if config.loss == "contrastive":
+    if config.loss in HEAD_LOSSES:
+        fn, options, _ = HEAD_LOSSES[config.loss]
+        shown = ", ".join(f"{k} {v:g}" for k, v in options.items())
+        loss = (f"{fn.__name__} head{f' ({shown})' if shown else ''}"
+                + (f", margin {config.margin:g}" if config.margin is not None else "")
+                + ", class weights trained with the network")
+    elif config.loss == "contrastive":
         loss = f"contrastive loss (neg_margin {config.resolved_margin():g})"
     else:
         loss = f"{config.mining} triplet loss (margin {config.resolved_margin():g})"
@@ -555,13 +595,14 @@ def run(config: DemoConfig = DemoConfig(), *, plot: str | os.PathLike | None = D
         out.flush()
 
         if plot is not None:
-            title = (f"tripmine demo: digits, {split.protocol}, "
-                     f"{config.loss if config.loss == 'contrastive' else config.mining} loss")
+            what = config.loss if config.loss != "triplet" else config.mining
+            title = f"tripmine demo: digits, {split.protocol}, {what} loss"
             save_plot(plot, history, project_2d(untrained, config.projection, config.seed),
                       project_2d(trained, config.projection, config.seed), split.y_test,
                       title=title, projection=config.projection, scores=scores,
-                      active_label="fraction of active "
-                                   + ("pairs" if config.loss == "contrastive" else "triplets"),
+                      active_label=("training accuracy (top-1 without margin)"
+                                    if config.loss in HEAD_LOSSES else "fraction of active "
+                                    + ("pairs" if config.loss == "contrastive" else "triplets")),
                       subject="unseen digits" if config.open_set else "held-out images")
             print(f"plot: {os.fspath(plot)}", file=out)
 
@@ -581,7 +622,8 @@ def run(config: DemoConfig = DemoConfig(), *, plot: str | os.PathLike | None = D
         "test_classes": [int(c) for c in np.unique(split.y_test)],
         "threads": threads,
         "config": {**dataclasses.asdict(config), "hidden": list(config.hidden),
-                   "margin": config.resolved_margin(), "p": p},
+                   "margin": (config.margin if config.loss in HEAD_LOSSES
+                              else config.resolved_margin()), "p": p},
     }
     if json_path is not None:
         with open(json_path, "w", encoding="utf-8") as handle:
