@@ -168,6 +168,33 @@ static inline tm_batch_all_row_kernel TM_FN(kernel_batch_all_row)(const tm_kerne
 #endif
 }
 
+static inline tm_softmax_max_kernel TM_FN(kernel_softmax_max)(const tm_kernel_set *k)
+{
+#if TM_BITS == 32
+    return k->softmax_max_f32;
+#else
+    return k->softmax_max_f64;
+#endif
+}
+
+static inline tm_softmax_exp_kernel TM_FN(kernel_softmax_exp)(const tm_kernel_set *k)
+{
+#if TM_BITS == 32
+    return k->softmax_exp_f32;
+#else
+    return k->softmax_exp_f64;
+#endif
+}
+
+static inline tm_softmax_grad_kernel TM_FN(kernel_softmax_grad)(const tm_kernel_set *k)
+{
+#if TM_BITS == 32
+    return k->softmax_grad_f32;
+#else
+    return k->softmax_grad_f64;
+#endif
+}
+
 static inline int64_t TM_FN(round_up)(int64_t value, int64_t multiple)
 {
     return (value + multiple - 1) / multiple * multiple;

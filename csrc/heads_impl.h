@@ -26,13 +26,6 @@
  * n d) plus one block's tiles per thread; never n x c.
  */
 
-#undef TM_HEAD_EXP
-#if TM_BITS == 32
-#define TM_HEAD_EXP(v) tm_exp_nonpositive_f32(v)
-#else
-#define TM_HEAD_EXP(v) exp(v)
-#endif
-
 /* Samples per forward block (rounded up to MR): large enough that packing
  * W's blocks (once per sample block) costs a few percent of the products. */
 #ifndef TM_HEAD_ROWS
@@ -49,7 +42,7 @@
 /* Bytes of one packed block of W (it stays in L2 while the samples' panels
  * stream past it). */
 #ifndef TM_HEAD_CLASS_BYTES
-#define TM_HEAD_CLASS_BYTES (256 * 1024)
+#define TM_HEAD_CLASS_BYTES (512 * 1024)
 #endif
 
 /* Below about this many multiply-adds a call is not worth a thread team. */
@@ -107,6 +100,9 @@ typedef struct {
     TM_REAL scale; /* s of the normalised heads, 1 otherwise */
     const tm_kernel_set *kernels;
     TM_FN(tm_dot_kernel) dot;
+    tm_softmax_max_kernel row_max;
+    tm_softmax_exp_kernel row_exp;
+    tm_softmax_grad_kernel row_grad;
     int mr, nr;
     int64_t rb, cb, ldt;
     int64_t rb_forward; /* samples per forward block: any multiple of MR gives the same bits */
@@ -126,7 +122,7 @@ typedef struct {
 /* One participant's scratch, carved from its slice of job->scratch. */
 typedef struct {
     TM_REAL *wpanel, *tile, *wcol, *acc, *gemm, *best;
-    double *m, *s, *rz, *cz, *bs;
+    double *m, *s, *bs;
     int64_t *bestj;
 } TM_FN(head_scratch);
 
@@ -151,8 +147,6 @@ static size_t TM_FN(head_carve)(const TM_FN(head_job) *job, char *base,
     TM_HEAD_TAKE(best, TM_REAL, rb);
     TM_HEAD_TAKE(m, double, rb);
     TM_HEAD_TAKE(s, double, rb);
-    TM_HEAD_TAKE(rz, double, rb);
-    TM_HEAD_TAKE(cz, double, cb);
     TM_HEAD_TAKE(bs, double, cb);
     TM_HEAD_TAKE(bestj, int64_t, rb);
 #undef TM_HEAD_TAKE
@@ -311,14 +305,6 @@ static void TM_FN(head_logits)(const TM_FN(head_job) *job, int64_t row0, int64_t
     }
 }
 
-static TM_REAL TM_FN(head_max)(const TM_REAL *t, int64_t n)
-{
-    TM_REAL best = t[0];
-    for (int64_t j = 1; j < n; ++j)
-        best = t[j] > best ? t[j] : best;
-    return best;
-}
-
 /* ---- 2. forward (and dX) over sample blocks ------------------------------------ */
 
 static void TM_FN(head_forward_block)(TM_FN(head_job) *job, TM_FN(head_scratch) *sc,
@@ -331,7 +317,6 @@ static void TM_FN(head_forward_block)(TM_FN(head_job) *job, TM_FN(head_scratch) 
     for (int64_t i = 0; i < nrows; ++i) {
         sc->m[i] = -INFINITY;
         sc->s[i] = 0.0;
-        sc->rz[i] = 0.0;
         sc->best[i] = -INFINITY;
         sc->bestj[i] = -1;
     }
@@ -346,7 +331,7 @@ static void TM_FN(head_forward_block)(TM_FN(head_job) *job, TM_FN(head_scratch) 
         for (int64_t i = 0; i < nrows; ++i) {
             const int64_t row = row0 + i;
             TM_REAL *t = sc->tile + i * ldt;
-            const TM_REAL base_max = TM_FN(head_max)(t, ncols);
+            const TM_REAL base_max = (TM_REAL)job->row_max(t, ncols);
             if (base_max > sc->best[i]) { /* the first class reaching the max */
                 int64_t j = 0;
                 while (t[j] != base_max)
@@ -356,13 +341,22 @@ static void TM_FN(head_forward_block)(TM_FN(head_job) *job, TM_FN(head_scratch) 
             }
             const int64_t y = job->labels[row] - j0;
             const int has_target = y >= 0 && y < ncols;
-            if (has_target)
+            /* The block's max with the target's margin logit in place of its plain one:
+             * a pass over the block again only where the plain one was the max (the
+             * running max must be exact: a margin logit far below it, at a large scale,
+             * would otherwise underflow every exponential). */
+            TM_REAL block_max = base_max;
+            if (has_target) {
+                const int was_max = t[y] == base_max;
                 t[y] = job->tz[row];
-            const TM_REAL block_max = has_target ? TM_FN(head_max)(t, ncols) : base_max;
+                if (was_max)
+                    block_max = (TM_REAL)job->row_max(t, ncols);
+                else if (t[y] > block_max)
+                    block_max = t[y];
+            }
             if ((double)block_max > sc->m[i]) {
                 const double f = exp(sc->m[i] - (double)block_max);
                 sc->s[i] *= f;
-                sc->rz[i] *= f;
                 if (grad && sc->m[i] != -INFINITY) {
                     const TM_REAL fr = (TM_REAL)f;
                     TM_REAL *acc = sc->acc + i * d;
@@ -371,28 +365,9 @@ static void TM_FN(head_forward_block)(TM_FN(head_job) *job, TM_FN(head_scratch) 
                 }
                 sc->m[i] = (double)block_max;
             }
-            const TM_REAL mx = (TM_REAL)sc->m[i];
-            TM_REAL sum = 0, rz = 0;
-            if (grad && job->norm_x) {
-                for (int64_t j = 0; j < ncols; ++j) {
-                    const TM_REAL p = TM_HEAD_EXP(t[j] - mx);
-                    rz += p * t[j];
-                    sum += p;
-                    t[j] = p;
-                }
-            } else {
-                for (int64_t j = 0; j < ncols; ++j) {
-                    const TM_REAL p = TM_HEAD_EXP(t[j] - mx);
-                    sum += p;
-                    t[j] = p;
-                }
-            }
-            if (has_target) { /* the target's own gradient is formed apart */
-                rz -= t[y] * job->tz[row];
+            sc->s[i] += job->row_exp(t, ncols, sc->m[i]);
+            if (has_target) /* the target's own gradient is formed apart */
                 t[y] = 0;
-            }
-            sc->s[i] += (double)sum;
-            sc->rz[i] += (double)rz;
         }
         if (grad)
             TM_FN(tm_gemm_acc)(job->kernels, nrows, ncols, sc->tile, ldt, 0, sc->wcol, ncols, 0,
@@ -414,10 +389,11 @@ static void TM_FN(head_forward_block)(TM_FN(head_job) *job, TM_FN(head_scratch) 
         job->gain_y[row] = gy;
         if (!grad)
             continue;
-        /* Non-target: G_ij = (g / S_i) p~_ij; with x normalised,
-         * dX_i = (1 / |x_i|) (s sum_j G_ij W^_j - (sum_j G_ij z_ij) x^_i).  Target:
-         * gy (coef[0] u + coef[1] v), times 1 / |x_i| likewise. */
-        const double gs = g / sc->s[i], rz = sc->rz[i];
+        /* Non-target: G_ij = (g / S_i) p~_ij, a_i = sum_j G_ij W^_j (acc holds it up to
+         * g / S_i); with x normalised, z_ij = s x^_i . W^_j and
+         * dX_i = (s / |x_i|) (a_i - (x^_i . a_i) x^_i): a's part orthogonal to x^_i.
+         * Target: gy (coef[0] u + coef[1] v), times 1 / |x_i| likewise. */
+        const double gs = g / sc->s[i];
         const double *co = job->coef + 4 * row;
         const double xs = job->x_scale[row], xv = job->x_inv[row];
         const double ws = job->wy_scale[row], wv = job->wy_inv[row];
@@ -426,13 +402,17 @@ static void TM_FN(head_forward_block)(TM_FN(head_job) *job, TM_FN(head_scratch) 
         const TM_REAL *xi = job->x + row * d, *wy = job->w + y * d;
         const TM_REAL *acc = sc->acc + i * d;
         TM_REAL *out = job->grad + row * d;
+        double radial = 0.0;
+        if (job->norm_x)
+            for (int64_t p = 0; p < d; ++p)
+                radial += ((double)xi[p] * xs * xv) * (double)acc[p];
         for (int64_t p = 0; p < d; ++p) {
             const double u = unit_x ? (double)xi[p] * xs * xv : (double)xi[p];
             const double v = unit_x ? (double)wy[p] * ws * wv : (double)wy[p];
             const double target = gy * (co[0] * u + co[1] * v);
             double value;
             if (job->norm_x)
-                value = ((gs * (s * (double)acc[p] - rz * u) + target) * xv) * xs;
+                value = ((gs * s * ((double)acc[p] - radial * u) + target) * xv) * xs;
             else
                 value = gs * (double)acc[p] + target;
             out[p] = (TM_REAL)value;
@@ -451,20 +431,12 @@ static void TM_FN(head_forward_range)(void *ctx, int participant, int64_t begin,
 
 /* ---- 3. weight_grad over class blocks ---------------------------------------- */
 
-/* G = g_i exp(z - lse_i) over columns [lo, hi) of one tile row, in place,
- * with the column sums that the normalisation and the bias need. */
-static void TM_FN(head_g_span)(TM_REAL *t, int64_t lo, int64_t hi, TM_REAL g, TM_REAL lse,
-                               double *cz, double *bs)
+/* G = g_i exp(z - lse_i) over columns [lo, hi) of one tile row, in place, with
+ * the column sums the bias needs. */
+static void TM_FN(head_g_span)(const TM_FN(head_job) *job, TM_REAL *t, int64_t lo, int64_t hi,
+                               double g, double lse, double *bs)
 {
-    if (cz != NULL)
-        for (int64_t j = lo; j < hi; ++j) {
-            const TM_REAL G = g * TM_HEAD_EXP(t[j] - lse);
-            cz[j] += (double)(G * t[j]);
-            t[j] = G;
-        }
-    else
-        for (int64_t j = lo; j < hi; ++j)
-            t[j] = g * TM_HEAD_EXP(t[j] - lse);
+    job->row_grad(t + lo, hi - lo, g, lse);
     if (bs != NULL)
         for (int64_t j = lo; j < hi; ++j)
             bs[j] += (double)t[j];
@@ -478,9 +450,9 @@ static void TM_FN(head_backward_block)(TM_FN(head_job) *job, TM_FN(head_scratch)
     const int64_t ncols = c - j0 < job->cb ? c - j0 : job->cb;
     TM_REAL *wg = job->wgrad + j0 * d;
     memset(wg, 0, (size_t)(ncols * d) * sizeof(TM_REAL));
-    double *cz = job->norm_w ? sc->cz : NULL, *bs = job->bgrad != NULL ? sc->bs : NULL;
+    double *bs = job->bgrad != NULL ? sc->bs : NULL;
     for (int64_t j = 0; j < ncols; ++j)
-        sc->cz[j] = sc->bs[j] = 0.0;
+        sc->bs[j] = 0.0;
     TM_FN(head_pack_rows)(job, j0, ncols, sc->wpanel);
     for (int64_t row0 = 0; row0 < n; row0 += job->rb) {
         const int64_t nrows = n - row0 < job->rb ? n - row0 : job->rb;
@@ -488,27 +460,32 @@ static void TM_FN(head_backward_block)(TM_FN(head_job) *job, TM_FN(head_scratch)
         for (int64_t i = 0; i < nrows; ++i) {
             const int64_t row = row0 + i;
             TM_REAL *t = sc->tile + i * ldt;
-            const TM_REAL g = (TM_REAL)job->gain[row], lse = (TM_REAL)job->lse[row];
+            const double g = job->gain[row], lse = job->lse[row];
             const int64_t y = job->labels[row] - j0;
             if (y >= 0 && y < ncols) { /* the target's terms come later */
-                TM_FN(head_g_span)(t, 0, y, g, lse, cz, bs);
+                TM_FN(head_g_span)(job, t, 0, y, g, lse, bs);
                 t[y] = 0;
-                TM_FN(head_g_span)(t, y + 1, ncols, g, lse, cz, bs);
+                TM_FN(head_g_span)(job, t, y + 1, ncols, g, lse, bs);
             } else {
-                TM_FN(head_g_span)(t, 0, ncols, g, lse, cz, bs);
+                TM_FN(head_g_span)(job, t, 0, ncols, g, lse, bs);
             }
         }
         TM_FN(tm_gemm_acc)(job->kernels, ncols, nrows, sc->tile, ldt, 1, job->xcol, n, row0, d,
                            wg, d, sc->gemm);
     }
-    /* With W normalised: dW_j = (1 / |W_j|) (sum_i G_ij xcol_i - (sum_i G_ij z_ij) W^_j). */
+    /* With W normalised, z_ij = xcol_i . W^_j, so with b_j = sum_i G_ij xcol_i (the row
+     * so far): dW_j = (1 / |W_j|) (b_j - (W^_j . b_j) W^_j), b's part orthogonal to W^_j. */
     if (job->norm_w)
         for (int64_t j = 0; j < ncols; ++j) {
             TM_REAL *row = wg + j * d;
             const TM_REAL *wj = job->w + (j0 + j) * d;
-            const double ws = job->w_scale[j0 + j], wv = job->w_inv[j0 + j], k = sc->cz[j];
+            const double ws = job->w_scale[j0 + j], wv = job->w_inv[j0 + j];
+            double radial = 0.0;
             for (int64_t p = 0; p < d; ++p)
-                row[p] = (TM_REAL)((((double)row[p] - k * ((double)wj[p] * ws * wv)) * wv) * ws);
+                radial += ((double)wj[p] * ws * wv) * (double)row[p];
+            for (int64_t p = 0; p < d; ++p)
+                row[p] = (TM_REAL)((((double)row[p] - radial * ((double)wj[p] * ws * wv)) * wv) *
+                                   ws);
         }
     if (job->bgrad != NULL)
         for (int64_t j = 0; j < ncols; ++j)
@@ -577,6 +554,9 @@ int TM_FN(tm_softmax_head)(const tm_head *head, const TM_REAL *x, int64_t n, int
     job.bgrad = bias_grad;
     job.kernels = tm_active_kernels();
     job.dot = TM_FN(kernel_dot)(job.kernels);
+    job.row_max = TM_FN(kernel_softmax_max)(job.kernels);
+    job.row_exp = TM_FN(kernel_softmax_exp)(job.kernels);
+    job.row_grad = TM_FN(kernel_softmax_grad)(job.kernels);
     job.mr = TM_FN(kernel_mr)(job.kernels);
     job.nr = TM_FN(kernel_nr)(job.kernels);
     job.rb = TM_FN(round_up)(TM_HEAD_ROWS, job.mr);

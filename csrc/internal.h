@@ -188,6 +188,12 @@ typedef int (*tm_gram_row_kernel)(void *t, double norm_x, const void *norm_r, in
                                   double refine);
 typedef void (*tm_clamp_row_kernel)(void *t, int64_t n, int root);
 
+/* The margin-softmax heads' row kernels (row_kernel_impl.h): the max of a
+ * row, its exponentials in place with their sum, and G = g e^(t - lse). */
+typedef double (*tm_softmax_max_kernel)(const void *t, int64_t n);
+typedef double (*tm_softmax_exp_kernel)(void *t, int64_t n, double mx);
+typedef void (*tm_softmax_grad_kernel)(void *t, int64_t n, double g, double lse);
+
 /* One instruction set's micro-kernels, for both precisions. */
 typedef struct {
     const char *name;
@@ -201,6 +207,9 @@ typedef struct {
     tm_weighted_weights_kernel weighted_weights_f32, weighted_weights_f64;
     tm_gram_row_kernel gram_row_f32, gram_row_f64;
     tm_clamp_row_kernel clamp_row_f32, clamp_row_f64;
+    tm_softmax_max_kernel softmax_max_f32, softmax_max_f64;
+    tm_softmax_exp_kernel softmax_exp_f32, softmax_exp_f64;
+    tm_softmax_grad_kernel softmax_grad_f32, softmax_grad_f64;
 } tm_kernel_set;
 
 /* Elements of scratch tm_gemm_acc needs. */

@@ -124,6 +124,9 @@ const tm_kernel_set tm_kernels_avx512 = {
     weighted_weights_kernel_f32, weighted_weights_kernel_f64,
     gram_row_kernel_f32, gram_row_kernel_f64,
     clamp_row_kernel_f32, clamp_row_kernel_f64,
+    softmax_max_kernel_f32, softmax_max_kernel_f64,
+    softmax_exp_kernel_f32, softmax_exp_kernel_f64,
+    softmax_grad_kernel_f32, softmax_grad_kernel_f64,
 };
 
 #else

@@ -271,3 +271,62 @@ static void TM_FN(clamp_row_kernel)(void *t_v, int64_t n, int root)
             t[j] = t[j] < 0 ? 0 : t[j];
     }
 }
+
+/* The margin-softmax heads' rows (heads_impl.h; tm_softmax_*_kernel in
+ * internal.h).  max: the largest of n values (exact in any order, so the same
+ * on every instruction set).  exp: t[j] = e^(t[j] - mx) in place (mx >= every
+ * t[j]), returning their sum, summed in lanes in a fixed order.  grad:
+ * t[j] = g e^(t[j] - lse) in place. */
+static double TM_FN(softmax_max_kernel)(const void *t_v, int64_t n)
+{
+    const TM_REAL *t = (const TM_REAL *)t_v;
+    TM_REAL lanes[TM_ROW_LANES];
+    for (int l = 0; l < TM_ROW_LANES; ++l)
+        lanes[l] = -INFINITY;
+    int64_t j = 0;
+    for (; j + TM_ROW_LANES <= n; j += TM_ROW_LANES)
+        for (int l = 0; l < TM_ROW_LANES; ++l)
+            lanes[l] = t[j + l] > lanes[l] ? t[j + l] : lanes[l];
+    for (; j < n; ++j)
+        lanes[0] = t[j] > lanes[0] ? t[j] : lanes[0];
+    TM_REAL best = lanes[0];
+    for (int l = 1; l < TM_ROW_LANES; ++l)
+        best = lanes[l] > best ? lanes[l] : best;
+    return (double)best;
+}
+
+static double TM_FN(softmax_exp_kernel)(void *t_v, int64_t n, double mx_d)
+{
+    TM_REAL *t = (TM_REAL *)t_v;
+    const TM_REAL mx = (TM_REAL)mx_d;
+    double lanes[TM_ROW_LANES] = {0};
+    for (int64_t j0 = 0; j0 < n; j0 += TM_ROW_CHUNK) {
+        const int64_t w = n - j0 < TM_ROW_CHUNK ? n - j0 : TM_ROW_CHUNK;
+        TM_REAL *c = t + j0;
+        for (int64_t j = 0; j < w; ++j)
+#if TM_BITS == 32
+            c[j] = tm_exp_nonpositive_f32(c[j] - mx);
+#else
+            c[j] = exp(c[j] - mx);
+#endif
+        TM_REAL padded[TM_ROW_CHUNK];
+        const int64_t wp = (w + TM_ROW_LANES - 1) / TM_ROW_LANES * TM_ROW_LANES;
+        memcpy(padded, c, (size_t)w * sizeof(TM_REAL));
+        for (int64_t j = w; j < wp; ++j)
+            padded[j] = 0;
+        TM_FN(row_lanes_add)(lanes, padded, wp);
+    }
+    return TM_FN(row_lanes_total)(lanes);
+}
+
+static void TM_FN(softmax_grad_kernel)(void *t_v, int64_t n, double g_d, double lse_d)
+{
+    TM_REAL *t = (TM_REAL *)t_v;
+    const TM_REAL g = (TM_REAL)g_d, lse = (TM_REAL)lse_d;
+    for (int64_t j = 0; j < n; ++j)
+#if TM_BITS == 32
+        t[j] = g * tm_exp_nonpositive_f32(t[j] - lse);
+#else
+        t[j] = g * exp(t[j] - lse);
+#endif
+}

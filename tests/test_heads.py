@@ -268,3 +268,18 @@ def test_reaches_the_c_core_with_its_own_guard():
     with pytest.raises(ValueError):
         _core.softmax_head({"kind": "softmax"}, x, np.array([0, 4], dtype=np.int64), w, None,
                            None, "mean", True, True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_scale_and_margin_where_the_target_leads(dtype):
+    """The running max is the exact max with the margin in place: at scale 1000 a margin
+    logit 1300 below the plain one must not underflow every exponential."""
+    rng = np.random.default_rng(0)
+    x, labels, w = _problem(rng, 5, 3, 4)
+    labels = np.arange(5) % 3
+    x[:3] = 2 * w[labels[:3]]  # the target's plain logit leads its row
+    kw = dict(scale=1000.0, m1=1.0, m2=0.3, m3=1.0)
+    result = heads.combined_margin_loss(x.astype(dtype), labels, w.astype(dtype), **kw)
+    expected, _, _ = reference.head_loss("combined", x, labels, w, **kw)
+    assert result.loss == pytest.approx(expected, rel=1e-6 if dtype == np.float32 else 1e-12)
+    assert np.isfinite(result.grad).all() and np.isfinite(result.weight_grad).all()
