@@ -281,5 +281,7 @@ def test_large_scale_and_margin_where_the_target_leads(dtype):
     kw = dict(scale=1000.0, m1=1.0, m2=0.3, m3=1.0)
     result = heads.combined_margin_loss(x.astype(dtype), labels, w.astype(dtype), **kw)
     expected, _, _ = reference.head_loss("combined", x, labels, w, **kw)
-    assert result.loss == pytest.approx(expected, rel=1e-6 if dtype == np.float32 else 1e-12)
+    # acos is ill-conditioned at cos = 1: a rounding of 1e-16 in cos moves theta by 1.5e-8
+    # and the logit by scale * sin(m2) * 1.5e-8 = 4e-6, in the reference as in tripmine.
+    assert result.loss == pytest.approx(expected, rel=1e-6 if dtype == np.float32 else 1e-8)
     assert np.isfinite(result.grad).all() and np.isfinite(result.weight_grad).all()
