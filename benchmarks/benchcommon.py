@@ -62,7 +62,7 @@ def set_blas_threads(n: int) -> None:
 
 
 def describe(benchmark, group: str, case: str, n: int, *, op: str | None, impl: str,
-             **extra) -> None:
+             d: int = D, **extra) -> None:
     """Set the group and the ``extra_info`` that report.py and RESULTS.md rely on.
 
     ``op`` is what the case computes (``"distances"``, ``"batch_hard"``, ...; None for
@@ -75,7 +75,7 @@ def describe(benchmark, group: str, case: str, n: int, *, op: str | None, impl: 
         op=op,
         impl=impl,
         n=n,
-        d=D,
+        d=d,
         dtype="float32",
         isa=tripmine.build_info()["isa"],
         tripmine_threads=tripmine.get_num_threads(),

@@ -41,9 +41,9 @@ import sys
 import textwrap
 import time
 
+import alternating as alt
 import numpy as np
 
-import alternating as alt
 import benchcommon as bc
 import tripmine
 

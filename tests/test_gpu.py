@@ -318,3 +318,43 @@ def test_large_batch_runs_in_a_few_gigabytes():
     cp.cuda.Device().synchronize()
     assert np.isfinite(result.loss)
     assert pool.total_bytes() < 8 * 2**30
+
+
+# ---- the margin-softmax heads --------------------------------------------------------
+
+HEAD_CASES = [
+    (tripmine.softmax_loss, {}),
+    (tripmine.normface_loss, {"scale": 8.0}),
+    (tripmine.cosface_loss, {"scale": 8.0}),
+    (tripmine.arcface_loss, {"scale": 8.0}),
+    (tripmine.arcface_loss, {"scale": 8.0, "straight_through": True}),
+    (tripmine.combined_margin_loss, {"scale": 8.0}),
+    (tripmine.sphereface_loss, {"margin": 3}),
+    (tripmine.large_margin_softmax_loss, {"margin": 2}),
+]
+
+
+@pytest.mark.parametrize("fn, kw", HEAD_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_heads_match_the_c_core(fn, kw, dtype, reduction):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(70, 24)).astype(dtype)
+    w = (0.3 * rng.normal(size=(300, 24))).astype(dtype)
+    labels = rng.integers(0, 300, 70)
+    cw = rng.uniform(0.5, 1.5, 300)
+    cpu = fn(x, labels, w, class_weight=cw, reduction=reduction, **kw)
+    xg, wg = to_gpu(x, w)
+    gpu = fn(xg, labels, wg, class_weight=cw, reduction=reduction, **kw)
+    assert isinstance(gpu.grad, cp.ndarray) and gpu.grad.dtype == dtype
+    np.testing.assert_allclose(host(gpu.loss), cpu.loss, rtol=RTOL[dtype])
+    np.testing.assert_allclose(host(gpu.grad), cpu.grad, rtol=RTOL[dtype], atol=ATOL[dtype])
+    np.testing.assert_allclose(host(gpu.weight_grad), cpu.weight_grad, rtol=RTOL[dtype],
+                               atol=ATOL[dtype])
+    assert abs(gpu.n_correct - cpu.n_correct) <= (0 if dtype == np.float64 else 1)
+
+
+def test_heads_refuse_mixed_devices():
+    x = np.ones((3, 4), dtype=np.float32)
+    with pytest.raises(TypeError, match="mixed devices"):
+        tripmine.cosface_loss(cp.asarray(x), np.zeros(3, dtype=np.int64), x)

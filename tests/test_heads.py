@@ -285,3 +285,44 @@ def test_large_scale_and_margin_where_the_target_leads(dtype):
     # and the logit by scale * sin(m2) * 1.5e-8 = 4e-6, in the reference as in tripmine.
     assert result.loss == pytest.approx(expected, rel=1e-6 if dtype == np.float32 else 1e-8)
     assert np.isfinite(result.grad).all() and np.isfinite(result.weight_grad).all()
+
+
+# ---- the GPU path's algorithm, run with NumPy ------------------------------------------
+
+@pytest.mark.parametrize("kind, fn, kw", HEADS, ids=IDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_the_gpu_algorithm_matches_the_c_core(monkeypatch, kind, fn, kw, reduction):
+    """tripmine._fused_heads (what the CuPy path runs, on cuBLAS) computed with NumPy equals
+    the C core on the same validated inputs, for several class blocks; the CuPy run itself
+    is tests/test_gpu.py's."""
+    from tripmine import _core, _fused_heads
+
+    seen = {}
+    real = _core.softmax_head
+
+    def spy(head, x, labels, weight, bias, cw, red, want_grad, want_wgrad, upstream=None):
+        seen.update(head=head, args=(x, labels, weight, bias, cw, red, want_grad, want_wgrad,
+                                     upstream))
+        return real(head, x, labels, weight, bias, cw, red, want_grad, want_wgrad,
+                    upstream=upstream)
+
+    monkeypatch.setattr(_core, "softmax_head", spy)
+    rng = np.random.default_rng(21)
+    x, labels, w = _problem(rng, 37, 50, 9)
+    x[0] = 2 * w[labels[0]]  # cos = 1
+    cw = rng.uniform(0.5, 1.5, 50)
+    bias = rng.standard_normal(50) if kind == "softmax" else None
+    extra = {"bias": bias} if bias is not None else {}
+    upstream = rng.uniform(0, 2, 37) if reduction == "none" else None
+    ours = fn(x, labels, w, class_weight=cw, reduction=reduction, upstream=upstream, **kw,
+              **extra)
+    x_c, labels_c, w_c, b_c, cw_c, red, want_grad, want_wgrad, up = seen["args"]
+    got = _fused_heads.fused_head(np, seen["head"], x_c, labels_c, w_c, b_c, cw_c, red,
+                                  want_grad, want_wgrad, up, block=16)
+    loss, per, correct, g, wg, bg = got
+    np.testing.assert_allclose(loss if reduction != "none" else per, ours.loss, rtol=1e-10)
+    assert correct == ours.n_correct
+    np.testing.assert_allclose(g, ours.grad, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(wg, ours.weight_grad, rtol=1e-8, atol=1e-12)
+    if bias is not None:
+        np.testing.assert_allclose(bg, ours.bias_grad, rtol=1e-8, atol=1e-12)

@@ -56,7 +56,7 @@ import numpy as np
 
 from . import _core
 from . import _validation as check
-from ._dispatch import dispatch
+from ._dispatch import is_cupy
 
 __all__ = [
     "SoftmaxLossResult",
@@ -156,7 +156,21 @@ def _run(head: dict, x: Any, labels: Any, weight: Any, *, bias: Any = None,
          class_weight: Any = None, reduction: str = "mean", grad: bool = True,
          weight_grad: bool = True, upstream: Any = None,
         check_finite: bool = True) -> SoftmaxLossResult:
-    """Validate the common inputs and run one head in the C core."""
+    """Validate the common inputs and run one head: in the C core, or on the GPU when the
+    embeddings or the weights are CuPy arrays (tripmine._gpu.heads)."""
+    on_gpu = [name for name, value in (("x", x), ("weight", weight)) if is_cupy(value)]
+    if on_gpu:
+        if len(on_gpu) != 2:
+            raise TypeError("mixed devices: x and weight must both be CuPy arrays (or both "
+                            "host arrays); move them to one side (cupy.asarray / cupy.asnumpy)")
+        try:
+            from ._gpu import heads as gpu_heads
+        except ImportError as exc:
+            raise ImportError(f"the heads were given CuPy arrays, but the GPU backend could "
+                              f"not load: {exc}") from exc
+        return gpu_heads.run(head, x, labels, weight, bias=bias, class_weight=class_weight,
+                             reduction=reduction, grad=grad, weight_grad=weight_grad,
+                             upstream=upstream, check_finite=check_finite)
     reduction = check.choice(reduction, "reduction", REDUCTIONS)
     want_grad = check.flag(grad, "grad")
     want_wgrad = check.flag(weight_grad, "weight_grad") and want_grad
@@ -189,7 +203,6 @@ def _run(head: dict, x: Any, labels: Any, weight: Any, *, bias: Any = None,
                              correct, correct / n if n else 0.0)
 
 
-@dispatch
 def softmax_loss(x: Any, labels: Any, weight: Any, *, bias: Any = None,
                  class_weight: Any = None, reduction: str = "mean", grad: bool = True,
                  weight_grad: bool = True, upstream: Any = None,
@@ -205,7 +218,6 @@ def softmax_loss(x: Any, labels: Any, weight: Any, *, bias: Any = None,
                 check_finite=check_finite)
 
 
-@dispatch
 def normface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 20.0,
                   class_weight: Any = None, reduction: str = "mean", grad: bool = True,
                   weight_grad: bool = True, upstream: Any = None,
@@ -221,7 +233,6 @@ def normface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 20.0,
                 check_finite=check_finite)
 
 
-@dispatch
 def cosface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.0,
                  margin: float = 0.35, class_weight: Any = None, reduction: str = "mean",
                  grad: bool = True, weight_grad: bool = True,
@@ -238,7 +249,6 @@ def cosface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.0,
                 weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)
 
 
-@dispatch
 def arcface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.0, margin: float = 0.5,
                  easy_margin: bool = False, straight_through: bool = False,
                  class_weight: Any = None, reduction: str = "mean", grad: bool = True,
@@ -265,7 +275,6 @@ def arcface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.0, margi
                 weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)
 
 
-@dispatch
 def combined_margin_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.0,
                          m1: float = 1.0, m2: float = 0.3, m3: float = 0.2,
                          straight_through: bool = False, class_weight: Any = None,
@@ -291,7 +300,6 @@ def combined_margin_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.
                 weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)
 
 
-@dispatch
 def sphereface_loss(x: Any, labels: Any, weight: Any, *, margin: int = 4, lambda_: float = 0.0,
                     class_weight: Any = None, reduction: str = "mean", grad: bool = True,
                     weight_grad: bool = True, upstream: Any = None,
@@ -310,7 +318,6 @@ def sphereface_loss(x: Any, labels: Any, weight: Any, *, margin: int = 4, lambda
                 weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)
 
 
-@dispatch
 def large_margin_softmax_loss(x: Any, labels: Any, weight: Any, *, margin: int = 4,
                               lambda_: float = 0.0, class_weight: Any = None,
                               reduction: str = "mean", grad: bool = True,
