@@ -96,6 +96,7 @@ typedef struct {
     int64_t n, d, c;
     int norm_x, norm_w; /* the head normalises x (W): logits are cosines */
     int want_grad, want_wgrad;
+    int backward; /* which walk head_range runs */
     double red;
     TM_REAL scale; /* s of the normalised heads, 1 otherwise */
     const tm_kernel_set *kernels;
@@ -420,15 +421,6 @@ static void TM_FN(head_forward_block)(TM_FN(head_job) *job, TM_FN(head_scratch) 
     }
 }
 
-static void TM_FN(head_forward_range)(void *ctx, int participant, int64_t begin, int64_t end)
-{
-    TM_FN(head_job) *job = ctx;
-    TM_FN(head_scratch) sc;
-    TM_FN(head_carve)(job, job->scratch + (size_t)participant * job->scratch_stride, &sc);
-    for (int64_t unit = begin; unit < end; ++unit)
-        TM_FN(head_forward_block)(job, &sc, unit);
-}
-
 /* ---- 3. weight_grad over class blocks ---------------------------------------- */
 
 /* G = g_i exp(z - lse_i) over columns [lo, hi) of one tile row, in place, with
@@ -492,13 +484,19 @@ static void TM_FN(head_backward_block)(TM_FN(head_job) *job, TM_FN(head_scratch)
             job->bgrad[j0 + j] = (TM_REAL)sc->bs[j];
 }
 
-static void TM_FN(head_backward_range)(void *ctx, int participant, int64_t begin, int64_t end)
+/* The pool's work items of the walk in job->backward: sample blocks (forward) or class
+ * blocks (weight_grad), each with its participant's scratch. */
+static void TM_FN(head_range)(void *ctx, int participant, int64_t begin, int64_t end)
 {
     TM_FN(head_job) *job = ctx;
     TM_FN(head_scratch) sc;
     TM_FN(head_carve)(job, job->scratch + (size_t)participant * job->scratch_stride, &sc);
-    for (int64_t unit = begin; unit < end; ++unit)
-        TM_FN(head_backward_block)(job, &sc, unit);
+    for (int64_t unit = begin; unit < end; ++unit) {
+        if (job->backward)
+            TM_FN(head_backward_block)(job, &sc, unit);
+        else
+            TM_FN(head_forward_block)(job, &sc, unit);
+    }
 }
 
 /* ---- the entry point ----------------------------------------------------------- */
@@ -643,9 +641,10 @@ int TM_FN(tm_softmax_head)(const tm_head *head, const TM_REAL *x, int64_t n, int
     }
 
     tm_parallel_for(threads, c + n_pad, 256, TM_FN(head_prepare_range), &job);
-    tm_parallel_for(threads, forward_units, 1, TM_FN(head_forward_range), &job);
+    tm_parallel_for(threads, forward_units, 1, TM_FN(head_range), &job);
     if (weight_grad != NULL) {
-        tm_parallel_for(threads, backward_units, 1, TM_FN(head_backward_range), &job);
+        job.backward = 1;
+        tm_parallel_for(threads, backward_units, 1, TM_FN(head_range), &job);
         /* The target terms, in sample order (several samples share a class):
          * gy Pw (coef[2] u + coef[3] v), Pw = 1 / |W_y| where W is normalised. */
         const int unit = kind != TM_HEAD_SOFTMAX;
