@@ -155,7 +155,7 @@ def _class_labels(labels: Any, n: int, c: int) -> np.ndarray:
 def _run(head: dict, x: Any, labels: Any, weight: Any, *, bias: Any = None,
          class_weight: Any = None, reduction: str = "mean", grad: bool = True,
          weight_grad: bool = True, upstream: Any = None,
-        check_finite: bool = True) -> SoftmaxLossResult:
+         check_finite: bool = True) -> SoftmaxLossResult:
     """Validate the common inputs and run one head: in the C core, or on the GPU when the
     embeddings or the weights are CuPy arrays (tripmine._gpu.heads)."""
     on_gpu = [name for name, value in (("x", x), ("weight", weight)) if is_cupy(value)]
@@ -221,7 +221,7 @@ def softmax_loss(x: Any, labels: Any, weight: Any, *, bias: Any = None,
 def normface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 20.0,
                   class_weight: Any = None, reduction: str = "mean", grad: bool = True,
                   weight_grad: bool = True, upstream: Any = None,
-        check_finite: bool = True) -> SoftmaxLossResult:
+                  check_finite: bool = True) -> SoftmaxLossResult:
     """NormFace (Wang et al. 2017): softmax over ``scale * cos(x, W_j)``.
 
     ``scale=20`` is pytorch-metric-learning's ``NormalizedSoftmaxLoss`` default (its
@@ -237,7 +237,7 @@ def cosface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.0,
                  margin: float = 0.35, class_weight: Any = None, reduction: str = "mean",
                  grad: bool = True, weight_grad: bool = True,
                  upstream: Any = None,
-        check_finite: bool = True) -> SoftmaxLossResult:
+                 check_finite: bool = True) -> SoftmaxLossResult:
     """CosFace / AM-Softmax (Wang et al. 2018): target logit ``scale * (cos theta - margin)``.
 
     Defaults ``scale=64, margin=0.35`` are the CosFace paper's.  ``margin`` in [0, 1].
@@ -253,7 +253,7 @@ def arcface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.0, margi
                  easy_margin: bool = False, straight_through: bool = False,
                  class_weight: Any = None, reduction: str = "mean", grad: bool = True,
                  weight_grad: bool = True, upstream: Any = None,
-        check_finite: bool = True) -> SoftmaxLossResult:
+                 check_finite: bool = True) -> SoftmaxLossResult:
     """ArcFace (Deng et al. 2019): target logit ``scale * cos(theta + margin)``.
 
     Defaults ``scale=64, margin=0.5`` (radians) are the ArcFace paper's.  Where ``theta +
@@ -280,7 +280,7 @@ def combined_margin_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.
                          straight_through: bool = False, class_weight: Any = None,
                          reduction: str = "mean", grad: bool = True, weight_grad: bool = True,
                          upstream: Any = None,
-        check_finite: bool = True) -> SoftmaxLossResult:
+                         check_finite: bool = True) -> SoftmaxLossResult:
     """The combined margin of InsightFace: target logit ``scale * (cos(m1 theta + m2) - m3)``.
 
     ``m1`` is SphereFace's multiplicative angular margin, ``m2`` ArcFace's additive angular
@@ -303,7 +303,7 @@ def combined_margin_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.
 def sphereface_loss(x: Any, labels: Any, weight: Any, *, margin: int = 4, lambda_: float = 0.0,
                     class_weight: Any = None, reduction: str = "mean", grad: bool = True,
                     weight_grad: bool = True, upstream: Any = None,
-        check_finite: bool = True) -> SoftmaxLossResult:
+                    check_finite: bool = True) -> SoftmaxLossResult:
     """SphereFace / A-Softmax (Liu et al. 2017): only W is normalised.
 
     Target logit ``|x| (lambda_ cos theta + psi(theta)) / (1 + lambda_)``, others ``|x| cos
@@ -323,7 +323,7 @@ def large_margin_softmax_loss(x: Any, labels: Any, weight: Any, *, margin: int =
                               reduction: str = "mean", grad: bool = True,
                               weight_grad: bool = True,
                               upstream: Any = None,
-        check_finite: bool = True) -> SoftmaxLossResult:
+                              check_finite: bool = True) -> SoftmaxLossResult:
     """L-Softmax (Liu et al. 2016): nothing is normalised.
 
     Target logit ``|W_y| |x| (lambda_ cos theta + psi(theta)) / (1 + lambda_)``, others
