@@ -12,8 +12,9 @@
  *    products (the micro-kernel, on W's block packed once per visit) becomes
  *    logits in place; an online log-sum-exp keeps a running max and sum per
  *    row.  With grad, the same walk also accumulates sum_j exp(z_ij - max_i)
- *    W^_j (W_j itself where W is not normalised) over the non-target classes on the micro-kernels (rescaled
- *    when the max grows, as FlashAttention does), which is dL/dx_i up to a
+ *    W^_j (W_j where W is not normalised) over the non-target classes on
+ *    the micro-kernels (rescaled when the max grows, as FlashAttention
+ *    does), which is dL/dx_i up to a
  *    per-row factor once the row's sum is known: dX costs one more
  *    GEMM-sized product and no second walk.
  * 3. Backward for weight_grad, over blocks of classes: each block walks the
@@ -214,16 +215,28 @@ static void TM_FN(head_prepare_range)(void *ctx, int participant, int64_t begin,
     }
 }
 
-/* Class j's row as the head sees it: W_j, or its unit vector. */
-static inline TM_REAL TM_FN(head_w)(const TM_FN(head_job) *job, int64_t j, const TM_REAL *src,
-                                    int64_t p)
+/* Features p0 .. p1 - 1 of class j's row as the head sees it (W_j, or its unit
+ * vector) to out[0], out[stride], ...: both packings use it, so they hold the
+ * same bits.  The working-precision factor serves unless it overflowed (a
+ * float64 row of subnormal norm), which takes the two double factors. */
+static inline void TM_FN(head_w_span)(const TM_FN(head_job) *job, int64_t j, int64_t p0,
+                                      int64_t p1, TM_REAL *out, int64_t stride)
 {
-    if (!job->norm_w)
-        return src[p];
+    const TM_REAL *src = job->w + j * job->d;
+    if (!job->norm_w) {
+        for (int64_t p = p0; p < p1; ++p)
+            out[(p - p0) * stride] = src[p];
+        return;
+    }
     const TM_REAL f = job->w_unit[j];
-    if (f != 0 || job->w_inv[j] == 0.0)
-        return src[p] * f;
-    return (TM_REAL)((double)src[p] * job->w_scale[j] * job->w_inv[j]);
+    if (f != 0 || job->w_inv[j] == 0.0) {
+        for (int64_t p = p0; p < p1; ++p)
+            out[(p - p0) * stride] = src[p] * f;
+        return;
+    }
+    const double ws = job->w_scale[j], wv = job->w_inv[j];
+    for (int64_t p = p0; p < p1; ++p)
+        out[(p - p0) * stride] = (TM_REAL)((double)src[p] * ws * wv);
 }
 
 /* W's rows j0 .. j0 + ncols - 1 as NR-row panels, k-major, zero padded:
@@ -235,27 +248,14 @@ static void TM_FN(head_pack_rows)(const TM_FN(head_job) *job, int64_t j0, int64_
     for (int64_t q = 0; q < panels; ++q) {
         TM_REAL *out = dst + q * d * nr;
         const int64_t width = ncols - q * nr < nr ? ncols - q * nr : nr;
-        const TM_REAL *src = job->w + (j0 + q * nr) * d;
         if (width < nr)
             memset(out, 0, (size_t)(d * nr) * sizeof(TM_REAL));
         /* Eight features of every row at a time: reads stay on a few lines per row
          * and writes are contiguous. */
         for (int64_t p0 = 0; p0 < d; p0 += 8) {
             const int64_t p1 = d - p0 < 8 ? d : p0 + 8;
-            for (int64_t i = 0; i < width; ++i) {
-                const TM_REAL *s = src + i * d;
-                const int64_t j = j0 + q * nr + i;
-                const TM_REAL f = job->norm_w ? job->w_unit[j] : 1;
-                if (!job->norm_w)
-                    for (int64_t p = p0; p < p1; ++p)
-                        out[p * nr + i] = s[p];
-                else if (f != 0 || job->w_inv[j] == 0.0)
-                    for (int64_t p = p0; p < p1; ++p)
-                        out[p * nr + i] = s[p] * f;
-                else
-                    for (int64_t p = p0; p < p1; ++p)
-                        out[p * nr + i] = TM_FN(head_w)(job, j, s, p);
-            }
+            for (int64_t i = 0; i < width; ++i)
+                TM_FN(head_w_span)(job, j0 + q * nr + i, p0, p1, out + p0 * nr + i, nr);
         }
     }
 }
@@ -266,17 +266,14 @@ static void TM_FN(head_pack_cols)(const TM_FN(head_job) *job, int64_t j0, int64_
                                   TM_REAL *dst)
 {
     const int64_t d = job->d, nr = job->nr, panels = (d + nr - 1) / nr;
-    for (int64_t p = 0; p < ncols; ++p) {
-        const TM_REAL *src = job->w + (j0 + p) * d;
+    for (int64_t p = 0; p < ncols; ++p)
         for (int64_t q = 0; q < panels; ++q) {
             TM_REAL *out = dst + (q * ncols + p) * nr;
             const int64_t width = d - q * nr < nr ? d - q * nr : nr;
-            for (int64_t i = 0; i < width; ++i)
-                out[i] = TM_FN(head_w)(job, j0 + p, src, q * nr + i);
+            TM_FN(head_w_span)(job, j0 + p, q * nr, q * nr + width, out, 1);
             for (int64_t i = width; i < nr; ++i)
                 out[i] = 0;
         }
-    }
 }
 
 /* The tile of dot products of samples row0 .. row0 + nrows - 1 with the

@@ -137,7 +137,9 @@ def _class_vector(value: Any, name: str, c: int, dtype: Any, check_finite: bool,
     return arr
 
 
-def _class_labels(labels: Any, n: int, c: int) -> np.ndarray:
+def class_labels(labels: Any, n: int, c: int) -> np.ndarray:
+    """Host labels as int64 class indices in [0, c), one per row of x (also used by the
+    GPU path, so both give the same errors)."""
     arr = check._as_array(labels, "labels")
     if arr.ndim != 1:
         raise ValueError(f"labels must be 1-D, got shape {arr.shape}")
@@ -184,7 +186,7 @@ def _run(head: dict, x: Any, labels: Any, weight: Any, *, bias: Any = None,
         raise ValueError("weight must have at least one row (one per class)")
     dtype = check.compute_dtype(x_arr, w_arr)
     n, c = x_arr.shape[0], w_arr.shape[0]
-    codes = _class_labels(labels, n, c)
+    codes = class_labels(labels, n, c)
     x_arr, w_arr = check.c_array(x_arr, dtype), check.c_array(w_arr, dtype)
     b_arr = None if bias is None else _class_vector(bias, "bias", c, dtype, check_finite)
     cw = None

@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import _fused_heads
 from .. import _validation as check
+from .. import heads as cpu_heads
 from ..heads import REDUCTIONS, SoftmaxLossResult
 from . import chunk_bytes
 
@@ -59,16 +60,9 @@ def run(head: dict, x, labels, weight, *, bias=None, class_weight=None, reductio
     n, c = x.shape[0], weight.shape[0]
     dtype = np.dtype(np.float64 if 8 in (x.dtype.itemsize, weight.dtype.itemsize)
                      else np.float32)
-    host_labels = cp.asnumpy(labels) if isinstance(labels, cp.ndarray) else np.asarray(labels)
-    if host_labels.ndim != 1 or host_labels.shape[0] != n:
-        raise ValueError(f"labels must be 1-D with one entry per row of x ({n}), got shape "
-                         f"{host_labels.shape}")
-    if host_labels.dtype.kind not in "iu" and host_labels.size:
-        raise ValueError(f"labels must be integer class indices in [0, {c}), got dtype "
-                         f"{host_labels.dtype}")
-    if n and (host_labels.min() < 0 or host_labels.max() >= c):
-        raise ValueError(f"labels must lie in [0, {c}) (weight has {c} rows)")
-    codes = cp.asarray(host_labels.astype(np.int64))
+    # Labels are checked on the host by the CPU's rules (the same messages).
+    host_labels = cp.asnumpy(labels) if isinstance(labels, cp.ndarray) else labels
+    codes = cp.asarray(cpu_heads.class_labels(host_labels, n, c))
     x = cp.ascontiguousarray(x, dtype=dtype)
     weight = cp.ascontiguousarray(weight, dtype=dtype)
     b = None if bias is None else _device_vector(bias, "bias", c, dtype,
