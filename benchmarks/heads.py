@@ -7,7 +7,9 @@ Data: float32, ``x`` (N, D) standard normal, ``weight`` (C, D) standard normal t
 labels uniform in [0, C) (seeded).  The baseline is the product the heads' logits need,
 ``np.matmul(x, wt, out=buf)`` with ``wt = weight.T`` made contiguous (D, C) and ``buf``
 (N, C) preallocated: OpenBLAS's sgemm of (N x D) . (D x C).  Ops (``head`` is arcface,
-cosface or softmax):
+cosface, softmax or softmaxwide: softmax on standard-normal weights, std 1 instead of 0.05,
+whose logits spread like a trained unnormalised head's and whose exponentials reach
+float's subnormal range):
 
 * ``<head>_loss``: the loss alone (``grad=False``);
 * ``<head>_grad``: loss and dL/dx (``weight_grad=False``);
@@ -47,9 +49,12 @@ import numpy as np
 import benchcommon as bc
 import tripmine
 
-HEADS = ("arcface", "cosface", "softmax")
+#: "softmaxwide" is softmax on weights 20x larger (logits spread ~20, as in trained
+#: unnormalised heads): many exponentials then fall near float's normal range.
+HEADS = ("arcface", "cosface", "softmax", "softmaxwide")
 KINDS = ("loss", "grad", "all")
-DEFAULT_OPS = ("arcface_loss", "arcface_grad", "arcface_all", "cosface_all", "softmax_all")
+DEFAULT_OPS = ("arcface_loss", "arcface_grad", "arcface_all", "cosface_all", "softmax_all",
+               "softmaxwide_all")
 #: op -> the largest median alternating ratio that passes, at N=1024, D=512, C=100k.
 TARGETS = {"all": 3.5, "loss": 1.3}
 
@@ -65,8 +70,10 @@ def make_data(n: int, d: int, c: int):
 def make_op(name: str, x, weight, labels):
     head, kind = name.rsplit("_", 1)
     fn = {"arcface": tripmine.arcface_loss, "cosface": tripmine.cosface_loss,
-          "softmax": tripmine.softmax_loss}[head]
+          "softmax": tripmine.softmax_loss, "softmaxwide": tripmine.softmax_loss}[head]
     options = {"loss": dict(grad=False), "grad": dict(weight_grad=False), "all": {}}[kind]
+    if head == "softmaxwide":
+        weight = weight * np.float32(20.0)
     return lambda: fn(x, labels, weight, **options)
 
 

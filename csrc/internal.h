@@ -6,6 +6,7 @@
 #define TRIPMINE_INTERNAL_H
 
 #include <stddef.h>
+#include <float.h>
 #include <stdint.h>
 
 #include "tripmine.h"

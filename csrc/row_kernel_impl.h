@@ -323,10 +323,16 @@ static void TM_FN(softmax_grad_kernel)(void *t_v, int64_t n, double g_d, double 
 {
     TM_REAL *t = (TM_REAL *)t_v;
     const TM_REAL g = (TM_REAL)g_d, lse = (TM_REAL)lse_d;
-    for (int64_t j = 0; j < n; ++j)
+    /* A product below the normal range is flushed to zero: it is what dW's
+     * product multiplies next, and subnormal operands cost a microcode assist per
+     * instruction on many x86 cores (measured: 5x slower on an Intel Xeon). */
+    const TM_REAL tiny = TM_REAL_MIN;
+    for (int64_t j = 0; j < n; ++j) {
 #if TM_BITS == 32
-        t[j] = g * tm_exp_nonpositive_f32(t[j] - lse);
+        const TM_REAL v = g * tm_exp_nonpositive_f32(t[j] - lse);
 #else
-        t[j] = g * exp(t[j] - lse);
+        const TM_REAL v = g * exp(t[j] - lse);
 #endif
+        t[j] = v >= tiny || v <= -tiny ? v : 0;
+    }
 }

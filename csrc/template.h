@@ -14,6 +14,7 @@
 #undef TM_LOG
 #undef TM_EXP
 #undef TM_COUNT
+#undef TM_REAL_MIN
 #if TM_BITS == 32
 #define TM_REAL float
 #define TM_FN(name) TM_FN_CAT(name, _f32)
@@ -21,6 +22,7 @@
 #define TM_LOG logf
 #define TM_EXP expf
 #define TM_COUNT int32_t /* an integer as wide as TM_REAL */
+#define TM_REAL_MIN FLT_MIN /* the smallest normal number */
 #elif TM_BITS == 64
 #define TM_REAL double
 #define TM_FN(name) TM_FN_CAT(name, _f64)
@@ -28,6 +30,7 @@
 #define TM_LOG log
 #define TM_EXP exp
 #define TM_COUNT int64_t
+#define TM_REAL_MIN DBL_MIN
 #else
 #error "define TM_BITS as 32 or 64 before including template.h"
 #endif
