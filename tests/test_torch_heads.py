@@ -170,6 +170,72 @@ def test_class_weight_is_a_buffer_that_follows_the_module():
     assert "class_weight" in module.state_dict()
 
 
+# ---- devices ------------------------------------------------------------------------
+
+def test_a_module_on_another_device_than_x_is_refused():
+    module = CosFace(6, 4).to("meta")
+    with pytest.raises(ValueError, match="module.to"):
+        module(torch.randn(3, 4), torch.zeros(3, dtype=torch.int64))
+
+
+def test_devices_other_than_cpu_and_cuda_are_refused():
+    module = CosFace(6, 4).to("meta")
+    with pytest.raises(TypeError, match="CPU or CUDA"):
+        module(torch.zeros(3, 4, device="meta"), torch.zeros(3, dtype=torch.int64))
+
+
+def _cuda_ready():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    pytest.importorskip("cupy", reason="the GPU path needs CuPy")
+
+
+@pytest.mark.parametrize("cls, kind, options", MODULES, ids=IDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_modules_equal_the_cpu_ones(cls, kind, options, reduction):
+    """A module moved to the GPU runs the CuPy path; loss and every gradient equal the CPU's
+    (float64, so the two summation orders agree to rounding)."""
+    _cuda_ready()
+    torch.manual_seed(1)
+    cw = torch.rand(13, dtype=torch.float64) + 0.5
+    cpu = cls(13, 6, class_weight=cw, reduction=reduction, **options).double()
+    with torch.no_grad():
+        cpu.weight.mul_(30 if kind != "softmax" else 1)
+    gpu = cls(13, 6, class_weight=cw, reduction=reduction, **options).double()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu = gpu.cuda()
+    x = torch.randn(17, 6, dtype=torch.float64)
+    labels = torch.randint(0, 13, (17,))
+    upstream = torch.rand(17, dtype=torch.float64) if reduction == "none" else torch.tensor(0.7)
+    results = []
+    for module, device in ((cpu, "cpu"), (gpu, "cuda")):
+        xv = x.to(device).requires_grad_(True)
+        loss = module(xv, labels.to(device))
+        assert loss.device.type == device
+        (loss * upstream.to(device)).sum().backward()
+        params = [p.grad.cpu() for p in module.parameters()]
+        results.append((loss.detach().cpu(), xv.grad.cpu(), params, module.n_correct))
+    (l0, g0, p0, c0), (l1, g1, p1, c1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g1, g0, rtol=1e-8, atol=1e-11)
+    for a, b in zip(p1, p0):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
+    assert c1 == c0
+
+
+def test_cuda_half_precision_trains():
+    _cuda_ready()
+    module = ArcFace(50, 16).cuda()
+    optimiser = torch.optim.SGD(module.parameters(), lr=0.1)
+    x = torch.randn(64, 16, device="cuda").half().requires_grad_(True)
+    labels = torch.randint(0, 50, (64,), device="cuda")
+    loss = module(x, labels)
+    loss.backward()
+    optimiser.step()
+    assert loss.dtype == torch.float32 and x.grad.dtype == torch.float16
+    assert torch.isfinite(x.grad).all() and torch.isfinite(module.weight).all()
+
+
 # ---- pure-torch autograd ------------------------------------------------------------
 
 @pytest.mark.parametrize("kind, fn, kw", HEADS + [

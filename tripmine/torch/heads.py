@@ -15,8 +15,9 @@ one call of tripmine's fused kernel (:mod:`tripmine.heads`), which never builds 
 
 float16 and bfloat16 embeddings or weights are computed in float32 and their gradients
 cast back.  After each call ``n_correct`` and ``accuracy`` (top-1 of the logits without
-margin) are kept on the module for logging.  CUDA tensors are not supported yet: the heads'
-GPU path is still to be written (a clear error says so).
+margin) are kept on the module for logging.  CUDA tensors (x and a module moved to the GPU)
+go to the heads' CuPy path (:mod:`tripmine._gpu.heads`: cuBLAS products over class blocks)
+through DLPack, on torch's current stream, as the other tripmine.torch losses do.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 
 from tripmine import heads as _heads
 
-from ._bridge import compute_dtype
+from ._bridge import Backend, compute_dtype
 from ._function import _second_order_error
 
 __all__ = ["ArcFace", "CombinedMargin", "CosFace", "LargeMarginSoftmax", "NormFace",
@@ -38,10 +39,10 @@ __all__ = ["ArcFace", "CombinedMargin", "CosFace", "LargeMarginSoftmax", "NormFa
 _disable = getattr(getattr(torch, "compiler", None), "disable", None) or torch._dynamo.disable
 
 
-def _host(t: torch.Tensor | None, dtype: torch.dtype) -> np.ndarray | None:
-    if t is None:
-        return None
-    return t.detach().to(dtype).contiguous().numpy()
+def _arrays(backend: Backend, dtype: torch.dtype, *tensors: torch.Tensor | None) -> list:
+    """The tensors as tripmine takes them on ``backend`` (NumPy views on the CPU, CuPy
+    arrays through DLPack on CUDA), in the compute dtype."""
+    return [None if t is None else backend.array(t.detach().to(dtype)) for t in tensors]
 
 
 class _HeadFunction(torch.autograd.Function):
@@ -53,36 +54,39 @@ class _HeadFunction(torch.autograd.Function):
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_b = bias is not None and ctx.needs_input_grad[2]
         none = module.reduction == "none"
-        result = module._compute(_host(x, dtype), labels, _host(weight, dtype),
-                                 _host(bias, dtype),
-                                 grad=(want_x or want_w or want_b) and not none,
-                                 weight_grad=want_w or want_b)
+        backend = Backend(x.device)
+        with backend.stream():
+            result = module._compute(backend, *_arrays(backend, dtype, x, weight, bias),
+                                     backend.labels(labels),
+                                     grad=(want_x or want_w or want_b) and not none,
+                                     weight_grad=want_w or want_b)
+            out_dtype = torch.float32 if dtype == torch.float32 else dtype
+            loss = backend.scalar(result.loss, out_dtype)
+            grads = None if none else tuple(
+                backend.tensor(a) for a in (result.grad, result.weight_grad, result.bias_grad))
         module.n_correct, module.accuracy = result.n_correct, result.accuracy
         ctx.module, ctx.labels, ctx.dtype = module, labels, dtype
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.none = none
         if none:  # backward needs grad_output's weights: it recomputes with them
             ctx.save_for_backward(x, weight, bias)
-            ctx.grads = None
-        else:
-            ctx.grads = tuple(None if a is None else torch.from_numpy(a)
-                              for a in (result.grad, result.weight_grad, result.bias_grad))
-        out_dtype = torch.float32 if dtype == torch.float32 else dtype
-        if none:
-            return torch.from_numpy(np.asarray(result.loss)).to(out_dtype)
-        return torch.tensor(float(result.loss), dtype=out_dtype)
+        ctx.grads = grads
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         with torch.no_grad():
             if ctx.none:
                 x, weight, bias = ctx.saved_tensors
-                upstream = np.ascontiguousarray(grad_output.detach().to(torch.float64).numpy())
-                result = ctx.module._compute(
-                    _host(x, ctx.dtype), ctx.labels, _host(weight, ctx.dtype),
-                    _host(bias, ctx.dtype), grad=True, weight_grad=True, upstream=upstream)
-                grads = tuple(None if a is None else torch.from_numpy(a)
-                              for a in (result.grad, result.weight_grad, result.bias_grad))
+                backend = Backend(x.device)
+                with backend.stream():
+                    upstream = backend.array(grad_output.detach().to(torch.float64))
+                    result = ctx.module._compute(
+                        backend, *_arrays(backend, ctx.dtype, x, weight, bias),
+                        backend.labels(ctx.labels), grad=True, weight_grad=True,
+                        upstream=upstream)
+                    grads = tuple(backend.tensor(a) for a in
+                                  (result.grad, result.weight_grad, result.bias_grad))
             else:
                 scale = grad_output.to(ctx.dtype)
                 grads = tuple(None if g is None else g * scale for g in ctx.grads)
@@ -129,8 +133,8 @@ class _Head(torch.nn.Module):
     def reset_parameters(self) -> None:
         torch.nn.init.normal_(self.weight, std=0.01)
 
-    def _compute(self, x, labels, weight, bias, *, grad, weight_grad, upstream=None):
-        cw = None if self.class_weight is None else self.class_weight.numpy()
+    def _compute(self, backend, x, weight, bias, labels, *, grad, weight_grad, upstream=None):
+        cw = None if self.class_weight is None else backend.array(self.class_weight)
         kw = dict(self.options)
         if bias is not None:
             kw["bias"] = bias
@@ -145,15 +149,13 @@ class _Head(torch.nn.Module):
     def forward(self, x: torch.Tensor, labels: Any) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError("x must be a floating-point torch.Tensor (N, embedding_dim)")
-        if x.device.type != "cpu" or self.weight.device.type != "cpu":
-            raise NotImplementedError(
-                "tripmine's margin-softmax heads run on the CPU for now: their CUDA path is "
-                "not written yet (move x and the module to the CPU, or use another head)")
+        if x.device != self.weight.device:
+            raise ValueError(f"x is on {x.device} but the module's weight is on "
+                             f"{self.weight.device}: move one of them (module.to(x.device))")
         if x.dim() != 2 or x.shape[1] != self.embedding_dim:
             raise ValueError(f"x must be (N, {self.embedding_dim}), got {tuple(x.shape)}")
-        if isinstance(labels, torch.Tensor):
-            labels = labels.detach().cpu().numpy()
-        labels = np.asarray(labels)
+        if not isinstance(labels, torch.Tensor):
+            labels = np.asarray(labels)
         return _HeadFunction.apply(x, self.weight, self._bias(), labels, self)
 
     def extra_repr(self) -> str:
