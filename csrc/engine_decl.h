@@ -195,6 +195,15 @@ static inline tm_softmax_grad_kernel TM_FN(kernel_softmax_grad)(const tm_kernel_
 #endif
 }
 
+static inline tm_pack_panel_kernel TM_FN(kernel_pack_panel)(const tm_kernel_set *k)
+{
+#if TM_BITS == 32
+    return k->pack_panel_f32;
+#else
+    return k->pack_panel_f64;
+#endif
+}
+
 static inline int64_t TM_FN(round_up)(int64_t value, int64_t multiple)
 {
     return (value + multiple - 1) / multiple * multiple;

@@ -35,10 +35,10 @@
 /* Forward blocks may be larger (their size changes no result): fewer blocks
  * pack W fewer times.  Blocks per thread, and the most rows of one. */
 #ifndef TM_HEAD_FORWARD_SPLIT
-#define TM_HEAD_FORWARD_SPLIT 2
+#define TM_HEAD_FORWARD_SPLIT 1
 #endif
 #ifndef TM_HEAD_ROWS_MAX
-#define TM_HEAD_ROWS_MAX 480
+#define TM_HEAD_ROWS_MAX 528
 #endif
 /* Bytes of one packed block of W (it stays in L2 while the samples' panels
  * stream past it). */
@@ -57,9 +57,16 @@
  * (a[p] * *scale) * *inv, both factors finite; a zero row has inv = 0. */
 static double TM_FN(head_norm)(const TM_REAL *a, int64_t d, double *scale, double *inv)
 {
-    double sum = 0.0;
-    for (int64_t p = 0; p < d; ++p)
-        sum += (double)a[p] * (double)a[p];
+    /* Eight running sums (independent chains, which vectorise), added in a fixed order. */
+    double lanes[8] = {0};
+    int64_t p8 = 0;
+    for (; p8 + 8 <= d; p8 += 8)
+        for (int l = 0; l < 8; ++l)
+            lanes[l] += (double)a[p8 + l] * (double)a[p8 + l];
+    for (int l = 0; p8 + l < d; ++l)
+        lanes[l] += (double)a[p8 + l] * (double)a[p8 + l];
+    double sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+                 ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
     *scale = 1.0;
     if (sum >= 0x1p-960 && sum <= 0x1p960) {
         const double norm = sqrt(sum);
@@ -105,6 +112,7 @@ typedef struct {
     tm_softmax_max_kernel row_max;
     tm_softmax_exp_kernel row_exp;
     tm_softmax_grad_kernel row_grad;
+    tm_pack_panel_kernel pack_panel;
     int mr, nr;
     int64_t rb, cb, ldt;
     int64_t rb_forward; /* samples per forward block: any multiple of MR gives the same bits */
@@ -240,23 +248,34 @@ static inline void TM_FN(head_w_span)(const TM_FN(head_job) *job, int64_t j, int
 }
 
 /* W's rows j0 .. j0 + ncols - 1 as NR-row panels, k-major, zero padded:
- * dst[(q d + p) nr + i] = W[j0 + q nr + i][p]. */
+ * dst[(q d + p) nr + i] = W[j0 + q nr + i][p], times the row's working-precision
+ * unit factor where W is normalised (the kernel set's transposing pack); a panel
+ * with a row whose factor overflowed takes head_w_span's double path. */
 static void TM_FN(head_pack_rows)(const TM_FN(head_job) *job, int64_t j0, int64_t ncols,
                                   TM_REAL *dst)
 {
     const int64_t d = job->d, nr = job->nr, panels = (ncols + nr - 1) / nr;
+    TM_REAL ones[64], *factors = ones;
+    for (int64_t i = 0; i < nr; ++i)
+        ones[i] = 1;
     for (int64_t q = 0; q < panels; ++q) {
         TM_REAL *out = dst + q * d * nr;
+        const int64_t first = j0 + q * nr;
         const int64_t width = ncols - q * nr < nr ? ncols - q * nr : nr;
+        int exceptional = 0;
+        if (job->norm_w) {
+            factors = job->w_unit + first;
+            for (int64_t i = 0; i < width; ++i)
+                exceptional |= factors[i] == 0 && job->w_inv[first + i] != 0.0;
+        }
+        if (!exceptional) {
+            job->pack_panel(job->w + first * d, d, factors, width, d, nr, out);
+            continue;
+        }
         if (width < nr)
             memset(out, 0, (size_t)(d * nr) * sizeof(TM_REAL));
-        /* Eight features of every row at a time: reads stay on a few lines per row
-         * and writes are contiguous. */
-        for (int64_t p0 = 0; p0 < d; p0 += 8) {
-            const int64_t p1 = d - p0 < 8 ? d : p0 + 8;
-            for (int64_t i = 0; i < width; ++i)
-                TM_FN(head_w_span)(job, j0 + q * nr + i, p0, p1, out + p0 * nr + i, nr);
-        }
+        for (int64_t i = 0; i < width; ++i)
+            TM_FN(head_w_span)(job, first + i, 0, d, out + i, nr);
     }
 }
 
@@ -552,6 +571,7 @@ int TM_FN(tm_softmax_head)(const tm_head *head, const TM_REAL *x, int64_t n, int
     job.row_max = TM_FN(kernel_softmax_max)(job.kernels);
     job.row_exp = TM_FN(kernel_softmax_exp)(job.kernels);
     job.row_grad = TM_FN(kernel_softmax_grad)(job.kernels);
+    job.pack_panel = TM_FN(kernel_pack_panel)(job.kernels);
     job.mr = TM_FN(kernel_mr)(job.kernels);
     job.nr = TM_FN(kernel_nr)(job.kernels);
     job.rb = TM_FN(round_up)(TM_HEAD_ROWS, job.mr);

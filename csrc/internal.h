@@ -195,6 +195,13 @@ typedef double (*tm_softmax_max_kernel)(const void *t, int64_t n);
 typedef double (*tm_softmax_exp_kernel)(void *t, int64_t n, double mx);
 typedef void (*tm_softmax_grad_kernel)(void *t, int64_t n, double g, double lse);
 
+/* A panel of rows, transposed and scaled (the heads' packing of W):
+ * dst[p nr + i] = src[i ld + p] * scale[i] for i < rows, 0 for rows <= i < nr,
+ * p < d.  One multiplication per element in the working precision: the same
+ * bits on every instruction set. */
+typedef void (*tm_pack_panel_kernel)(const void *src, int64_t ld, const void *scale,
+                                     int64_t rows, int64_t d, int64_t nr, void *dst);
+
 /* One instruction set's micro-kernels, for both precisions. */
 typedef struct {
     const char *name;
@@ -211,6 +218,7 @@ typedef struct {
     tm_softmax_max_kernel softmax_max_f32, softmax_max_f64;
     tm_softmax_exp_kernel softmax_exp_f32, softmax_exp_f64;
     tm_softmax_grad_kernel softmax_grad_f32, softmax_grad_f64;
+    tm_pack_panel_kernel pack_panel_f32, pack_panel_f64;
 } tm_kernel_set;
 
 /* Elements of scratch tm_gemm_acc needs. */

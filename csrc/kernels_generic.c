@@ -31,4 +31,5 @@ const tm_kernel_set tm_kernels_generic = {
     softmax_max_kernel_f32, softmax_max_kernel_f64,
     softmax_exp_kernel_f32, softmax_exp_kernel_f64,
     softmax_grad_kernel_f32, softmax_grad_kernel_f64,
+    pack_panel_kernel_f32, pack_panel_kernel_f64,
 };

@@ -336,3 +336,24 @@ static void TM_FN(softmax_grad_kernel)(void *t_v, int64_t n, double g_d, double 
         t[j] = v >= tiny || v <= -tiny ? v : 0;
     }
 }
+
+/* The heads' transposing pack (tm_pack_panel_kernel), portable: eight features
+ * of every row at a time, so reads stay on a few lines per row and writes are
+ * contiguous.  kernels_avx512.c gathers instead, and falls back to this. */
+static void TM_FN(pack_panel_kernel)(const void *src_v, int64_t ld, const void *scale_v,
+                                     int64_t rows, int64_t d, int64_t nr, void *dst_v)
+{
+    const TM_REAL *src = (const TM_REAL *)src_v, *scale = (const TM_REAL *)scale_v;
+    TM_REAL *dst = (TM_REAL *)dst_v;
+    if (rows < nr)
+        memset(dst, 0, (size_t)(d * nr) * sizeof(TM_REAL));
+    for (int64_t p0 = 0; p0 < d; p0 += 8) {
+        const int64_t p1 = d - p0 < 8 ? d : p0 + 8;
+        for (int64_t i = 0; i < rows; ++i) {
+            const TM_REAL *row = src + i * ld;
+            const TM_REAL f = scale[i];
+            for (int64_t p = p0; p < p1; ++p)
+                dst[p * nr + i] = row[p] * f;
+        }
+    }
+}
