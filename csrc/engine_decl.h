@@ -204,6 +204,24 @@ static inline tm_pack_panel_kernel TM_FN(kernel_pack_panel)(const tm_kernel_set 
 #endif
 }
 
+static inline tm_center_row_kernel TM_FN(kernel_center_row)(const tm_kernel_set *k)
+{
+#if TM_BITS == 32
+    return k->center_row_f32;
+#else
+    return k->center_row_f64;
+#endif
+}
+
+static inline tm_center_acc_kernel TM_FN(kernel_center_acc)(const tm_kernel_set *k)
+{
+#if TM_BITS == 32
+    return k->center_acc_f32;
+#else
+    return k->center_acc_f64;
+#endif
+}
+
 static inline int64_t TM_FN(round_up)(int64_t value, int64_t multiple)
 {
     return (value + multiple - 1) / multiple * multiple;

@@ -202,6 +202,15 @@ typedef void (*tm_softmax_grad_kernel)(void *t, int64_t n, double g, double lse)
 typedef void (*tm_pack_panel_kernel)(const void *src, int64_t ld, const void *scale,
                                      int64_t rows, int64_t d, int64_t nr, void *dst);
 
+/* The center loss's row kernels (row_kernel_impl.h): for one sample,
+ * r = x - c in double, out[p] = g r rounded (out may be NULL), returning
+ * |r|^2 / 2 summed in eight lanes added in a fixed order; and acc[p] +=
+ * g (c[p] - x[p]) in double.  The same bits on every instruction set. */
+typedef double (*tm_center_row_kernel)(const void *x, const void *c, int64_t d, double g,
+                                       void *out);
+typedef void (*tm_center_acc_kernel)(double *acc, const void *c, const void *x, int64_t d,
+                                     double g);
+
 /* One instruction set's micro-kernels, for both precisions. */
 typedef struct {
     const char *name;
@@ -219,6 +228,8 @@ typedef struct {
     tm_softmax_exp_kernel softmax_exp_f32, softmax_exp_f64;
     tm_softmax_grad_kernel softmax_grad_f32, softmax_grad_f64;
     tm_pack_panel_kernel pack_panel_f32, pack_panel_f64;
+    tm_center_row_kernel center_row_f32, center_row_f64;
+    tm_center_acc_kernel center_acc_f32, center_acc_f64;
 } tm_kernel_set;
 
 /* Elements of scratch tm_gemm_acc needs. */

@@ -135,6 +135,8 @@ const tm_kernel_set tm_kernels_avx2 = {
     softmax_exp_kernel_f32, softmax_exp_kernel_f64,
     softmax_grad_kernel_f32, softmax_grad_kernel_f64,
     pack_panel_kernel_f32, pack_panel_kernel_f64,
+    center_row_kernel_f32, center_row_kernel_f64,
+    center_acc_kernel_f32, center_acc_kernel_f64,
 };
 
 #else

@@ -357,3 +357,36 @@ static void TM_FN(pack_panel_kernel)(const void *src_v, int64_t ld, const void *
         }
     }
 }
+
+/* The center loss's rows (center_impl.h; tm_center_row_kernel and
+ * tm_center_acc_kernel in internal.h). */
+static double TM_FN(center_row_kernel)(const void *x_v, const void *c_v, int64_t d, double g,
+                                       void *out_v)
+{
+    const TM_REAL *x = (const TM_REAL *)x_v, *c = (const TM_REAL *)c_v;
+    TM_REAL *out = (TM_REAL *)out_v;
+    double lanes[8] = {0};
+    int64_t p8 = 0;
+    for (; p8 + 8 <= d; p8 += 8)
+        for (int l = 0; l < 8; ++l) {
+            const double r = (double)x[p8 + l] - (double)c[p8 + l];
+            lanes[l] += r * r;
+        }
+    for (int l = 0; p8 + l < d; ++l) {
+        const double r = (double)x[p8 + l] - (double)c[p8 + l];
+        lanes[l] += r * r;
+    }
+    if (out != NULL)
+        for (int64_t p = 0; p < d; ++p)
+            out[p] = (TM_REAL)(g * ((double)x[p] - (double)c[p]));
+    return 0.5 * (((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+                  ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])));
+}
+
+static void TM_FN(center_acc_kernel)(double *acc, const void *c_v, const void *x_v, int64_t d,
+                                     double g)
+{
+    const TM_REAL *c = (const TM_REAL *)c_v, *x = (const TM_REAL *)x_v;
+    for (int64_t p = 0; p < d; ++p)
+        acc[p] += g * ((double)c[p] - (double)x[p]);
+}

@@ -353,6 +353,34 @@ TM_PUBLIC int tm_softmax_head_f64(const tm_head *head, const double *x, int64_t 
                                   int64_t *n_correct, double *grad, double *weight_grad,
                                   double *bias_grad);
 
+/* ---- center loss (center.c) -----------------------------------------------
+ *
+ * Wen et al. 2016: L = 1/2 sum_i ||x_i - c_{y_i}||^2 over x (n x d) and the
+ * class centers (c x d), labels in [0, c).  reduction MEAN divides by n, SUM
+ * adds, NONE writes per_sample (n) and differentiates the sum; upstream (n,
+ * or NULL; NONE only) multiplies each sample's gradient.  Outputs, each
+ * optional (NULL): loss, per_sample, grad = dL/dx (n x d), centers_grad =
+ * dL/dC (c x d; rows of classes without samples are 0).  Sums run in double
+ * in sample order within a class, so results do not depend on the thread
+ * count. */
+TM_PUBLIC int tm_center_loss_f32(const float *x, int64_t n, int64_t d, const int64_t *labels,
+                                 const float *centers, int64_t c, int reduction,
+                                 const double *upstream, double *loss, double *per_sample,
+                                 float *grad, float *centers_grad);
+TM_PUBLIC int tm_center_loss_f64(const double *x, int64_t n, int64_t d, const int64_t *labels,
+                                 const double *centers, int64_t c, int reduction,
+                                 const double *upstream, double *loss, double *per_sample,
+                                 double *grad, double *centers_grad);
+
+/* The paper's center update, in place: for every class j with n_j > 0
+ * samples in the batch, delta_j = sum_{y_i = j} (c_j - x_i) / (1 + n_j) and
+ * c_j -= alpha delta_j (in double, rounded once).  alpha must be finite and
+ * >= 0; x must not overlap centers.  Nothing is written on an error. */
+TM_PUBLIC int tm_update_centers_f32(float *centers, int64_t c, int64_t d, const float *x,
+                                    int64_t n, const int64_t *labels, double alpha);
+TM_PUBLIC int tm_update_centers_f64(double *centers, int64_t c, int64_t d, const double *x,
+                                    int64_t n, const int64_t *labels, double alpha);
+
 /* The counter-based generator of rng.h, exposed for tests and the GPU path. */
 TM_PUBLIC double tm_uniform(uint64_t seed, int64_t anchor, int64_t draw);
 

@@ -164,3 +164,14 @@ int tm_softmax_head_f64(const tm_head *head, const double *x, int64_t n, int64_t
                         const double *upstream, double *loss, double *per_sample,
                         int64_t *n_correct, double *grad, double *weight_grad,
                         double *bias_grad);
+
+int tm_center_loss_f32(const float *x, int64_t n, int64_t d, const int64_t *labels,
+                       const float *centers, int64_t c, int reduction, const double *upstream,
+                       double *loss, double *per_sample, float *grad, float *centers_grad);
+int tm_center_loss_f64(const double *x, int64_t n, int64_t d, const int64_t *labels,
+                       const double *centers, int64_t c, int reduction, const double *upstream,
+                       double *loss, double *per_sample, double *grad, double *centers_grad);
+int tm_update_centers_f32(float *centers, int64_t c, int64_t d, const float *x, int64_t n,
+                          const int64_t *labels, double alpha);
+int tm_update_centers_f64(double *centers, int64_t c, int64_t d, const double *x, int64_t n,
+                          const int64_t *labels, double alpha);

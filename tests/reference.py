@@ -559,3 +559,38 @@ def head_loss(kind: str, x, labels, weight, *, bias=None, class_weight=None,
     if reduction == "mean":
         total = total / total_w if total_w > 0 else 0.0
     return total, per, correct
+
+
+# ---- center loss -------------------------------------------------------------------
+
+def center_loss(x, labels, centers, reduction="mean", upstream=None):
+    """(loss, per-sample losses, dL/dx, dL/dC) of 1/2 sum_i |x_i - c_{y_i}|^2, one sample and
+    one feature at a time."""
+    n, d = x.shape
+    per, grad = [], np.zeros((n, d))
+    cgrad = np.zeros(centers.shape)
+    red = 1.0 / n if reduction == "mean" and n else 1.0
+    for i in range(n):
+        y = int(labels[i])
+        g = red * (1.0 if upstream is None else float(upstream[i]))
+        total = 0.0
+        for p in range(d):
+            r = float(x[i, p]) - float(centers[y, p])
+            total += r * r
+            grad[i, p] = g * r
+            cgrad[y, p] -= g * r
+        per.append(0.5 * total)
+    loss = sum(per) * red
+    return loss, np.array(per), grad, cgrad
+
+
+def update_centers(centers, x, labels, alpha):
+    """Wen et al.'s update, eq. 4: a new array, class by class."""
+    out = np.array(centers, dtype=np.float64)
+    for j in range(centers.shape[0]):
+        members = [i for i in range(len(labels)) if int(labels[i]) == j]
+        if not members:
+            continue
+        delta = sum(out[j] - np.asarray(x[i], dtype=np.float64) for i in members)
+        out[j] = out[j] - alpha * delta / (1 + len(members))
+    return out

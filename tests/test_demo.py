@@ -89,23 +89,25 @@ def test_mlp_gradient_matches_finite_differences(hidden):
             assert np.sum(grad * direction) == pytest.approx(numeric, rel=1e-6, abs=1e-8)
 
 
-@pytest.mark.parametrize("loss", ["triplet", "contrastive", "arcface", "softmax", "sphereface"])
+@pytest.mark.parametrize("loss", ["triplet", "contrastive", "arcface", "softmax", "sphereface",
+                                  "center"])
 def test_network_and_loss_gradient_chain(loss):
     """dL/dparams through tripmine's loss (and a head's class weights), against central
     differences (float64)."""
     x, labels = clusters(n_classes=4, per_class=5, dim=6, seed=3)
     x = x.astype(np.float64)
     model = demo.MLP((6, 8, 5), seed=4, dtype=np.float64)
-    head = loss in demo.HEAD_LOSSES
+    head = loss in demo.HEAD_LOSSES or loss == "center"
     config = demo.DemoConfig(loss=loss, mining="batch_all", margin=0.5 if not head else None)
     weight = np.random.default_rng(6).standard_normal((4, 5)) if head else None
+    centers = np.random.default_rng(7).standard_normal((4, 5)) if loss == "center" else None
     labels = np.searchsorted(np.unique(labels), labels) if head else labels
 
     def value() -> float:
-        return demo.loss_and_grad(config, model.forward(x)[0], labels, 0, weight)[0]
+        return demo.loss_and_grad(config, model.forward(x)[0], labels, 0, weight, centers)[0]
 
     out, cache = model.forward(x)
-    _, grad_out, _, weight_grad = demo.loss_and_grad(config, out, labels, 0, weight)
+    _, grad_out, _, weight_grad = demo.loss_and_grad(config, out, labels, 0, weight, centers)
     grads = model.backward(cache, grad_out)
     assert (weight_grad is not None) == head
     rng = np.random.default_rng(5)
@@ -147,7 +149,7 @@ def test_adam_first_step_is_lr_times_sign():
                                           ("triplet", "distance_weighted"),
                                           ("contrastive", "batch_hard"),
                                           ("arcface", "batch_hard"), ("softmax", "batch_hard"),
-                                          ("lsoftmax", "batch_hard")])
+                                          ("lsoftmax", "batch_hard"), ("center", "batch_hard")])
 def test_training_loop_decreases_loss(loss, mining):
     x, labels = clusters()
     config = demo.DemoConfig(loss=loss, mining=mining, steps=60, p=4, k=8, lr=1e-2,
@@ -162,7 +164,7 @@ def test_training_loop_decreases_loss(loss, mining):
     assert all(0.0 <= f <= 1.0 for f in history.fraction_active)
     # A head's logits on unit-norm embeddings are bounded by its class weights, which start
     # small and grow with training: its loss falls more slowly in 60 steps.
-    factor = 0.8 if loss in demo.HEAD_LOSSES else 0.6
+    factor = 0.8 if loss in demo.HEAD_LOSSES or loss == "center" else 0.6
     assert np.mean(history.loss[-10:]) < factor * np.mean(history.loss[:10])
 
 
@@ -279,7 +281,7 @@ def test_demo_command_line_open_set(tmp_path, capsys):
     assert "open set" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("head", sorted(demo.HEAD_LOSSES))
+@pytest.mark.parametrize("head", sorted(demo.HEAD_LOSSES) + ["center"])
 def test_demo_trains_with_every_head(tmp_path, head):
     """``python -m tripmine demo --loss <head>``: the network and the head's class weights
     train together and the held-out embeddings improve."""

@@ -5,7 +5,8 @@ Architecture
 ::
 
     tripmine.<function>(x, labels, ...)          public modules, one concept each
-          |                                      (distances, masks, miners, losses, heads, runtime)
+          |                                      (distances, masks, miners, losses, heads,
+          |                                       center, runtime)
           v
     tripmine._validation                         dtype, shape, labels -> int64 codes,
           |                                      check_finite, out= checks
@@ -21,7 +22,8 @@ functions whose *output* is a matrix (``pairwise_distances``, the masks)
 allocate N x M.  See README.md for the semantics (metrics, self mode, ties).
 """
 
-from . import _core, heads, metrics, sampling
+from . import _core, center, heads, metrics, sampling
+from .center import CenterLossResult, center_loss, update_centers
 from .distances import pairwise_distances
 from .heads import (
     SoftmaxLossResult,
@@ -42,6 +44,7 @@ __version__ = _core.build_facts()["version"]
 
 __all__ = [
     "TRIPLET_MASK_MAX_N",
+    "CenterLossResult",
     "ContrastiveLossResult",
     "SoftmaxLossResult",
     "TripletLossResult",
@@ -49,6 +52,8 @@ __all__ = [
     "arcface_loss",
     "batch_hard",
     "build_info",
+    "center",
+    "center_loss",
     "combined_margin_loss",
     "contrastive_loss",
     "cosface_loss",
@@ -68,4 +73,5 @@ __all__ = [
     "sphereface_loss",
     "triplet_loss",
     "triplet_mask",
+    "update_centers",
 ]

@@ -359,3 +359,24 @@ def softmax_head(head, x, labels, weight, bias, class_weight, reduction, want_gr
         _ptr(per_sample), correct, _ptr(grad), _ptr(weight_grad), _ptr(bias_grad)),
         f"{head['kind']} head")
     return loss[0], per_sample, int(correct[0]), grad, weight_grad, bias_grad
+
+
+def center_loss(x, labels, centers, reduction, want_grad, want_cgrad, upstream=None):
+    """Center loss (tripmine.center): (loss, per_sample, grad, centers_grad)."""
+    loss = ffi.new("double *")
+    per_sample = np.empty(x.shape[0]) if reduction == "none" else None
+    grad = np.empty_like(x) if want_grad else None
+    centers_grad = np.empty_like(centers) if want_cgrad else None
+    check(_typed("tm_center_loss", x.dtype)(
+        _ptr(x), x.shape[0], x.shape[1], _ptr(labels), _ptr(centers), centers.shape[0],
+        _HEAD_REDUCTIONS[reduction], _ptr(upstream), loss, _ptr(per_sample), _ptr(grad),
+        _ptr(centers_grad)), "center loss")
+    return loss[0], per_sample, grad, centers_grad
+
+
+def update_centers(centers, x, labels, alpha):
+    """The paper's center update, in place on ``centers`` (writable, C-contiguous)."""
+    ptr = ffi.from_buffer(_POINTER_TYPES[centers.dtype], centers, require_writable=True)
+    check(_typed("tm_update_centers", centers.dtype)(
+        ptr, centers.shape[0], centers.shape[1], _ptr(x), x.shape[0], _ptr(labels),
+        float(alpha)), "center update")

@@ -43,6 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import heads, runtime
+from .center import center_loss, update_centers
 from .losses import MINING, contrastive_loss, triplet_loss
 from .metrics import mean_average_precision_at_r, recall_at_k
 from .sampling import PKSampler
@@ -73,7 +74,18 @@ HEAD_LOSSES = {
     "sphereface": (heads.sphereface_loss, {"margin": 2, "lambda_": 1.0}, "margin"),
     "lsoftmax": (heads.large_margin_softmax_loss, {"margin": 2, "lambda_": 1.0}, "margin"),
 }
-LOSSES = ("triplet", "contrastive", *HEAD_LOSSES)
+#: ``--loss center``: the center loss beside a softmax head, as Wen et al. train it
+#: (softmax + lambda * center, centers moved by the paper's rule with alpha 0.5); lambda
+#: suits unit-norm 64-d embeddings (the paper's 0.003 is for 512-d faces); ``--margin``
+#: sets it.
+CENTER_LAMBDA = 0.2
+CENTER_ALPHA = 0.5
+LOSSES = ("triplet", "contrastive", *HEAD_LOSSES, "center")
+
+
+def _trains_a_head(loss: str) -> bool:
+    """Whether the loss has class weights trained with the network."""
+    return loss in HEAD_LOSSES or loss == "center"
 PROJECTIONS = ("tsne", "pca")
 #: Default margins, tuned on the closed-set split (unit-norm embeddings: distances in [0, 2]).
 TRIPLET_MARGIN = 0.8
@@ -312,10 +324,18 @@ class History:
 
 
 def loss_and_grad(config: DemoConfig, embeddings: np.ndarray, labels: np.ndarray,
-                  seed: int, weight: np.ndarray | None = None
+                  seed: int, weight: np.ndarray | None = None,
+                  centers: np.ndarray | None = None
                   ) -> tuple[float, np.ndarray, float, np.ndarray | None]:
     """The configured loss of one batch: value, dL/d(embeddings), fraction active (the
-    training accuracy for a head) and, for a head, dL/d(its class weights)."""
+    training accuracy for a head) and, for a head, dL/d(its class weights).  ``--loss
+    center`` reads ``centers`` (train() moves them after the step, by the paper's rule)."""
+    if config.loss == "center":
+        lam = CENTER_LAMBDA if config.margin is None else float(config.margin)
+        soft = heads.softmax_loss(embeddings, labels, weight, bias=None)
+        pull = center_loss(embeddings, labels, centers, centers_grad=False)
+        return (soft.loss + lam * pull.loss, soft.grad + lam * pull.grad, soft.accuracy,
+                soft.weight_grad)
     if config.loss in HEAD_LOSSES:
         fn, options, margin_name = HEAD_LOSSES[config.loss]
         if config.margin is not None and margin_name is not None:
@@ -360,12 +380,14 @@ def train(model: MLP, x: np.ndarray, labels: np.ndarray, config: DemoConfig, *,
                         dynamic_ncols=True)
     # A head's class weights (one row per training class, labels mapped to 0..C-1) are
     # trained with the network.
-    head = config.loss in HEAD_LOSSES
+    head = _trains_a_head(config.loss)
     classes_index = np.searchsorted(classes, labels)
-    weight = None
+    weight = centers = None
     if head:
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, 4]))
         weight = (0.01 * rng.standard_normal((len(classes), config.dim))).astype(config.dtype)
+    if config.loss == "center":
+        centers = np.zeros((len(classes), config.dim), dtype=config.dtype)
     optimizer = Adam(model.params + ([weight] if head else []), lr=config.lr)
     history = History()
     running_loss = running_active = None
@@ -379,9 +401,11 @@ def train(model: MLP, x: np.ndarray, labels: np.ndarray, config: DemoConfig, *,
                 if step >= total:
                     break
                 out, cache = model.forward(x[batch])
+                batch_labels = classes_index[batch] if head else labels[batch]
                 loss, grad_out, active, weight_grad = loss_and_grad(
-                    config, out, classes_index[batch] if head else labels[batch],
-                    (loss_seed + step) % 2**63, weight)
+                    config, out, batch_labels, (loss_seed + step) % 2**63, weight, centers)
+                if centers is not None:  # after the loss, from the centers it used
+                    update_centers(centers, out, batch_labels, alpha=CENTER_ALPHA)
                 lr = 0.5 * config.lr * (1 + np.cos(np.pi * step / total))
                 grads = model.backward(cache, grad_out)
                 optimizer.step(grads + ([weight_grad] if head else []), lr=lr)
@@ -504,7 +528,11 @@ def _describe(config: DemoConfig, split: DigitsSplit, p: int) -> list[str]:
         data = (f"digits (sklearn load_digits), split by samples: {len(split.y_train)} "
                 f"training / {len(split.y_test)} held-out images, {len(test_classes)} classes")
     widths = "-".join(str(s) for s in (split.x_train.shape[1], *config.hidden, config.dim))
-    if config.loss in HEAD_LOSSES:
+    if config.loss == "center":
+        lam = CENTER_LAMBDA if config.margin is None else config.margin
+        loss = (f"softmax head + {lam:g} x center loss (centers by the paper's update, "
+                f"alpha {CENTER_ALPHA:g}), class weights trained with the network")
+    elif config.loss in HEAD_LOSSES:
         fn, options, _ = HEAD_LOSSES[config.loss]
         shown = ", ".join(f"{k} {v:g}" for k, v in options.items())
         loss = (f"{fn.__name__} head{f' ({shown})' if shown else ''}"
@@ -601,7 +629,7 @@ def run(config: DemoConfig = DemoConfig(), *, plot: str | os.PathLike | None = D
                       project_2d(trained, config.projection, config.seed), split.y_test,
                       title=title, projection=config.projection, scores=scores,
                       active_label=("training accuracy (top-1 without margin)"
-                                    if config.loss in HEAD_LOSSES else "fraction of active "
+                                    if _trains_a_head(config.loss) else "fraction of active "
                                     + ("pairs" if config.loss == "contrastive" else "triplets")),
                       subject="unseen digits" if config.open_set else "held-out images")
             print(f"plot: {os.fspath(plot)}", file=out)
@@ -622,7 +650,7 @@ def run(config: DemoConfig = DemoConfig(), *, plot: str | os.PathLike | None = D
         "test_classes": [int(c) for c in np.unique(split.y_test)],
         "threads": threads,
         "config": {**dataclasses.asdict(config), "hidden": list(config.hidden),
-                   "margin": (config.margin if config.loss in HEAD_LOSSES
+                   "margin": (config.margin if _trains_a_head(config.loss)
                               else config.resolved_margin()), "p": p},
     }
     if json_path is not None:

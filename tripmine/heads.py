@@ -137,9 +137,10 @@ def _class_vector(value: Any, name: str, c: int, dtype: Any, check_finite: bool,
     return arr
 
 
-def class_labels(labels: Any, n: int, c: int) -> np.ndarray:
-    """Host labels as int64 class indices in [0, c), one per row of x (also used by the
-    GPU path, so both give the same errors)."""
+def class_labels(labels: Any, n: int, c: int, table: str = "weight") -> np.ndarray:
+    """Host labels as int64 class indices in [0, c), one per row of x, c being the rows of
+    ``table`` (also used by the GPU path and the center loss, so all give the same
+    errors)."""
     arr = check._as_array(labels, "labels")
     if arr.ndim != 1:
         raise ValueError(f"labels must be 1-D, got shape {arr.shape}")
@@ -150,7 +151,7 @@ def class_labels(labels: Any, n: int, c: int) -> np.ndarray:
                          f"{arr.dtype}")
     if n and (arr.min() < 0 or arr.max() >= c):
         bad = arr[(arr < 0) | (arr >= c)][0]
-        raise ValueError(f"labels must lie in [0, {c}) (weight has {c} rows), found {bad}")
+        raise ValueError(f"labels must lie in [0, {c}) ({table} has {c} rows), found {bad}")
     return check.c_array(arr, np.int64)
 
 

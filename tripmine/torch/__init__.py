@@ -24,10 +24,13 @@ autograd graph is built through the distances or the mining.
 * :class:`SoftmaxLoss`, :class:`NormFace`, :class:`CosFace`, :class:`ArcFace`,
   :class:`CombinedMargin`, :class:`SphereFace`, :class:`LargeMarginSoftmax` -- the
   margin-softmax heads, each owning its class weights (``tripmine.heads``);
+* :class:`CenterLoss` -- the center loss with the paper's center update (or SGD on the
+  centers), ``tripmine.center``;
 * :class:`MemoryBank` -- cross-batch memory (XBM): mine each batch against
   thousands of past embeddings.
 """
 
+from .center import CenterLoss
 from .heads import (
     ArcFace,
     CombinedMargin,
@@ -40,6 +43,6 @@ from .heads import (
 from .losses import ContrastiveLoss, TripletLoss, contrastive_loss, triplet_loss
 from .memory import MemoryBank
 
-__all__ = ["ArcFace", "CombinedMargin", "ContrastiveLoss", "CosFace", "LargeMarginSoftmax",
-           "MemoryBank", "NormFace", "SoftmaxLoss", "SphereFace", "TripletLoss",
-           "contrastive_loss", "triplet_loss"]
+__all__ = ["ArcFace", "CenterLoss", "CombinedMargin", "ContrastiveLoss", "CosFace",
+           "LargeMarginSoftmax", "MemoryBank", "NormFace", "SoftmaxLoss", "SphereFace",
+           "TripletLoss", "contrastive_loss", "triplet_loss"]

@@ -1,0 +1,145 @@
+"""Center loss + the paper's center update against a NumPy ``x - centers[labels]`` pass,
+timed ALTERNATING with it.
+
+    python benchmarks/center.py [--n 1024 4096] [--d 128] [--runs 3] [--threads 2]
+                                [--targets] [--json PATH]
+
+Data: float32, ``x`` (N, D) standard normal, labels ``np.repeat(np.arange(N // 4), 4)`` (P x
+K, K = 4), ``centers`` (N // 4, D) standard normal (seeded).  The op is the paper's training
+step: ``tripmine.center_loss(x, labels, centers, centers_grad=False)`` (the loss and dL/dx;
+the paper's rule needs no dL/dC) and then ``tripmine.update_centers(centers, x, labels,
+alpha=0.5)`` in place (on a copy that the step keeps updating, as a trainer does).  The
+baseline is the vectorised NumPy pass every center loss starts from,
+``np.subtract(x, centers[labels], out=buf)`` into a preallocated buffer.  Timing as in
+``alternating.py`` (its ``measure_once``): rounds of alternating (baseline, op) pairs,
+median over median, then the isolated ratio; median of ``--runs``.
+
+With ``TRIPMINE_BENCH_PEERS=1`` and torch importable, the center loss as its popular
+PyTorch port computes it is timed too (isolated, same data, torch on the same threads): the
+(N, C) matrix of squared distances ||x||^2 + ||c||^2 - 2 x.c^T, masked to each sample's
+own class, clamped to [1e-12, 1e12] and summed over N, differentiated by autograd, with an
+SGD step on the centers.  pytorch-metric-learning has no center loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import alternating as alt
+import numpy as np
+
+import benchcommon as bc
+import tripmine
+
+#: N -> the largest median alternating ratio to the NumPy pass that passes.
+TARGET = 2.0
+
+
+def make_data(n: int, d: int):
+    rng = np.random.default_rng([bc.SEED, n, d, 7])
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    labels = np.repeat(np.arange(n // 4), 4)
+    centers = rng.standard_normal((n // 4, d), dtype=np.float32)
+    return x, labels, centers
+
+
+def make_op(x, labels, centers):
+    state = centers.copy()
+
+    def step():
+        tripmine.center_loss(x, labels, state, centers_grad=False)
+        tripmine.update_centers(state, x, labels, alpha=0.5)
+    return step
+
+
+def make_baseline(x, labels, centers):
+    buf = np.empty_like(x)
+    return lambda: np.subtract(x, centers[labels], out=buf)
+
+
+def peer_step(x, labels, centers):
+    """The popular port's formula in torch (N x C distances), or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    xt = torch.from_numpy(x).requires_grad_(True)
+    ct = torch.nn.Parameter(torch.from_numpy(centers.copy()))
+    lt = torch.from_numpy(labels)
+    classes = torch.arange(centers.shape[0])
+    optimiser = torch.optim.SGD([ct], lr=0.5)
+
+    def step():
+        xt.grad = None
+        optimiser.zero_grad()
+        n = xt.shape[0]
+        distmat = (xt.pow(2).sum(1, keepdim=True) + ct.pow(2).sum(1).unsqueeze(0)
+                   - 2 * xt @ ct.T)
+        mask = lt.unsqueeze(1).eq(classes.unsqueeze(0))
+        loss = (distmat * mask).clamp(1e-12, 1e12).sum() / n
+        loss.backward()
+        optimiser.step()
+    return step
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--d", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--targets", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        tripmine.set_num_threads(args.threads)
+        bc.set_blas_threads(args.threads)
+    peers = os.environ.get("TRIPMINE_BENCH_PEERS") == "1"
+    print(bc.describe_cpu(bc.cpu_facts()))
+    print(f"tripmine {tripmine.__version__}, isa {tripmine.build_info()['isa']}, threads "
+          f"{tripmine.get_num_threads()}; D={args.d} K=4 float32")
+    print(f"{'N':>6} {'numpy ms':>9} {'op ms':>8} {'ratio (alt)':>11} {'range':>11} "
+          f"{'isolated':>8}" + ("  target" if args.targets else ""))
+    results = {}
+    for n in args.n:
+        x, labels, centers = make_data(n, args.d)
+        op, base = make_op(x, labels, centers), make_baseline(x, labels, centers)
+        rounds = alt.choose_rounds(op, base, args.seconds, 20, 2000)
+        runs = [alt.measure_once(op, base, rounds) for _ in range(args.runs)]
+        s = alt.summarize(runs)
+        row = (f"{n:>6} {s['gemm_ms']:>9.3f} {s['op_ms']:>8.3f} {s['ratio_median']:>10.2f}x "
+               f"{s['ratio_min']:>5.2f}-{s['ratio_max']:<5.2f} {s['isolated_median']:>7.2f}x")
+        if args.targets:
+            row += f"  <={TARGET} {'PASS' if s['ratio_median'] <= TARGET else 'FAIL'}"
+        print(row)
+        results[n] = dict(summary=s, rounds=rounds)
+        if peers:
+            step = peer_step(x, labels, centers)
+            if step is None:
+                print("  peer: torch not importable")
+                continue
+            import torch
+            torch.set_num_threads(args.threads or torch.get_num_threads())
+            step()
+            times = []
+            for _ in range(max(5, rounds // 20)):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+            peer = float(np.median(times)) * 1e3
+            ours = float(np.median([r["op_isolated_s"] for r in runs])) * 1e3
+            print(f"  torch port (N x C distances): {peer:.3f} ms = "
+                  f"{peer / ours:.1f}x tripmine's step (isolated)")
+            results[n]["peer_ms"] = peer
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
