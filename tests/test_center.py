@@ -213,6 +213,8 @@ def test_bad_update_input_raises_and_leaves_the_centers_unchanged():
     with pytest.raises(ValueError, match="shares memory"):
         both = np.zeros((6, 3))
         tripmine.update_centers(both[:2], both[1:5], labels)  # row 1 is in both
+    with pytest.raises(ValueError, match="range of centers' dtype"):
+        tripmine.update_centers(np.zeros((2, 3), np.float32), np.full((4, 3), 1e300), labels)
     with pytest.raises(TypeError, match="NumPy array"):
         tripmine.update_centers([[0.0, 0.0, 0.0]], x, np.zeros(4, dtype=np.int64))
     assert not centers.any()

@@ -1526,3 +1526,99 @@ def test_fuzz_heads(data):
         if want_grad:
             assert np.isfinite(got.grad).all() and np.isfinite(got.weight_grad).all()
     _assert_same(got, fn(_plain(x_arr), labels, _plain(w_arr), **kwargs))
+
+
+# ---- the center loss ---------------------------------------------------------------------
+
+def _center_in_domain(x: np.ndarray, c: np.ndarray, dtype) -> bool:
+    """No residual, its square sum or a class's gradient sum overflows the dtype."""
+    top = math.log10(float(np.finfo(dtype).max)) / 2 - 3
+    return max(_log_norms(x).max(initial=0), _log_norms(c).max(initial=0)) < top
+
+
+@FUZZ
+@given(st.data())
+@counted
+def test_fuzz_center_loss_and_update(data):
+    draws = Draws(data, ("input", "labels", "reduction", "grad", "alpha"))
+    n, d, c = data.draw(SIZES), data.draw(DIMS), data.draw(st.integers(1, 9))
+    x, x_arr = data.draw(matrices(n, d))
+    centers, c_arr = data.draw(matrices(c, d))
+    errors = set()
+    bad = None
+    if draws.fault == "input":
+        bad = data.draw(st.sampled_from(["width", "int", "x_1d", "no_classes"]))
+        if bad == "width":
+            centers, c_arr = np.zeros((c, d + 1)), np.zeros((c, d + 1))
+        elif bad == "int":
+            centers, c_arr = np.zeros((c, d), int), np.zeros((c, d))
+        elif bad == "x_1d":
+            x = x_arr.reshape(-1)
+        else:
+            centers, c_arr = np.zeros((0, d)), np.zeros((0, d))
+        errors.add(TypeError if bad == "int" else ValueError)
+    label_fault = error = None
+    if draws.fault == "labels":
+        label_fault, error = data.draw(st.sampled_from(_HEAD_LABEL_FAULTS), label="labels")
+    labels, applied = _head_labels(data.draw, n, max(c, 1), label_fault)
+    if applied:
+        errors.add(error)
+    reduction = draws("reduction", st.sampled_from(["mean", "sum", "none"]),
+                      (("mean_nonzero", ValueError), (None, ValueError)))
+    want_grad = draws("grad", st.booleans(), FLAG_FAULTS)
+    alpha = draws("alpha", st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(0, 10)),
+                  ((-0.5, ValueError), (math.nan, ValueError), (math.inf, ValueError),
+                   ("0.5", TypeError)))
+    if x_arr.ndim != 2 or c_arr.ndim != 2:
+        errors.add(ValueError)
+    finite = bool(np.isfinite(x_arr).all() and np.isfinite(c_arr).all())
+    if not finite:
+        errors.add(ValueError)
+    if c_arr.ndim == 2 and c_arr.shape[0] == 0:
+        errors.add(ValueError)
+    # errors: the inputs' faults, shared by both calls; a keyword's fault belongs to its call.
+    loss_errors = errors | (draws.errors if draws.fault != "alpha" else set())
+    got = call(tuple(loss_errors) if loss_errors else None, tripmine.center_loss, x, labels,
+               centers, reduction=reduction, grad=want_grad, centers_grad=want_grad)
+    dtype = np.dtype(np.float64 if 8 in (x_arr.dtype.itemsize, c_arr.dtype.itemsize)
+                     else np.float32)
+    checked = got is not RAISED and _center_in_domain(x_arr, c_arr, dtype)
+    _outcome(got, checked)
+    if got is not RAISED:
+        assert isinstance(got, tripmine.CenterLossResult) and got.n_samples == n
+        if reduction == "none":
+            _check_array(got.loss, (n,), np.float64)
+        if want_grad:
+            _check_array(got.grad, (n, d), dtype)
+            _check_array(got.centers_grad, (c, d), dtype)
+        if checked:
+            assert np.all(np.isfinite(got.loss)) and np.all(np.asarray(got.loss) >= 0)
+            if want_grad:
+                assert np.isfinite(got.grad).all() and np.isfinite(got.centers_grad).all()
+        _assert_same(got, tripmine.center_loss(_plain(x_arr), labels, _plain(c_arr),
+                                               reduction=reduction, grad=want_grad,
+                                               centers_grad=want_grad))
+    # The update, in place on a writable C-contiguous float copy of the centers: the same
+    # faults except those of the loss's own keywords (and integer centers, copied to float).
+    update_errors = (errors - ({TypeError} if bad == "int" else set())) | (
+        draws.errors if draws.fault == "alpha" else set())
+    target_dtype = np.float64 if c_arr.dtype.itemsize == 8 else np.float32
+    if x_arr.ndim == 2 and x_arr.size and finite and \
+            np.abs(x_arr).max() > np.finfo(target_dtype).max:
+        update_errors.add(ValueError)  # x is read in the centers' dtype, where it overflows
+    target = np.array(centers, dtype=target_dtype, order="C")
+    before = target.copy()
+    x_before = _snapshot(((x, labels), {}))
+    try:
+        moved = tripmine.update_centers(target, x, labels, alpha=alpha)
+    except ALLOWED_ERRORS as exc:
+        _assert_unchanged(x_before)
+        np.testing.assert_array_equal(target, before)  # a refused update writes nothing
+        assert update_errors, f"valid update raised {type(exc).__name__}: {exc}"
+        assert isinstance(exc, tuple(update_errors)), exc
+        return
+    _assert_unchanged(x_before)
+    assert not update_errors, f"expected one of {update_errors}, got a result"
+    assert moved is target
+    if checked and alpha <= 1:  # each center moves toward its samples, never past them
+        assert np.isfinite(target).all()

@@ -358,3 +358,35 @@ def test_heads_refuse_mixed_devices():
     x = np.ones((3, 4), dtype=np.float32)
     with pytest.raises(TypeError, match="mixed devices"):
         tripmine.cosface_loss(cp.asarray(x), np.zeros(3, dtype=np.int64), x)
+
+
+# ---- the center loss -----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_center_loss_and_update_match_the_c_core(dtype, reduction):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(90, 20)).astype(dtype)
+    centers = rng.normal(size=(30, 20)).astype(dtype)
+    labels = rng.integers(0, 29, 90)  # the last center has no sample
+    up = rng.uniform(0.5, 1.5, 90) if reduction == "none" else None
+    cpu = tripmine.center_loss(x, labels, centers, reduction=reduction, upstream=up)
+    xg, cg = to_gpu(x, centers)
+    gpu = tripmine.center_loss(xg, cp.asarray(labels), cg, reduction=reduction,
+                               upstream=None if up is None else cp.asarray(up))
+    assert isinstance(gpu.grad, cp.ndarray) and gpu.grad.dtype == dtype
+    np.testing.assert_allclose(host(gpu.loss), cpu.loss, rtol=RTOL[dtype])
+    np.testing.assert_allclose(host(gpu.grad), cpu.grad, rtol=RTOL[dtype], atol=ATOL[dtype])
+    np.testing.assert_allclose(host(gpu.centers_grad), cpu.centers_grad, rtol=RTOL[dtype],
+                               atol=ATOL[dtype])
+    moved = tripmine.update_centers(centers.copy(), x, labels)
+    assert tripmine.update_centers(cg, xg, labels) is cg
+    np.testing.assert_allclose(host(cg), moved, rtol=RTOL[dtype], atol=ATOL[dtype])
+
+
+def test_center_refuses_mixed_devices_and_bad_centers():
+    x = np.ones((3, 4), dtype=np.float32)
+    with pytest.raises(TypeError, match="mixed devices"):
+        tripmine.center_loss(cp.asarray(x), np.zeros(3, dtype=np.int64), x)
+    with pytest.raises(ValueError, match="labels"):
+        tripmine.update_centers(cp.zeros((2, 4), cp.float32), cp.asarray(x), [0, 1, 2])

@@ -131,6 +131,8 @@ def _mixed_calls(problem) -> dict:
         "softmax_f64": lambda: tripmine.softmax_loss(x64, y, ref[:64], bias=ref[64, :1].repeat(64),
                                                      class_weight=ry[:64] % 3),
         "sphereface_none": lambda: tripmine.sphereface_loss(unit, y, ref[:64], reduction="none"),
+        "center": lambda: tripmine.center_loss(x, y, ref[:64]),
+        "center_update": lambda: tripmine.update_centers(ref[:64].copy(), x, y),
     }
 
 
@@ -196,6 +198,7 @@ def test_changing_the_thread_count_while_calls_run_is_safe(threads):
         "pairwise_distances": lambda: tripmine.pairwise_distances(small, ref[:, :16]),
         "cosface": lambda: tripmine.cosface_loss(x, y, ref[:8]),
         "softmax": lambda: tripmine.softmax_loss(small, small_y, small[:64] * 0.1),
+        "center": lambda: tripmine.center_loss(ref, ry, x[:4]),  # 4.6M elements: threaded
     }
     tripmine.set_num_threads(2)
     serial = {name: call() for name, call in calls.items()}
@@ -226,7 +229,7 @@ def test_changing_the_thread_count_while_calls_run_is_safe(threads):
               if isinstance(r, Exception)]
     assert errors == [], f"{len(errors)} of {len(outcomes)} calls failed: {errors[:3]}"
     # over mined triplets, and the heads (fixed blocks): any thread count
-    exact_gradients = ("batch_hard_ref", "cosface", "softmax")
+    exact_gradients = ("batch_hard_ref", "cosface", "softmax", "center")
     for name, result in outcomes:
         want = serial[name]
         if not dataclasses.is_dataclass(want) or name in exact_gradients:
@@ -381,6 +384,10 @@ calls = {
     "raise_labels": lambda: raises(lambda: tripmine.contrastive_loss(x, y[:-1]), ValueError),
     "arcface": lambda: tripmine.arcface_loss(big, big_y, big[:24]),
     "softmax_none": lambda: tripmine.softmax_loss(x, y, ref[:6], reduction="none"),
+    "center": lambda: tripmine.center_loss(big, big_y, big[:24]),
+    "center_update": lambda: tripmine.update_centers(big[:24].copy(), big, big_y),
+    "raise_center_labels": lambda: raises(lambda: tripmine.update_centers(
+        ref[:6].copy(), x, y + 100), ValueError),
     "raise_head_labels": lambda: raises(lambda: tripmine.cosface_loss(x, y + 100, ref),
                                         ValueError),
     "raise_margin": lambda: raises(lambda: tripmine.semi_hard(x, y, margin=-1.0), ValueError),

@@ -157,5 +157,11 @@ def update_centers(centers: Any, x: Any, labels: Any, *, alpha: float = 0.5) -> 
     codes = class_labels(labels, x_arr.shape[0], centers.shape[0], "centers")
     if not np.isfinite(centers).all():
         raise ValueError("centers contains NaN or infinity")
-    _core.update_centers(centers, check.c_array(x_arr, centers.dtype), codes, alpha)
+    with np.errstate(over="ignore"):  # refused just below, rather than warned about
+        x_cast = check.c_array(x_arr, centers.dtype)
+    if x_arr.dtype.itemsize > centers.dtype.itemsize and x_cast.size and \
+            not (np.isfinite(x_cast.min()) and np.isfinite(x_cast.max())):
+        raise ValueError(f"x has values beyond the range of centers' dtype {centers.dtype} "
+                         f"(it is read in that dtype)")
+    _core.update_centers(centers, x_cast, codes, alpha)
     return centers
