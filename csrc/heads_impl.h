@@ -386,9 +386,12 @@ static void TM_FN(head_forward_block)(TM_FN(head_job) *job, TM_FN(head_scratch) 
             if (has_target) /* the target's own gradient is formed apart */
                 t[y] = 0;
         }
-        if (grad)
+        if (grad) {
+            const unsigned mxcsr = tm_flush_subnormals_begin();
             TM_FN(tm_gemm_acc)(job->kernels, nrows, ncols, sc->tile, ldt, 0, sc->wcol, ncols, 0,
                                d, sc->acc, d, sc->gemm);
+            tm_flush_subnormals_end(mxcsr);
+        }
     }
     for (int64_t i = 0; i < nrows; ++i) {
         const int64_t row = row0 + i, y = job->labels[row];
@@ -478,8 +481,10 @@ static void TM_FN(head_backward_block)(TM_FN(head_job) *job, TM_FN(head_scratch)
                 TM_FN(head_g_span)(job, t, 0, ncols, g, lse, bs);
             }
         }
+        const unsigned mxcsr = tm_flush_subnormals_begin();
         TM_FN(tm_gemm_acc)(job->kernels, ncols, nrows, sc->tile, ldt, 1, job->xcol, n, row0, d,
                            wg, d, sc->gemm);
+        tm_flush_subnormals_end(mxcsr);
     }
     /* With W normalised, z_ij = xcol_i . W^_j, so with b_j = sum_i G_ij xcol_i (the row
      * so far): dW_j = (1 / |W_j|) (b_j - (W^_j . b_j) W^_j), b's part orthogonal to W^_j. */

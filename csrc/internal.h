@@ -232,6 +232,35 @@ typedef struct {
     tm_center_acc_kernel center_acc_f32, center_acc_f64;
 } tm_kernel_set;
 
+/* Flush-to-zero and denormals-are-zero for the calling thread, around a
+ * product whose partial sums may leave the normal range (the heads' dX and
+ * dW accumulations): subnormal operands and results cost a microcode assist
+ * per instruction on many x86 cores, and a term below 2^-126 (2^-1022) is
+ * below the precision the result can carry.  Returns the previous state for
+ * tm_flush_subnormals_end.  A no-op where SSE's MXCSR does not exist. */
+#if defined(__SSE2__) || defined(_M_X64)
+#include <xmmintrin.h>
+static inline unsigned tm_flush_subnormals_begin(void)
+{
+    const unsigned previous = _mm_getcsr();
+    _mm_setcsr(previous | 0x8040u); /* FTZ (bit 15) | DAZ (bit 6) */
+    return previous;
+}
+static inline void tm_flush_subnormals_end(unsigned previous)
+{
+    _mm_setcsr(previous);
+}
+#else
+static inline unsigned tm_flush_subnormals_begin(void)
+{
+    return 0;
+}
+static inline void tm_flush_subnormals_end(unsigned previous)
+{
+    (void)previous;
+}
+#endif
+
 /* Elements of scratch tm_gemm_acc needs. */
 #define TM_GEMM_ROWS 64
 #define TM_GEMM_KC 256

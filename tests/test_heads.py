@@ -235,6 +235,17 @@ def test_wide_logits_flush_only_gradients_below_the_normal_range(dtype):
         np.testing.assert_allclose(got, want, rtol=0, atol=eps * np.abs(want).max())
 
 
+def test_the_calling_threads_subnormal_mode_is_restored():
+    """The products run with flush-to-zero (MXCSR) and put the caller's mode back: NumPy
+    arithmetic after a call still produces subnormals."""
+    rng = np.random.default_rng(3)
+    x, labels, w = _problem(rng, 300, 500, 64, np.float32, weight_scale=1.0)
+    tiny = np.array([1e-40], dtype=np.float32)
+    assert (tiny * np.float32(0.5))[0] != 0
+    heads.softmax_loss(x, labels, w)
+    assert (tiny * np.float32(0.5))[0] != 0 and (tiny + tiny)[0] == np.float32(2e-40)
+
+
 def test_float16_computes_in_float32():
     rng = np.random.default_rng(8)
     x, labels, w = _problem(rng, 10, 7, 4, np.float16)
