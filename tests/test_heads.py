@@ -243,7 +243,7 @@ def test_the_calling_threads_subnormal_mode_is_restored():
     tiny = np.array([1e-40], dtype=np.float32)
     assert (tiny * np.float32(0.5))[0] != 0
     heads.softmax_loss(x, labels, w)
-    assert (tiny * np.float32(0.5))[0] != 0 and (tiny + tiny)[0] == np.float32(2e-40)
+    assert (tiny * np.float32(0.5))[0] != 0 and (tiny + tiny)[0] > tiny[0]
 
 
 def test_float16_computes_in_float32():
