@@ -89,6 +89,23 @@ static int TM_FN(center_threads)(int64_t items, int64_t n, int64_t d)
     return work < (double)TM_CENTER_MIN_PARALLEL_WORK ? 1 : tm_threads_for(items);
 }
 
+/* The arguments both entry points share: pointers present where sizes need
+ * them, labels in [0, c), sizes whose byte counts fit. */
+static int TM_FN(center_check)(const TM_REAL *x, int64_t n, int64_t d, const int64_t *labels,
+                               const TM_REAL *centers, int64_t c)
+{
+    if ((n > 0 && (labels == NULL || (d > 0 && x == NULL))) ||
+        (c > 0 && d > 0 && centers == NULL))
+        return TM_ERR_INVALID;
+    if (!tm_labels_valid(labels, n, c))
+        return TM_ERR_INVALID;
+    size_t bytes;
+    int st = tm_bytes(n, d, sizeof(TM_REAL), &bytes);
+    if (st == TM_OK)
+        st = tm_bytes(c, d, sizeof(TM_REAL), &bytes);
+    return st;
+}
+
 int TM_FN(tm_center_loss)(const TM_REAL *x, int64_t n, int64_t d, const int64_t *labels,
                           const TM_REAL *centers, int64_t c, int reduction,
                           const double *upstream, double *loss, double *per_sample,
@@ -101,15 +118,7 @@ int TM_FN(tm_center_loss)(const TM_REAL *x, int64_t n, int64_t d, const int64_t 
         return TM_ERR_INVALID;
     if (upstream != NULL && reduction != TM_REDUCE_NONE)
         return TM_ERR_INVALID;
-    if ((n > 0 && (labels == NULL || (d > 0 && x == NULL))) ||
-        (c > 0 && d > 0 && centers == NULL))
-        return TM_ERR_INVALID;
-    if (!tm_labels_valid(labels, n, c))
-        return TM_ERR_INVALID;
-    size_t bytes;
-    int st = tm_bytes(n, d, sizeof(TM_REAL), &bytes);
-    if (st == TM_OK)
-        st = tm_bytes(c, d, sizeof(TM_REAL), &bytes);
+    int st = TM_FN(center_check)(x, n, d, labels, centers, c);
     if (st != TM_OK)
         return st;
 
@@ -167,15 +176,7 @@ int TM_FN(tm_update_centers)(TM_REAL *centers, int64_t c, int64_t d, const TM_RE
 {
     if (n < 0 || d < 0 || c < 0 || (n > 0 && c < 1) || !isfinite(alpha) || !(alpha >= 0.0))
         return TM_ERR_INVALID;
-    if ((n > 0 && (labels == NULL || (d > 0 && x == NULL))) ||
-        (c > 0 && d > 0 && centers == NULL))
-        return TM_ERR_INVALID;
-    if (!tm_labels_valid(labels, n, c))
-        return TM_ERR_INVALID;
-    size_t bytes;
-    int st = tm_bytes(n, d, sizeof(TM_REAL), &bytes);
-    if (st == TM_OK)
-        st = tm_bytes(c, d, sizeof(TM_REAL), &bytes);
+    int st = TM_FN(center_check)(x, n, d, labels, centers, c);
     if (st != TM_OK)
         return st;
     if (n > 0 && d > 0) { /* x must not overlap the centers it is read against */

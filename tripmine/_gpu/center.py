@@ -15,17 +15,7 @@ from .. import _fused_center
 from .. import _validation as check
 from .. import center as cpu_center
 from ..heads import REDUCTIONS, class_labels
-
-
-def _matrix(value: Any, name: str, check_finite: bool):
-    if value.dtype.kind != "f" or value.dtype.itemsize not in (2, 4, 8):
-        raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype "
-                        f"{value.dtype}")
-    if value.ndim != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {value.shape}")
-    if check_finite and value.size and not bool(cp.isfinite(value).all()):
-        raise ValueError(f"{name} contains NaN or infinity; pass check_finite=False to skip "
-                         f"this check")
+from .heads import device_matrix
 
 
 def _codes(labels: Any, n: int, c: int):
@@ -39,8 +29,8 @@ def center_loss(x, labels, centers, *, reduction="mean", grad=True, centers_grad
     want_grad = check.flag(grad, "grad")
     want_cgrad = check.flag(centers_grad, "centers_grad")
     check_finite = check.flag(check_finite, "check_finite")
-    _matrix(x, "x", check_finite)
-    _matrix(centers, "centers", check_finite)
+    device_matrix(x, "x", check_finite)
+    device_matrix(centers, "centers", check_finite)
     if x.device.id != centers.device.id:
         raise ValueError(f"centers is on GPU {centers.device.id} but x is on GPU "
                          f"{x.device.id}")
@@ -74,7 +64,7 @@ def update_centers(centers, x, labels, *, alpha=0.5):
                          f"got dtype {centers.dtype} and shape {centers.shape}")
     if not centers.flags.c_contiguous:
         raise ValueError("centers must be C-contiguous (it is updated in place)")
-    _matrix(x, "x", True)
+    device_matrix(x, "x", True)
     if x.device.id != centers.device.id:
         raise ValueError(f"centers is on GPU {centers.device.id} but x is on GPU "
                          f"{x.device.id}")

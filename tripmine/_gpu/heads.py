@@ -35,6 +35,18 @@ def _device_vector(value: Any, name: str, length: int, dtype, what: str):
     return arr
 
 
+def device_matrix(value, name: str, check_finite: bool) -> None:
+    """A float matrix on the device, finite where asked (also the center loss's check)."""
+    if value.dtype.kind != "f" or value.dtype.itemsize not in (2, 4, 8):
+        raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype "
+                        f"{value.dtype}")
+    if value.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {value.shape}")
+    if check_finite and value.size and not bool(cp.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or infinity; pass check_finite=False to "
+                         f"skip this check")
+
+
 def run(head: dict, x, labels, weight, *, bias=None, class_weight=None, reduction="mean",
         grad=True, weight_grad=True, upstream=None, check_finite=True) -> SoftmaxLossResult:
     reduction = check.choice(reduction, "reduction", REDUCTIONS)
@@ -42,14 +54,7 @@ def run(head: dict, x, labels, weight, *, bias=None, class_weight=None, reductio
     want_wgrad = check.flag(weight_grad, "weight_grad") and want_grad
     check_finite = check.flag(check_finite, "check_finite")
     for name, value in (("x", x), ("weight", weight)):
-        if value.dtype.kind != "f" or value.dtype.itemsize not in (2, 4, 8):
-            raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype "
-                            f"{value.dtype}")
-        if value.ndim != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {value.shape}")
-        if check_finite and value.size and not bool(cp.isfinite(value).all()):
-            raise ValueError(f"{name} contains NaN or infinity; pass check_finite=False to "
-                             f"skip this check")
+        device_matrix(value, name, check_finite)
     if x.device.id != weight.device.id:
         raise ValueError(f"weight is on GPU {weight.device.id} but x is on GPU {x.device.id}")
     if weight.shape[1] != x.shape[1]:
