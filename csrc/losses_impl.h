@@ -115,6 +115,7 @@ typedef struct {
     const int64_t *start, *order;
     int offset;             /* 0 (positive) or 3 (negative) */
     double *target;         /* gradient rows of the role being written */
+    const double *pair_g;   /* NULL, or per triplet dL/dd(a,p) and dL/dd(a,n) (margin loss) */
 } TM_FN(triplet_grad_job);
 
 static void TM_FN(triplet_coef_range)(void *ctx, int participant, int64_t begin, int64_t end)
@@ -125,14 +126,21 @@ static void TM_FN(triplet_coef_range)(void *ctx, int participant, int64_t begin,
     const int cosine = job->metric == TM_METRIC_COSINE;
     for (int64_t i = begin; i < end; ++i) {
         const double dap = job->dists[3 * i], dan = job->dists[3 * i + 1];
-        const double z = dap - dan + job->margin;
-        const double g = job->scale * (job->soft ? TM_FN(sigmoid)(z) : (z > 0.0 ? 1.0 : 0.0));
+        double gp, gn;
+        if (job->pair_g != NULL) {
+            gp = job->scale * job->pair_g[2 * i];
+            gn = job->scale * job->pair_g[2 * i + 1];
+        } else {
+            const double z = dap - dan + job->margin;
+            gp = job->scale * (job->soft ? TM_FN(sigmoid)(z) : (z > 0.0 ? 1.0 : 0.0));
+            gn = -gp;
+        }
         const TM_REAL *xa = job->x + job->anchor[i] * d;
         const double norm_a = cosine ? TM_FN(norm_of)(xa, d) : 0.0;
         const double norm_p = cosine ? TM_FN(norm_of)(job->r + job->positive[i] * d, d) : 0.0;
         const double norm_n = cosine ? TM_FN(norm_of)(job->r + job->negative[i] * d, d) : 0.0;
-        const TM_FN(pair_coef) cp = TM_FN(pair_coefficients)(job->metric, g, dap, norm_a, norm_p);
-        const TM_FN(pair_coef) cn = TM_FN(pair_coefficients)(job->metric, -g, dan, norm_a, norm_n);
+        const TM_FN(pair_coef) cp = TM_FN(pair_coefficients)(job->metric, gp, dap, norm_a, norm_p);
+        const TM_FN(pair_coef) cn = TM_FN(pair_coefficients)(job->metric, gn, dan, norm_a, norm_n);
         double *c = job->coef + 6 * i;
         c[0] = cp.alpha;
         c[1] = cp.beta;
@@ -191,7 +199,7 @@ static int TM_FN(triplet_gradient)(const TM_REAL *x, int64_t n, const TM_REAL *r
                                    int64_t d, int metric, const int64_t *anchor,
                                    const int64_t *positive, const int64_t *negative, int64_t t,
                                    double margin, int soft, double scale, const double *dists,
-                                   int self, double *gx, double *gr)
+                                   const double *pair_g, int self, double *gx, double *gr)
 {
     memset(gx, 0, (size_t)(n * d) * sizeof(double));
     if (!self && gr != NULL)
@@ -218,7 +226,7 @@ static int TM_FN(triplet_gradient)(const TM_REAL *x, int64_t n, const TM_REAL *r
     /* Chunks of about 64 rows' (or triplets') work each. */
     const int64_t row_grain = 64, coef_grain = 1 + 16384 / (d > 0 ? d : 1);
     TM_FN(triplet_grad_job) job = {x, r, d, metric, soft, anchor, positive, negative, margin,
-                                   scale, dists, coef, start, order, 0, gx};
+                                   scale, dists, coef, start, order, 0, gx, pair_g};
     tm_parallel_for(threads, t, coef_grain, TM_FN(triplet_coef_range), &job);
     TM_FN(order_by_row)(anchor, t, n, start, order);
     tm_parallel_for(threads, n, row_grain, TM_FN(triplet_anchor_rows), &job);
@@ -316,7 +324,7 @@ int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int6
 
     if (grad != NULL) {
         status = TM_FN(triplet_gradient)(x, n, r, m, d, metric, anchor, positive, negative, t,
-                                         margin, soft, scale, work, self, gx,
+                                         margin, soft, scale, work, NULL, self, gx,
                                          self || ref_grad == NULL ? NULL : gr);
         if (status == TM_OK) {
             TM_FN(store_scaled)(grad, gx, (size_t)(n * d), 1.0);
@@ -325,6 +333,91 @@ int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int6
         }
     }
     tm_free(work);
+    tm_free(gx);
+    tm_free(gr);
+    return status;
+}
+
+/* ---- margin loss over given triplets (Wu et al. 2017) ------------------------
+ *
+ * The given-triplet reducer with two hinges per triplet:
+ *   pos = max(0, d(a,p) - beta_t + margin),  neg = max(0, beta_t - d(a,n) + margin),
+ * loss_t = pos + neg; active counts the nonzero hinges (MEAN_NONZERO divides by
+ * it, as pytorch-metric-learning's MarginLoss does).  beta_grad[t] (optional)
+ * receives dL/dbeta_t = scale ([neg > 0] - [pos > 0]); the gradient flows
+ * through each active hinge's own distance (pair_g). */
+int TM_FN(tm_margin_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m, int64_t d,
+                          int metric, const int64_t *anchor, const int64_t *positive,
+                          const int64_t *negative, int64_t t, const double *beta, double margin,
+                          int reduction, double *loss, int64_t *n_active, double *per_triplet,
+                          double *beta_grad, TM_REAL *grad, TM_REAL *ref_grad)
+{
+    const int self = ref == NULL;
+    if (n < 0 || m < 0 || d < 0 || t < 0 || (self && m != n) || loss == NULL ||
+        n_active == NULL || !TM_FN(valid_reduction)(reduction) || !(margin >= 0.0) ||
+        !isfinite(margin) ||
+        (t > 0 && (anchor == NULL || positive == NULL || negative == NULL || beta == NULL)))
+        return TM_ERR_INVALID;
+    for (int64_t i = 0; i < t; ++i)
+        if (anchor[i] < 0 || anchor[i] >= n || positive[i] < 0 || positive[i] >= m ||
+            negative[i] < 0 || negative[i] >= m || !isfinite(beta[i]))
+            return TM_ERR_INVALID;
+    const TM_REAL *r = self ? x : ref;
+
+    size_t z_bytes, g_bytes, gx_bytes, gr_bytes;
+    int status;
+    if ((status = tm_bytes(t, 3, sizeof(double), &z_bytes)) != TM_OK ||
+        (status = tm_bytes(t, 2, sizeof(double), &g_bytes)) != TM_OK ||
+        (status = tm_bytes(grad != NULL ? n : 0, d, sizeof(double), &gx_bytes)) != TM_OK ||
+        (status = tm_bytes(grad != NULL && !self && ref_grad != NULL ? m : 0, d, sizeof(double),
+                           &gr_bytes)) != TM_OK)
+        return status;
+    double *work = tm_alloc(z_bytes); /* per triplet: d(a,p), d(a,n), unused */
+    double *pair_g = tm_alloc(g_bytes);
+    double *gx = tm_alloc(gx_bytes);
+    double *gr = tm_alloc(gr_bytes);
+    if (work == NULL || pair_g == NULL || gx == NULL || gr == NULL) {
+        tm_free(work);
+        tm_free(pair_g);
+        tm_free(gx);
+        tm_free(gr);
+        return TM_ERR_NOMEM;
+    }
+
+    TM_FN(triplet_dist_job) job = {x, r, d, metric, anchor, positive, negative, 0.0, 0, work};
+    tm_parallel_for(tm_threads_for(t / 256 + 1), t, 256, TM_FN(triplet_dist_range), &job);
+    double total = 0.0;
+    int64_t active = 0;
+    for (int64_t i = 0; i < t; ++i) {
+        const double pos = work[3 * i] - beta[i] + margin;
+        const double neg = beta[i] - work[3 * i + 1] + margin;
+        const double lp = pos > 0.0 ? pos : 0.0, ln = neg > 0.0 ? neg : 0.0;
+        total += lp + ln;
+        active += (lp > 0.0) + (ln > 0.0);
+        pair_g[2 * i] = lp > 0.0 ? 1.0 : 0.0;
+        pair_g[2 * i + 1] = ln > 0.0 ? -1.0 : 0.0;
+        if (per_triplet != NULL)
+            per_triplet[i] = lp + ln;
+    }
+    const double scale = TM_FN(reduction_scale)(reduction, t, active);
+    *loss = reduction == TM_REDUCE_NONE ? total : total * scale;
+    *n_active = active;
+    if (beta_grad != NULL)
+        for (int64_t i = 0; i < t; ++i)
+            beta_grad[i] = scale * (-pair_g[2 * i + 1] - pair_g[2 * i]);
+
+    if (grad != NULL) {
+        status = TM_FN(triplet_gradient)(x, n, r, m, d, metric, anchor, positive, negative, t,
+                                         margin, 0, scale, work, pair_g, self, gx,
+                                         self || ref_grad == NULL ? NULL : gr);
+        if (status == TM_OK) {
+            TM_FN(store_scaled)(grad, gx, (size_t)(n * d), 1.0);
+            if (!self && ref_grad != NULL)
+                TM_FN(store_scaled)(ref_grad, gr, (size_t)(m * d), 1.0);
+        }
+    }
+    tm_free(work);
+    tm_free(pair_g);
     tm_free(gx);
     tm_free(gr);
     return status;

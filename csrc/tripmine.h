@@ -258,6 +258,24 @@ TM_PUBLIC int tm_triplet_loss_f64(const double *x, int64_t n, const double *ref,
                                   int64_t *n_active, double *per_triplet, double *grad,
                                   double *ref_grad);
 
+/* Margin loss over given triplets (Wu et al. 2017, "Sampling Matters"):
+ * pos = max(0, d(a,p) - beta[i] + margin), neg = max(0, beta[i] - d(a,q) +
+ * margin), loss_i = pos + neg, beta one value per triplet.  *n_active counts the
+ * nonzero hinges (TM_REDUCE_MEAN_NONZERO divides by it); beta_grad (t, or
+ * NULL) receives dL/dbeta[i].  Distances exact, as for tm_triplet_loss. */
+TM_PUBLIC int tm_margin_loss_f32(const float *x, int64_t n, const float *ref, int64_t m,
+                                 int64_t d, int metric, const int64_t *anchor,
+                                 const int64_t *positive, const int64_t *negative, int64_t t,
+                                 const double *beta, double margin, int reduction, double *loss,
+                                 int64_t *n_active, double *per_triplet, double *beta_grad,
+                                 float *grad, float *ref_grad);
+TM_PUBLIC int tm_margin_loss_f64(const double *x, int64_t n, const double *ref, int64_t m,
+                                 int64_t d, int metric, const int64_t *anchor,
+                                 const int64_t *positive, const int64_t *negative, int64_t t,
+                                 const double *beta, double margin, int reduction, double *loss,
+                                 int64_t *n_active, double *per_triplet, double *beta_grad,
+                                 double *grad, double *ref_grad);
+
 /* Batch-all triplet loss: every valid (a, p, q), never enumerated (per anchor
  * one sort of its positives, a binary search per negative).  per_anchor (n)
  * may be NULL. */

@@ -165,6 +165,16 @@ int tm_softmax_head_f64(const tm_head *head, const double *x, int64_t n, int64_t
                         int64_t *n_correct, double *grad, double *weight_grad,
                         double *bias_grad);
 
+int tm_margin_loss_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
+                       int metric, const int64_t *anchor, const int64_t *positive,
+                       const int64_t *negative, int64_t t, const double *beta, double margin,
+                       int reduction, double *loss, int64_t *n_active, double *per_triplet,
+                       double *beta_grad, float *grad, float *ref_grad);
+int tm_margin_loss_f64(const double *x, int64_t n, const double *ref, int64_t m, int64_t d,
+                       int metric, const int64_t *anchor, const int64_t *positive,
+                       const int64_t *negative, int64_t t, const double *beta, double margin,
+                       int reduction, double *loss, int64_t *n_active, double *per_triplet,
+                       double *beta_grad, double *grad, double *ref_grad);
 int tm_center_loss_f32(const float *x, int64_t n, int64_t d, const int64_t *labels,
                        const float *centers, int64_t c, int reduction, const double *upstream,
                        double *loss, double *per_sample, float *grad, float *centers_grad);

@@ -594,3 +594,21 @@ def update_centers(centers, x, labels, alpha):
         delta = sum(out[j] - np.asarray(x[i], dtype=np.float64) for i in members)
         out[j] = out[j] - alpha * delta / (1 + len(members))
     return out
+
+
+# ---- margin loss ------------------------------------------------------------------
+
+def margin_losses(x, triplets, beta_of_anchor, *, margin=0.2, nu=0.0, metric="euclidean",
+                  ref=None):
+    """Per-triplet margin losses (Wu et al. 2017) and the count of nonzero hinge terms:
+    max(0, d(a,p) - beta + margin) + max(0, beta - d(a,n) + margin) + nu beta, beta =
+    beta_of_anchor(a)."""
+    rows = x if ref is None else ref
+    out, active = [], 0
+    for a, p, q in zip(*triplets):
+        beta = float(beta_of_anchor(int(a)))
+        pos = max(0.0, distance(x[a], rows[p], metric) - beta + margin)
+        neg = max(0.0, beta - distance(x[a], rows[q], metric) + margin)
+        active += (pos > 0) + (neg > 0)
+        out.append(pos + neg + nu * beta)
+    return np.array(out, dtype=np.float64), active

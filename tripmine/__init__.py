@@ -22,7 +22,7 @@ functions whose *output* is a matrix (``pairwise_distances``, the masks)
 allocate N x M.  See README.md for the semantics (metrics, self mode, ties).
 """
 
-from . import _core, center, heads, metrics, sampling
+from . import _core, center, heads, margin, metrics, sampling
 from .center import CenterLossResult, center_loss, update_centers
 from .distances import pairwise_distances
 from .heads import (
@@ -36,6 +36,7 @@ from .heads import (
     sphereface_loss,
 )
 from .losses import ContrastiveLossResult, TripletLossResult, contrastive_loss, triplet_loss
+from .margin import MarginLossResult, margin_loss
 from .masks import TRIPLET_MASK_MAX_N, negative_mask, positive_mask, triplet_mask
 from .miners import Triplets, batch_hard, distance_weighted, semi_hard
 from .runtime import build_info, get_num_threads, set_num_threads
@@ -46,6 +47,7 @@ __all__ = [
     "TRIPLET_MASK_MAX_N",
     "CenterLossResult",
     "ContrastiveLossResult",
+    "MarginLossResult",
     "SoftmaxLossResult",
     "TripletLossResult",
     "Triplets",
@@ -61,6 +63,8 @@ __all__ = [
     "get_num_threads",
     "heads",
     "large_margin_softmax_loss",
+    "margin",
+    "margin_loss",
     "metrics",
     "negative_mask",
     "normface_loss",

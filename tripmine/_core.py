@@ -380,3 +380,22 @@ def update_centers(centers, x, labels, alpha):
     check(_typed("tm_update_centers", centers.dtype)(
         ptr, centers.shape[0], centers.shape[1], _ptr(x), x.shape[0], _ptr(labels),
         float(alpha)), "center update")
+
+
+def margin_loss(x, ref, metric, anchor, positive, negative, beta, margin, reduction, want_grad,
+                per_item):
+    """Margin loss over given triplets (tripmine.margin): (loss, n_active, per_triplet,
+    beta_grad per triplet, grad, ref_grad)."""
+    loss = ffi.new("double *")
+    active = ffi.new("int64_t *")
+    t = anchor.shape[0]
+    per_triplet = np.empty(t) if per_item else None
+    beta_grad = np.empty(t)
+    grad, ref_grad = _gradient_buffers(x, ref, want_grad)
+    check(_typed("tm_margin_loss", x.dtype)(*_problem_args(x, ref), metric, _ptr(anchor),
+                                            _ptr(positive), _ptr(negative), t, _ptr(beta),
+                                            margin, REDUCTIONS[reduction], loss, active,
+                                            _ptr(per_triplet), _ptr(beta_grad), _ptr(grad),
+                                            _ptr(ref_grad)),
+          "margin_loss")
+    return loss[0], int(active[0]), per_triplet, beta_grad, grad, ref_grad

@@ -95,6 +95,24 @@ def _given_triplets(triplets: Any, n: int, m: int, *, as_array: Any = None) -> T
     return Triplets(*arrays)
 
 
+def mine_triplets(problem, mining: str | Triplets, margin: float, metric: str,
+                  normalize: bool, seed: Any) -> tuple[Triplets, int | None]:
+    """The triplets of a mining rule other than batch-all (or given ones, checked) and the
+    seed used: shared by :func:`triplet_loss` and :func:`tripmine.margin.margin_loss`."""
+    if not isinstance(mining, str):
+        return _given_triplets(mining, problem.n, problem.m), None
+    if mining == "batch_hard":
+        return miners.mine_batch_hard(problem), None
+    if mining == "semi_hard":
+        return miners.mine_semi_hard(problem, margin, "closest", 0), None
+    miners.check_weighted_metric(metric)
+    if not normalize:
+        miners.check_unit_norm(problem)
+    used_seed = problems.resolve_seed(seed)
+    return miners.mine_distance_weighted(problem, miners.DEFAULT_CUTOFF,
+                                         miners.DEFAULT_NONZERO_LOSS_CUTOFF, used_seed), used_seed
+
+
 @dispatch
 def triplet_loss(x: Any, labels: Any, *, mining: str | Triplets = "batch_hard",
                  margin: float = 0.2, soft: bool = False, metric: str = "euclidean",
@@ -150,8 +168,6 @@ def triplet_loss(x: Any, labels: Any, *, mining: str | Triplets = "batch_hard",
     problem = problems.prepare(x, labels, ref, ref_labels, metric=metric, normalize=normalize,
                                check_finite=check_finite, need_labels=not given,
                                ref_offset=ref_offset)
-    used_seed = None
-
     if mining == "batch_all":
         loss, n_triplets, active, per_anchor, g, rg = _core.batch_all_loss(
             problem.x, problem.ref, problem.metric, problem.codes, problem.ref_codes, margin,
@@ -160,19 +176,7 @@ def triplet_loss(x: Any, labels: Any, *, mining: str | Triplets = "batch_hard",
         return TripletLossResult(per_anchor if reduction == "none" else float(loss), g, rg,
                                  n_triplets, active, _fraction(active, n_triplets), None)
 
-    if given:
-        triplets = _given_triplets(mining, problem.n, problem.m)
-    elif mining == "batch_hard":
-        triplets = miners.mine_batch_hard(problem)
-    elif mining == "semi_hard":
-        triplets = miners.mine_semi_hard(problem, margin, "closest", 0)
-    else:
-        miners.check_weighted_metric(metric)
-        if not normalize:
-            miners.check_unit_norm(problem)
-        used_seed = problems.resolve_seed(seed)
-        triplets = miners.mine_distance_weighted(problem, miners.DEFAULT_CUTOFF,
-                                                  miners.DEFAULT_NONZERO_LOSS_CUTOFF, used_seed)
+    triplets, used_seed = mine_triplets(problem, mining, margin, metric, normalize, seed)
     loss, active, per_triplet, g, rg = _core.triplet_loss(
         problem.x, problem.ref, problem.metric, triplets.anchor, triplets.positive,
         triplets.negative, margin, soft, reduction, want_grad, reduction == "none")

@@ -665,6 +665,23 @@ def _triplet_terms(problem: Problem, triplets: Triplets, margin, soft, reduction
     return value, active, g, rg
 
 
+def _mine(problem: Problem, mining, margin, metric, normalize, seed):
+    """The triplets of a rule other than batch-all (or given ones) and the seed used: the
+    device twin of tripmine.losses.mine_triplets."""
+    if not isinstance(mining, str):
+        return _given_triplets(mining, problem.n, problem.m), None
+    if mining == "batch_hard":
+        return mine_batch_hard(problem), None
+    if mining == "semi_hard":
+        return mine_semi_hard(problem, margin, "closest", 0), None
+    cpu_miners.check_weighted_metric(metric)
+    if not normalize:
+        check_unit_norm(problem)
+    used_seed = cpu_problem.resolve_seed(seed)
+    return mine_distance_weighted(problem, cpu_miners.DEFAULT_CUTOFF,
+                                  cpu_miners.DEFAULT_NONZERO_LOSS_CUTOFF, used_seed), used_seed
+
+
 def triplet_loss(x, labels, *, mining="batch_hard", margin=0.2, soft=False, metric="euclidean",
                  normalize=False, reduction="auto", ref=None, ref_labels=None, seed=None,
                  grad=True, check_finite=True, ref_offset=None):
@@ -679,31 +696,43 @@ def triplet_loss(x, labels, *, mining="batch_hard", margin=0.2, soft=False, metr
         reduction = "mean_nonzero" if mining == "batch_all" else "mean"
     problem = prepare(x, labels, ref, ref_labels, metric=metric, normalize=normalize,
                       check_finite=check_finite, need_labels=not given, ref_offset=ref_offset)
-    used_seed = None
     if mining == "batch_all":
         loss, n_triplets, active, g, rg = _batch_all(problem, margin, soft, reduction,
                                                      want_grad)
         g, rg = problem.chain(g, rg)
         return TripletLossResult(loss, g, rg, n_triplets, active,
                                  active / n_triplets if n_triplets else 0.0, None)
-    if given:
-        triplets = _given_triplets(mining, problem.n, problem.m)
-    elif mining == "batch_hard":
-        triplets = mine_batch_hard(problem)
-    elif mining == "semi_hard":
-        triplets = mine_semi_hard(problem, margin, "closest", 0)
-    else:
-        cpu_miners.check_weighted_metric(metric)
-        if not normalize:
-            check_unit_norm(problem)
-        used_seed = cpu_problem.resolve_seed(seed)
-        triplets = mine_distance_weighted(problem, cpu_miners.DEFAULT_CUTOFF,
-                                          cpu_miners.DEFAULT_NONZERO_LOSS_CUTOFF, used_seed)
+    triplets, used_seed = _mine(problem, mining, margin, metric, normalize, seed)
     loss, active, g, rg = _triplet_terms(problem, triplets, margin, soft, reduction, want_grad)
     g, rg = problem.chain(g, rg)
     count = int(triplets.anchor.shape[0])
     return TripletLossResult(loss, g, rg, count, active, active / count if count else 0.0,
                              triplets, used_seed)
+
+
+def margin_loss(x, labels, *, margin=0.2, beta=1.2, nu=0.0, mining="distance_weighted",
+                metric="euclidean", normalize=False, reduction="mean", ref=None, ref_labels=None,
+                ref_offset=None, seed=None, grad=True, check_finite=True):
+    """tripmine.margin_loss on the device: the CPU's checks, the device miners, then the
+    array-module terms of tripmine._fused_margin (cuBLAS-free: gathers and scatter-adds)."""
+    from .. import _fused_margin
+    from .. import margin as cpu_margin
+    margin, nu, beta_value, want_grad, reduction = cpu_margin._arguments(
+        margin, nu, cp.asnumpy(beta) if _is_cupy(beta) else beta, grad, reduction, mining,
+        labels)
+    given = not isinstance(mining, str)
+    problem = prepare(x, labels, ref, ref_labels, metric=metric, normalize=normalize,
+                      check_finite=check_finite, need_labels=not given, ref_offset=ref_offset)
+    triplets, used_seed = _mine(problem, mining, margin, metric, normalize, seed)
+    anchor_class, beta_t = cpu_margin._triplet_betas(cp, beta_value, labels, problem.n,
+                                                     triplets.anchor)
+    loss, active, per, beta_grad_t, g, rg = _fused_margin.margin_terms(
+        cp, problem.x, problem.ref, metric, triplets.anchor, triplets.positive,
+        triplets.negative, beta_t, margin, "mean_nonzero" if reduction == "mean" else reduction,
+        want_grad)
+    g, rg = problem.chain(g, rg)
+    return cpu_margin.finish(cp, loss, active, per, beta_grad_t, beta_t, anchor_class,
+                             beta_value, nu, reduction, g, rg, triplets, used_seed)
 
 
 def contrastive_loss(x, labels, *, pos_margin=0.0, neg_margin=1.0, power=1, metric="euclidean",

@@ -24,6 +24,7 @@ autograd graph is built through the distances or the mining.
 * :class:`SoftmaxLoss`, :class:`NormFace`, :class:`CosFace`, :class:`ArcFace`,
   :class:`CombinedMargin`, :class:`SphereFace`, :class:`LargeMarginSoftmax` -- the
   margin-softmax heads, each owning its class weights (``tripmine.heads``);
+* :class:`MarginLoss` -- the margin loss with a learnable beta (``tripmine.margin``);
 * :class:`CenterLoss` -- the center loss with the paper's center update (or SGD on the
   centers), ``tripmine.center``;
 * :class:`MemoryBank` -- cross-batch memory (XBM): mine each batch against
@@ -41,8 +42,9 @@ from .heads import (
     SphereFace,
 )
 from .losses import ContrastiveLoss, TripletLoss, contrastive_loss, triplet_loss
+from .margin import MarginLoss
 from .memory import MemoryBank
 
 __all__ = ["ArcFace", "CenterLoss", "CombinedMargin", "ContrastiveLoss", "CosFace",
-           "LargeMarginSoftmax", "MemoryBank", "NormFace", "SoftmaxLoss", "SphereFace",
-           "TripletLoss", "contrastive_loss", "triplet_loss"]
+           "LargeMarginSoftmax", "MarginLoss", "MemoryBank", "NormFace", "SoftmaxLoss",
+           "SphereFace", "TripletLoss", "contrastive_loss", "triplet_loss"]
