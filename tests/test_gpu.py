@@ -390,3 +390,26 @@ def test_center_refuses_mixed_devices_and_bad_centers():
         tripmine.center_loss(cp.asarray(x), np.zeros(3, dtype=np.int64), x)
     with pytest.raises(ValueError, match="labels"):
         tripmine.update_centers(cp.zeros((2, 4), cp.float32), cp.asarray(x), [0, 1, 2])
+
+
+# ---- the margin loss -----------------------------------------------------------------
+
+@pytest.mark.parametrize("mining", ["batch_hard", "distance_weighted"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_margin_loss_matches_the_c_core(mining, reduction):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(64, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(16), 4)
+    beta = rng.uniform(0.8, 1.4, 16)
+    kw = dict(mining=mining, beta=beta, nu=0.05, reduction=reduction, seed=2)
+    cpu = tripmine.margin_loss(x, labels, **kw)
+    (xg,) = to_gpu(x)
+    gpu = tripmine.margin_loss(xg, cp.asarray(labels), **kw)
+    if mining == "batch_hard":  # the same triplets (distance-weighted draws may differ)
+        for a, b in zip(gpu.triplets, cpu.triplets):
+            np.testing.assert_array_equal(host(a), b)
+        np.testing.assert_allclose(host(gpu.loss), cpu.loss, rtol=1e-10)
+        np.testing.assert_allclose(host(gpu.grad), cpu.grad, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(host(gpu.beta_grad), cpu.beta_grad, rtol=1e-10, atol=1e-12)
+    assert isinstance(gpu.grad, cp.ndarray) and np.isfinite(host(gpu.grad)).all()

@@ -133,6 +133,7 @@ def _mixed_calls(problem) -> dict:
         "sphereface_none": lambda: tripmine.sphereface_loss(unit, y, ref[:64], reduction="none"),
         "center": lambda: tripmine.center_loss(x, y, ref[:64]),
         "center_update": lambda: tripmine.update_centers(ref[:64].copy(), x, y),
+        "margin": lambda: tripmine.margin_loss(unit, y, seed=4, beta=ref[:64, 0] % 1 + 0.8),
     }
 
 
@@ -386,6 +387,7 @@ calls = {
     "softmax_none": lambda: tripmine.softmax_loss(x, y, ref[:6], reduction="none"),
     "center": lambda: tripmine.center_loss(big, big_y, big[:24]),
     "center_update": lambda: tripmine.update_centers(big[:24].copy(), big, big_y),
+    "margin": lambda: tripmine.margin_loss(big, big_y, mining="batch_hard", beta=1.0),
     "raise_center_labels": lambda: raises(lambda: tripmine.update_centers(
         ref[:6].copy(), x, y + 100), ValueError),
     "raise_head_labels": lambda: raises(lambda: tripmine.cosface_loss(x, y + 100, ref),
