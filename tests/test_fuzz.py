@@ -1622,3 +1622,100 @@ def test_fuzz_center_loss_and_update(data):
     assert moved is target
     if checked and alpha <= 1:  # each center moves toward its samples, never past them
         assert np.isfinite(target).all()
+
+
+# ---- the margin loss -----------------------------------------------------------------------
+
+MARGIN_RULES = ("batch_hard", "semi_hard", "distance_weighted", "triplets")
+
+
+def _class_codes(labels: Any) -> np.ndarray | None:
+    """The labels as class indices for a per-class beta, when they are small non-negative
+    integers; None otherwise."""
+    try:
+        arr = np.asarray(labels)
+    except Exception:  # noqa: BLE001 -- anything array-unlike has no class indices
+        return None
+    if arr.ndim != 1 or arr.dtype.kind not in "iu" or (arr.size and arr.min() < 0) or \
+            (arr.size and arr.max() > 1000):
+        return None
+    return arr
+
+
+@FUZZ
+@given(st.data())
+@counted
+def test_fuzz_margin_loss(data):
+    rule = data.draw(st.sampled_from(MARGIN_RULES), label="rule")
+    draws = Draws(data, ("input", "mining", "metric", "margin", "nu", "beta", "normalize",
+                         "reduction", "grad", "seed"))
+    problem = data.draw(problems(unit=rule == "distance_weighted",
+                                 faulty=draws.fault == "input"))
+    metrics_here = ("euclidean",) if rule == "distance_weighted" else METRICS
+    metric = draws("metric", st.sampled_from(metrics_here), METRIC_FAULTS)
+    margin = draws("margin", MARGINS, MARGIN_FAULTS)
+    nu = draws("nu", st.sampled_from([0.0, 0.1, 2.0]), ((-0.5, ValueError),
+                                                         (math.nan, ValueError)))
+    normalize = draws("normalize", st.booleans(), FLAG_FAULTS)
+    want_grad = draws("grad", st.booleans(), FLAG_FAULTS)
+    reduction = draws("reduction", st.sampled_from(["mean", "sum", "none"]),
+                      (("mean_nonzero", ValueError), (None, ValueError)))
+    seed = draws("seed", SEEDS, SEED_FAULTS if rule == "distance_weighted" else ())
+    codes = _class_codes(problem.labels)
+    per_class = codes is not None and data.draw(st.booleans(), label="per_class")
+    c = int(codes.max()) + 1 if per_class and codes.size else 1
+    beta_valid = (st.builds(lambda v: np.full(c, v), st.floats(0, 3)) if per_class
+                  else st.one_of(st.floats(-1, 3), st.sampled_from([1.2, np.float32(0.5), 2])))
+    beta = draws("beta", beta_valid, ((math.inf, ValueError), (np.ones((2, 2)), ValueError),
+                                      ("1.2", TypeError)))
+    errors = set(draws.errors)
+    labels, mining = problem.labels, rule
+    if rule == "triplets":
+        errors |= problem.input_errors
+        mining, error = data.draw(user_triplets(problem.n, problem.m, draws.fault == "mining"))
+        errors |= {error} if error else set()
+        if not per_class and data.draw(st.booleans()):
+            labels = None
+    else:
+        errors |= problem.errors
+        if draws.fault == "mining":
+            mining = data.draw(st.sampled_from(["batch_all", "hardest", None]))
+            errors.add(ValueError)
+    may_raise = False
+    if rule == "distance_weighted":
+        must, may_raise = _unit_norm_error(problem, normalize)
+        if must or (may_raise and errors):
+            errors.add(ValueError)
+    scale = NO_BUDGET if errors else budget(problem, metric=metric, normalize=normalize,
+                                            margin=float(margin) + 3 + 3 * float(nu),
+                                            terms=(problem.n + problem.m) ** 3)
+    expect = expectation(problem, errors, scale) or (ALLOWED_ERRORS if may_raise else None)
+    got = call(expect, tripmine.margin_loss, problem.x, labels, mining=mining, margin=margin,
+               nu=nu, beta=beta, metric=metric, normalize=normalize, reduction=reduction,
+               seed=seed, grad=want_grad, **problem.kwargs())
+    _outcome(got, scale.values)
+    if got is RAISED:
+        return
+    assert isinstance(got, tripmine.MarginLossResult)
+    if want_grad:
+        _check_array(got.grad, (problem.n, problem.x_arr.shape[1]), problem.dtype)
+        if not problem.self_mode:
+            _check_array(got.ref_grad, problem.ref_arr.shape, problem.dtype)
+    else:
+        assert got.grad is None and got.ref_grad is None
+    t = got.n_triplets
+    assert 0 <= got.n_active <= 2 * t and len(got.triplets.anchor) == t
+    if per_class:
+        _check_array(got.beta_grad, (c,), np.float64)
+    else:
+        assert isinstance(got.beta_grad, float)
+    if reduction == "none":
+        _check_array(got.loss, (t,), np.float64)
+    if scale.loss:
+        assert np.all(np.isfinite(got.loss))
+    if scale.grad and want_grad:
+        assert np.isfinite(got.grad).all() and np.isfinite(got.beta_grad).all()
+    _assert_layout_free(got, problem, lambda x, ref: tripmine.margin_loss(
+        x, labels, mining=mining, margin=margin, nu=nu, beta=beta, metric=metric,
+        normalize=normalize, reduction=reduction, seed=seed if got.seed is None else got.seed,
+        grad=want_grad, **{**problem.kwargs(), "ref": ref}))

@@ -61,15 +61,14 @@ def _beta(beta: Any) -> np.ndarray | float:
     if isinstance(beta, (bool, np.bool_)):
         raise TypeError("beta must be a real number or a vector of them (one per class), got "
                         "a bool")
-    if np.ndim(beta) == 0:
-        try:
-            value = float(beta)
-        except (TypeError, ValueError):
-            raise TypeError(f"beta must be a real number or a vector of them (one per class), "
-                            f"got {check._describe(beta)}") from None
+    if isinstance(beta, (int, float, np.integer, np.floating)):
+        value = float(beta)
         if not np.isfinite(value):
             raise ValueError(f"beta must be finite, got {value}")
         return value
+    if isinstance(beta, (str, bytes)) or np.ndim(beta) == 0:
+        raise TypeError(f"beta must be a real number or a vector of them (one per class), "
+                        f"got {check._describe(beta)}")
     arr = check._as_array(beta, "beta")
     if arr.ndim != 1 or arr.dtype.kind not in "fiu" or arr.size == 0:
         raise ValueError(f"beta must be a number or a 1-D vector with one value per class, "
