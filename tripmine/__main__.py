@@ -72,15 +72,17 @@ def _add_demo_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     demo.add_argument("--loss", choices=LOSSES, default=defaults.loss,
                       help="triplet loss (with --mining), the contrastive pair loss, or a "
                            "margin-softmax head trained with its class weights (softmax, "
-                           "normface, cosface, arcface, combined, sphereface, lsoftmax), or the "
-                           "center loss beside a softmax head (center) (default: %(default)s)")
+                           "normface, cosface, arcface, combined, sphereface, lsoftmax), the "
+                           "center loss beside a softmax head (center), or the margin loss "
+                           "with per-class beta (margin) (default: %(default)s)")
     demo.add_argument("--mining", choices=MINING, default=defaults.mining,
                       help="how the triplet loss picks its triplets in each batch "
                            "(default: %(default)s)")
     demo.add_argument("--margin", type=float, default=None,
                       help="triplet margin, the negative margin of the contrastive loss, or "
-                           "a head's margin, or the center loss's weight lambda (default: 0.8 for "
-                           "triplet, 1.0 for contrastive, each head's own, 0.2 for center)")
+                           "a head's margin, the center loss's weight lambda or the margin loss's "
+                           "alpha (default: 0.8 for triplet, 1.0 for contrastive, each head's "
+                           "own, 0.2 for center and margin)")
     demo.add_argument("--p", type=_positive_int, default=None,
                       help="classes per batch (default: every training class, 10; 5 with "
                            "--open-set)")

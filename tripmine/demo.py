@@ -44,6 +44,7 @@ import numpy as np
 
 from . import heads, runtime
 from .center import center_loss, update_centers
+from .margin import margin_loss
 from .losses import MINING, contrastive_loss, triplet_loss
 from .metrics import mean_average_precision_at_r, recall_at_k
 from .sampling import PKSampler
@@ -80,12 +81,26 @@ HEAD_LOSSES = {
 #: sets it.
 CENTER_LAMBDA = 0.2
 CENTER_ALPHA = 0.5
-LOSSES = ("triplet", "contrastive", *HEAD_LOSSES, "center")
+#: ``--loss margin``: Wu et al.'s margin loss over distance-weighted triplets, one beta per
+#: class learned with the network (Adam, like every other parameter); ``--margin`` sets alpha.
+MARGIN_ALPHA = 0.2
+MARGIN_BETA = 1.2
+LOSSES = ("triplet", "contrastive", *HEAD_LOSSES, "center", "margin")
+
+
+def _active_label(loss: str) -> str:
+    """What the demo's second curve shows for this loss."""
+    if loss == "margin":
+        return "fraction of active hinge terms"
+    if loss in HEAD_LOSSES or loss == "center":
+        return "training accuracy (top-1 without margin)"
+    return "fraction of active " + ("pairs" if loss == "contrastive" else "triplets")
 
 
 def _trains_a_head(loss: str) -> bool:
-    """Whether the loss has class weights trained with the network."""
-    return loss in HEAD_LOSSES or loss == "center"
+    """Whether the loss has class weights (or margin's per-class beta) trained with the
+    network."""
+    return loss in HEAD_LOSSES or loss in ("center", "margin")
 PROJECTIONS = ("tsne", "pca")
 #: Default margins, tuned on the closed-set split (unit-norm embeddings: distances in [0, 2]).
 TRIPLET_MARGIN = 0.8
@@ -330,6 +345,11 @@ def loss_and_grad(config: DemoConfig, embeddings: np.ndarray, labels: np.ndarray
     """The configured loss of one batch: value, dL/d(embeddings), fraction active (the
     training accuracy for a head) and, for a head, dL/d(its class weights).  ``--loss
     center`` reads ``centers`` (train() moves them after the step, by the paper's rule)."""
+    if config.loss == "margin":
+        alpha = MARGIN_ALPHA if config.margin is None else float(config.margin)
+        result = margin_loss(embeddings, labels, margin=alpha, beta=weight[:, 0], seed=seed)
+        return (result.loss, result.grad, result.fraction_active,
+                result.beta_grad.astype(weight.dtype)[:, None])
     if config.loss == "center":
         lam = CENTER_LAMBDA if config.margin is None else float(config.margin)
         soft = heads.softmax_loss(embeddings, labels, weight, bias=None)
@@ -383,7 +403,9 @@ def train(model: MLP, x: np.ndarray, labels: np.ndarray, config: DemoConfig, *,
     head = _trains_a_head(config.loss)
     classes_index = np.searchsorted(classes, labels)
     weight = centers = None
-    if head:
+    if config.loss == "margin":  # one beta per class, as a (C, 1) parameter
+        weight = np.full((len(classes), 1), MARGIN_BETA, dtype=config.dtype)
+    elif head:
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, 4]))
         weight = (0.01 * rng.standard_normal((len(classes), config.dim))).astype(config.dtype)
     if config.loss == "center":
@@ -528,7 +550,11 @@ def _describe(config: DemoConfig, split: DigitsSplit, p: int) -> list[str]:
         data = (f"digits (sklearn load_digits), split by samples: {len(split.y_train)} "
                 f"training / {len(split.y_test)} held-out images, {len(test_classes)} classes")
     widths = "-".join(str(s) for s in (split.x_train.shape[1], *config.hidden, config.dim))
-    if config.loss == "center":
+    if config.loss == "margin":
+        alpha = MARGIN_ALPHA if config.margin is None else config.margin
+        loss = (f"margin loss (alpha {alpha:g}, distance-weighted triplets), one beta per class "
+                f"(from {MARGIN_BETA:g}) trained with the network")
+    elif config.loss == "center":
         lam = CENTER_LAMBDA if config.margin is None else config.margin
         loss = (f"softmax head + {lam:g} x center loss (centers by the paper's update, "
                 f"alpha {CENTER_ALPHA:g}), class weights trained with the network")
@@ -628,9 +654,7 @@ def run(config: DemoConfig = DemoConfig(), *, plot: str | os.PathLike | None = D
             save_plot(plot, history, project_2d(untrained, config.projection, config.seed),
                       project_2d(trained, config.projection, config.seed), split.y_test,
                       title=title, projection=config.projection, scores=scores,
-                      active_label=("training accuracy (top-1 without margin)"
-                                    if _trains_a_head(config.loss) else "fraction of active "
-                                    + ("pairs" if config.loss == "contrastive" else "triplets")),
+                      active_label=_active_label(config.loss),
                       subject="unseen digits" if config.open_set else "held-out images")
             print(f"plot: {os.fspath(plot)}", file=out)
 
