@@ -44,8 +44,8 @@ import numpy as np
 
 from . import heads, runtime
 from .center import center_loss, update_centers
-from .margin import margin_loss
 from .losses import MINING, contrastive_loss, triplet_loss
+from .margin import margin_loss
 from .metrics import mean_average_precision_at_r, recall_at_k
 from .sampling import PKSampler
 
