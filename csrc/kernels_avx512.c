@@ -105,43 +105,48 @@ AVX512_KERNEL(dot_avx512_f64, double, __m512d, 8, pd)
 static void pack_panel_avx512_f32(const void *src_v, int64_t ld, const void *scale_v,
                                   int64_t rows, int64_t d, int64_t nr, void *dst_v)
 {
-    if (nr != 2 * 16 || rows != nr || ld >= INT32_MAX / nr) {
-        pack_panel_kernel_f32(src_v, ld, scale_v, rows, d, nr, dst_v);
+#ifndef TM_AVX512_EMULATE /* SIMDe has no gathers: the emulated build packs portably */
+    if (nr == 2 * 16 && rows == nr && ld < INT32_MAX / nr) {
+        const float *lo = (const float *)src_v, *hi = lo + 16 * ld;
+        const float *scale = (const float *)scale_v;
+        float *dst = (float *)dst_v;
+        const __m512i idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32((int)ld));
+        const __m512 f0 = _mm512_loadu_ps(scale), f1 = _mm512_loadu_ps(scale + 16);
+        for (int64_t p = 0; p < d; ++p) {
+            const __m512 a = _mm512_i32gather_ps(idx, lo + p, 4);
+            const __m512 b = _mm512_i32gather_ps(idx, hi + p, 4);
+            _mm512_storeu_ps(dst + p * 32, _mm512_mul_ps(a, f0));
+            _mm512_storeu_ps(dst + p * 32 + 16, _mm512_mul_ps(b, f1));
+        }
         return;
     }
-    const float *lo = (const float *)src_v, *hi = lo + 16 * ld, *scale = (const float *)scale_v;
-    float *dst = (float *)dst_v;
-    const __m512i idx = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32((int)ld));
-    const __m512 f0 = _mm512_loadu_ps(scale), f1 = _mm512_loadu_ps(scale + 16);
-    for (int64_t p = 0; p < d; ++p) {
-        const __m512 a = _mm512_i32gather_ps(idx, lo + p, 4);
-        const __m512 b = _mm512_i32gather_ps(idx, hi + p, 4);
-        _mm512_storeu_ps(dst + p * 32, _mm512_mul_ps(a, f0));
-        _mm512_storeu_ps(dst + p * 32 + 16, _mm512_mul_ps(b, f1));
-    }
+#endif
+    pack_panel_kernel_f32(src_v, ld, scale_v, rows, d, nr, dst_v);
 }
 
 static void pack_panel_avx512_f64(const void *src_v, int64_t ld, const void *scale_v,
                                   int64_t rows, int64_t d, int64_t nr, void *dst_v)
 {
-    if (nr != 2 * 8 || rows != nr || ld >= INT32_MAX / nr) {
-        pack_panel_kernel_f64(src_v, ld, scale_v, rows, d, nr, dst_v);
+#ifndef TM_AVX512_EMULATE
+    if (nr == 2 * 8 && rows == nr && ld < INT32_MAX / nr) {
+        const double *lo = (const double *)src_v, *hi = lo + 8 * ld;
+        const double *scale = (const double *)scale_v;
+        double *dst = (double *)dst_v;
+        const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                               _mm256_set1_epi32((int)ld));
+        const __m512d f0 = _mm512_loadu_pd(scale), f1 = _mm512_loadu_pd(scale + 8);
+        for (int64_t p = 0; p < d; ++p) {
+            const __m512d a = _mm512_i32gather_pd(idx, lo + p, 8);
+            const __m512d b = _mm512_i32gather_pd(idx, hi + p, 8);
+            _mm512_storeu_pd(dst + p * 16, _mm512_mul_pd(a, f0));
+            _mm512_storeu_pd(dst + p * 16 + 8, _mm512_mul_pd(b, f1));
+        }
         return;
     }
-    const double *lo = (const double *)src_v, *hi = lo + 8 * ld;
-    const double *scale = (const double *)scale_v;
-    double *dst = (double *)dst_v;
-    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                           _mm256_set1_epi32((int)ld));
-    const __m512d f0 = _mm512_loadu_pd(scale), f1 = _mm512_loadu_pd(scale + 8);
-    for (int64_t p = 0; p < d; ++p) {
-        const __m512d a = _mm512_i32gather_pd(idx, lo + p, 8);
-        const __m512d b = _mm512_i32gather_pd(idx, hi + p, 8);
-        _mm512_storeu_pd(dst + p * 16, _mm512_mul_pd(a, f0));
-        _mm512_storeu_pd(dst + p * 16 + 8, _mm512_mul_pd(b, f1));
-    }
+#endif
+    pack_panel_kernel_f64(src_v, ld, scale_v, rows, d, nr, dst_v);
 }
 
 #ifndef TM_AVX512_EMULATE
