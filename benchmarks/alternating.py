@@ -317,5 +317,47 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# ---- small ops against a baseline of their own (benchmarks/center.py, margin.py) -------------
+
+def small_op_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of a script that times an op against its own baseline over N."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--d", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--targets", action="store_true")
+    return parser
+
+
+def compare_over_n(args, make_pair, columns: tuple[str, str], target: float,
+                   rounds: tuple[int, int]) -> dict:
+    """Pin the threads, then per N time ``make_pair(n, d) -> (op, baseline)`` alternating
+    (``measure_once``, ``args.runs`` times) and print one table row; returns
+    {n: dict(runs, summary, rounds)}."""
+    if args.threads:
+        tripmine.set_num_threads(args.threads)
+        bc.set_blas_threads(args.threads)
+    print(bc.describe_cpu(bc.cpu_facts()))
+    print(f"tripmine {tripmine.__version__}, isa {tripmine.build_info()['isa']}, threads "
+          f"{tripmine.get_num_threads()}; D={args.d} K=4 float32")
+    print(f"{'N':>6} {columns[0]:>10} {columns[1]:>9} {'ratio (alt)':>11} {'range':>11} "
+          f"{'isolated':>8}" + ("  target" if args.targets else ""))
+    results = {}
+    for n in args.n:
+        op, base = make_pair(n, args.d)
+        count = choose_rounds(op, base, args.seconds, *rounds)
+        runs = [measure_once(op, base, count) for _ in range(args.runs)]
+        s = summarize(runs)
+        row = (f"{n:>6} {s['gemm_ms']:>10.3f} {s['op_ms']:>9.3f} {s['ratio_median']:>10.2f}x "
+               f"{s['ratio_min']:>5.2f}-{s['ratio_max']:<5.2f} {s['isolated_median']:>7.2f}x")
+        if args.targets:
+            row += f"  <={target:g} {'PASS' if s['ratio_median'] <= target else 'FAIL'}"
+        print(row)
+        results[n] = dict(runs=runs, summary=s, rounds=count)
+    return results
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

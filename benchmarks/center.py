@@ -23,7 +23,6 @@ SGD step on the centers.  pytorch-metric-learning has no center loss.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -86,58 +85,37 @@ def peer_step(x, labels, centers):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--d", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--targets", action="store_true")
+    parser = alt.small_op_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    if args.threads:
-        tripmine.set_num_threads(args.threads)
-        bc.set_blas_threads(args.threads)
-    peers = os.environ.get("TRIPMINE_BENCH_PEERS") == "1"
-    print(bc.describe_cpu(bc.cpu_facts()))
-    print(f"tripmine {tripmine.__version__}, isa {tripmine.build_info()['isa']}, threads "
-          f"{tripmine.get_num_threads()}; D={args.d} K=4 float32")
-    print(f"{'N':>6} {'numpy ms':>9} {'op ms':>8} {'ratio (alt)':>11} {'range':>11} "
-          f"{'isolated':>8}" + ("  target" if args.targets else ""))
-    results = {}
-    for n in args.n:
-        x, labels, centers = make_data(n, args.d)
-        op, base = make_op(x, labels, centers), make_baseline(x, labels, centers)
-        rounds = alt.choose_rounds(op, base, args.seconds, 20, 2000)
-        runs = [alt.measure_once(op, base, rounds) for _ in range(args.runs)]
-        s = alt.summarize(runs)
-        row = (f"{n:>6} {s['gemm_ms']:>9.3f} {s['op_ms']:>8.3f} {s['ratio_median']:>10.2f}x "
-               f"{s['ratio_min']:>5.2f}-{s['ratio_max']:<5.2f} {s['isolated_median']:>7.2f}x")
-        if args.targets:
-            row += f"  <={TARGET} {'PASS' if s['ratio_median'] <= TARGET else 'FAIL'}"
-        print(row)
-        results[n] = dict(summary=s, rounds=rounds)
-        if peers:
-            step = peer_step(x, labels, centers)
+    data = {n: make_data(n, args.d) for n in args.n}
+    results = alt.compare_over_n(
+        args, lambda n, d: (make_op(*data[n]), make_baseline(*data[n])),
+        ("numpy ms", "op ms"), TARGET, (20, 2000))
+    if os.environ.get("TRIPMINE_BENCH_PEERS") == "1":
+        for n, entry in results.items():
+            step = peer_step(*data[n])
             if step is None:
-                print("  peer: torch not importable")
-                continue
+                print("peer: torch not importable")
+                break
             import torch
             torch.set_num_threads(args.threads or torch.get_num_threads())
             step()
             times = []
-            for _ in range(max(5, rounds // 20)):
+            for _ in range(max(5, entry["rounds"] // 20)):
                 start = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - start)
             peer = float(np.median(times)) * 1e3
-            ours = float(np.median([r["op_isolated_s"] for r in runs])) * 1e3
-            print(f"  torch port (N x C distances): {peer:.3f} ms = "
-                  f"{peer / ours:.1f}x tripmine's step (isolated)")
-            results[n]["peer_ms"] = peer
+            ours = float(np.median([r["op_isolated_s"] for r in entry["runs"]])) * 1e3
+            print(f"N={n}: torch port (N x C distances): {peer:.3f} ms = {peer / ours:.1f}x "
+                  f"tripmine's step (isolated)")
+            entry["peer_ms"] = peer
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1, default=float)
+            json.dump({n: dict(summary=e["summary"], rounds=e["rounds"],
+                               peer_ms=e.get("peer_ms")) for n, e in results.items()},
+                      f, indent=1, default=float)
     return 0
 
 

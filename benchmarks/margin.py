@@ -16,7 +16,6 @@ the same threads) is timed too, isolated, against tripmine's op.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -64,38 +63,16 @@ def peer_step(x, labels):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--d", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--targets", action="store_true")
-    args = parser.parse_args(argv)
-    if args.threads:
-        tripmine.set_num_threads(args.threads)
-        bc.set_blas_threads(args.threads)
-    print(bc.describe_cpu(bc.cpu_facts()))
-    print(f"tripmine {tripmine.__version__}, isa {tripmine.build_info()['isa']}, threads "
-          f"{tripmine.get_num_threads()}; D={args.d} K=4 float32")
-    print(f"{'N':>6} {'triplet ms':>10} {'margin ms':>9} {'ratio (alt)':>11} {'range':>11} "
-          f"{'isolated':>8}" + ("  target" if args.targets else ""))
-    for n in args.n:
-        x, labels = make_data(n, args.d)
-        op, base = make_ops(x, labels)
-        rounds = alt.choose_rounds(op, base, args.seconds, 10, 500)
-        runs = [alt.measure_once(op, base, rounds) for _ in range(args.runs)]
-        s = alt.summarize(runs)
-        row = (f"{n:>6} {s['gemm_ms']:>10.3f} {s['op_ms']:>9.3f} {s['ratio_median']:>10.2f}x "
-               f"{s['ratio_min']:>5.2f}-{s['ratio_max']:<5.2f} {s['isolated_median']:>7.2f}x")
-        if args.targets:
-            row += f"  <={TARGET} {'PASS' if s['ratio_median'] <= TARGET else 'FAIL'}"
-        print(row)
-        if os.environ.get("TRIPMINE_BENCH_PEERS") == "1" and n <= 4096:
-            step = peer_step(x, labels)
+    args = alt.small_op_arguments(__doc__.split("\n\n")[0]).parse_args(argv)
+    data = {n: make_data(n, args.d) for n in args.n}
+    results = alt.compare_over_n(args, lambda n, d: make_ops(*data[n]),
+                                 ("triplet ms", "margin ms"), TARGET, (10, 500))
+    if os.environ.get("TRIPMINE_BENCH_PEERS") == "1":
+        for n, entry in results.items():
+            step = peer_step(*data[n])
             if step is None:
-                print("  peer: torch or pytorch-metric-learning not importable")
-                continue
+                print("peer: torch or pytorch-metric-learning not importable")
+                break
             import torch
             torch.set_num_threads(args.threads or torch.get_num_threads())
             step()
@@ -104,9 +81,9 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - start)
-            ours = float(np.median([r["op_isolated_s"] for r in runs]))
-            print(f"  PML MarginLoss + DistanceWeightedMiner: {np.median(times) * 1e3:.2f} ms = "
-                  f"{np.median(times) / ours:.1f}x tripmine's margin_loss (isolated)")
+            ours = float(np.median([r["op_isolated_s"] for r in entry["runs"]]))
+            print(f"N={n}: PML MarginLoss + DistanceWeightedMiner: {np.median(times) * 1e3:.2f} "
+                  f"ms = {np.median(times) / ours:.1f}x tripmine's margin_loss (isolated)")
     return 0
 
 

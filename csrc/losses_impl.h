@@ -273,11 +273,16 @@ static void TM_FN(triplet_dist_range)(void *ctx, int participant, int64_t begin,
     }
 }
 
-int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m, int64_t d,
-                           int metric, const int64_t *anchor, const int64_t *positive,
-                           const int64_t *negative, int64_t t, double margin, int soft,
-                           int reduction, double *loss, int64_t *n_active, double *per_triplet,
-                           TM_REAL *grad, TM_REAL *ref_grad)
+/* The given-triplet reducer behind both entry points: beta == NULL is the
+ * triplet margin loss (one hinge or softplus on d(a,p) - d(a,n) + margin), a
+ * beta array the margin loss of Wu et al. (two hinges, see tm_margin_loss).
+ * Exact distances per triplet, then the gradient pass of triplet_gradient. */
+static int TM_FN(given_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref,
+                                     int64_t m, int64_t d, int metric, const int64_t *anchor,
+                                     const int64_t *positive, const int64_t *negative, int64_t t,
+                                     double margin, int soft, const double *beta, int reduction,
+                                     double *loss, int64_t *n_active, double *per_triplet,
+                                     double *beta_grad, TM_REAL *grad, TM_REAL *ref_grad)
 {
     const int self = ref == NULL;
     if (n < 0 || m < 0 || d < 0 || t < 0 || (self && m != n) || loss == NULL ||
@@ -286,22 +291,25 @@ int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int6
         return TM_ERR_INVALID;
     for (int64_t i = 0; i < t; ++i)
         if (anchor[i] < 0 || anchor[i] >= n || positive[i] < 0 || positive[i] >= m ||
-            negative[i] < 0 || negative[i] >= m)
+            negative[i] < 0 || negative[i] >= m || (beta != NULL && !isfinite(beta[i])))
             return TM_ERR_INVALID;
     const TM_REAL *r = self ? x : ref;
 
-    size_t z_bytes, gx_bytes, gr_bytes;
+    size_t z_bytes, g_bytes, gx_bytes, gr_bytes;
     int status;
     if ((status = tm_bytes(t, 3, sizeof(double), &z_bytes)) != TM_OK ||
+        (status = tm_bytes(beta != NULL ? t : 0, 2, sizeof(double), &g_bytes)) != TM_OK ||
         (status = tm_bytes(grad != NULL ? n : 0, d, sizeof(double), &gx_bytes)) != TM_OK ||
         (status = tm_bytes(grad != NULL && !self && ref_grad != NULL ? m : 0, d, sizeof(double),
                            &gr_bytes)) != TM_OK)
         return status;
     double *work = tm_alloc(z_bytes); /* per triplet: d(a,p), d(a,n), loss */
+    double *pair_g = beta != NULL ? tm_alloc(g_bytes) : NULL;
     double *gx = tm_alloc(gx_bytes);
     double *gr = tm_alloc(gr_bytes);
-    if (work == NULL || gx == NULL || gr == NULL) {
+    if (work == NULL || (beta != NULL && pair_g == NULL) || gx == NULL || gr == NULL) {
         tm_free(work);
+        tm_free(pair_g);
         tm_free(gx);
         tm_free(gr);
         return TM_ERR_NOMEM;
@@ -313,18 +321,31 @@ int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int6
     double total = 0.0;
     int64_t active = 0;
     for (int64_t i = 0; i < t; ++i) {
+        if (beta != NULL) { /* two hinges, each with its own distance's gradient */
+            const double pos = work[3 * i] - beta[i] + margin;
+            const double neg = beta[i] - work[3 * i + 1] + margin;
+            const double lp = pos > 0.0 ? pos : 0.0, ln = neg > 0.0 ? neg : 0.0;
+            work[3 * i + 2] = lp + ln;
+            active += (lp > 0.0) + (ln > 0.0);
+            pair_g[2 * i] = lp > 0.0 ? 1.0 : 0.0;
+            pair_g[2 * i + 1] = ln > 0.0 ? -1.0 : 0.0;
+        } else {
+            active += work[3 * i + 2] > 0.0;
+        }
         total += work[3 * i + 2];
-        active += work[3 * i + 2] > 0.0;
         if (per_triplet != NULL)
             per_triplet[i] = work[3 * i + 2];
     }
     const double scale = TM_FN(reduction_scale)(reduction, t, active);
     *loss = reduction == TM_REDUCE_NONE ? total : total * scale;
     *n_active = active;
+    if (beta_grad != NULL && beta != NULL)
+        for (int64_t i = 0; i < t; ++i)
+            beta_grad[i] = scale * (-pair_g[2 * i + 1] - pair_g[2 * i]);
 
     if (grad != NULL) {
         status = TM_FN(triplet_gradient)(x, n, r, m, d, metric, anchor, positive, negative, t,
-                                         margin, soft, scale, work, NULL, self, gx,
+                                         margin, soft, scale, work, pair_g, self, gx,
                                          self || ref_grad == NULL ? NULL : gr);
         if (status == TM_OK) {
             TM_FN(store_scaled)(grad, gx, (size_t)(n * d), 1.0);
@@ -333,9 +354,21 @@ int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int6
         }
     }
     tm_free(work);
+    tm_free(pair_g);
     tm_free(gx);
     tm_free(gr);
     return status;
+}
+
+int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m, int64_t d,
+                           int metric, const int64_t *anchor, const int64_t *positive,
+                           const int64_t *negative, int64_t t, double margin, int soft,
+                           int reduction, double *loss, int64_t *n_active, double *per_triplet,
+                           TM_REAL *grad, TM_REAL *ref_grad)
+{
+    return TM_FN(given_triplet_loss)(x, n, ref, m, d, metric, anchor, positive, negative, t,
+                                     margin, soft, NULL, reduction, loss, n_active, per_triplet,
+                                     NULL, grad, ref_grad);
 }
 
 /* ---- margin loss over given triplets (Wu et al. 2017) ------------------------
@@ -352,75 +385,12 @@ int TM_FN(tm_margin_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64
                           int reduction, double *loss, int64_t *n_active, double *per_triplet,
                           double *beta_grad, TM_REAL *grad, TM_REAL *ref_grad)
 {
-    const int self = ref == NULL;
-    if (n < 0 || m < 0 || d < 0 || t < 0 || (self && m != n) || loss == NULL ||
-        n_active == NULL || !TM_FN(valid_reduction)(reduction) || !(margin >= 0.0) ||
-        !isfinite(margin) ||
-        (t > 0 && (anchor == NULL || positive == NULL || negative == NULL || beta == NULL)))
+    if (!(margin >= 0.0) || !isfinite(margin) || (t > 0 && beta == NULL))
         return TM_ERR_INVALID;
-    for (int64_t i = 0; i < t; ++i)
-        if (anchor[i] < 0 || anchor[i] >= n || positive[i] < 0 || positive[i] >= m ||
-            negative[i] < 0 || negative[i] >= m || !isfinite(beta[i]))
-            return TM_ERR_INVALID;
-    const TM_REAL *r = self ? x : ref;
-
-    size_t z_bytes, g_bytes, gx_bytes, gr_bytes;
-    int status;
-    if ((status = tm_bytes(t, 3, sizeof(double), &z_bytes)) != TM_OK ||
-        (status = tm_bytes(t, 2, sizeof(double), &g_bytes)) != TM_OK ||
-        (status = tm_bytes(grad != NULL ? n : 0, d, sizeof(double), &gx_bytes)) != TM_OK ||
-        (status = tm_bytes(grad != NULL && !self && ref_grad != NULL ? m : 0, d, sizeof(double),
-                           &gr_bytes)) != TM_OK)
-        return status;
-    double *work = tm_alloc(z_bytes); /* per triplet: d(a,p), d(a,n), unused */
-    double *pair_g = tm_alloc(g_bytes);
-    double *gx = tm_alloc(gx_bytes);
-    double *gr = tm_alloc(gr_bytes);
-    if (work == NULL || pair_g == NULL || gx == NULL || gr == NULL) {
-        tm_free(work);
-        tm_free(pair_g);
-        tm_free(gx);
-        tm_free(gr);
-        return TM_ERR_NOMEM;
-    }
-
-    TM_FN(triplet_dist_job) job = {x, r, d, metric, anchor, positive, negative, 0.0, 0, work};
-    tm_parallel_for(tm_threads_for(t / 256 + 1), t, 256, TM_FN(triplet_dist_range), &job);
-    double total = 0.0;
-    int64_t active = 0;
-    for (int64_t i = 0; i < t; ++i) {
-        const double pos = work[3 * i] - beta[i] + margin;
-        const double neg = beta[i] - work[3 * i + 1] + margin;
-        const double lp = pos > 0.0 ? pos : 0.0, ln = neg > 0.0 ? neg : 0.0;
-        total += lp + ln;
-        active += (lp > 0.0) + (ln > 0.0);
-        pair_g[2 * i] = lp > 0.0 ? 1.0 : 0.0;
-        pair_g[2 * i + 1] = ln > 0.0 ? -1.0 : 0.0;
-        if (per_triplet != NULL)
-            per_triplet[i] = lp + ln;
-    }
-    const double scale = TM_FN(reduction_scale)(reduction, t, active);
-    *loss = reduction == TM_REDUCE_NONE ? total : total * scale;
-    *n_active = active;
-    if (beta_grad != NULL)
-        for (int64_t i = 0; i < t; ++i)
-            beta_grad[i] = scale * (-pair_g[2 * i + 1] - pair_g[2 * i]);
-
-    if (grad != NULL) {
-        status = TM_FN(triplet_gradient)(x, n, r, m, d, metric, anchor, positive, negative, t,
-                                         margin, 0, scale, work, pair_g, self, gx,
-                                         self || ref_grad == NULL ? NULL : gr);
-        if (status == TM_OK) {
-            TM_FN(store_scaled)(grad, gx, (size_t)(n * d), 1.0);
-            if (!self && ref_grad != NULL)
-                TM_FN(store_scaled)(ref_grad, gr, (size_t)(m * d), 1.0);
-        }
-    }
-    tm_free(work);
-    tm_free(pair_g);
-    tm_free(gx);
-    tm_free(gr);
-    return status;
+    static const double no_beta = 0.0; /* t == 0: a non-NULL beta keeps the margin path */
+    return TM_FN(given_triplet_loss)(x, n, ref, m, d, metric, anchor, positive, negative, t,
+                                     margin, 0, beta != NULL ? beta : &no_beta, reduction, loss,
+                                     n_active, per_triplet, beta_grad, grad, ref_grad);
 }
 
 /* ---- dense losses: batch-all and contrastive --------------------------------
