@@ -10,11 +10,13 @@
 #define TM_BITS 32
 #include "template.h"
 #include "row_tools_impl.h"
+#include "dense_impl.h"
 #include "losses_impl.h"
 #undef TM_BITS
 #undef TM_SCRATCH
 #define TM_BITS 64
 #include "template.h"
 #include "row_tools_impl.h"
+#include "dense_impl.h"
 #include "losses_impl.h"
 #undef TM_BITS

@@ -308,6 +308,30 @@ TM_PUBLIC int tm_contrastive_loss_f64(const double *x, int64_t n, const double *
                                       int reduction, double *loss, int64_t *counts,
                                       double *per_anchor, double *grad, double *ref_grad);
 
+/* Lifted structured loss (pair_heads.c).  generalized = 0: Song et al.'s smooth
+ * form, per positive entry (i, j): J = log(sum over row i's negatives k of
+ * e^(neg_margin - d_ik) + sum over column j's negatives l of e^(neg_margin - d_lj))
+ * + d_ij - pos_margin, term max(0, J)^2 / 2 (in self mode the column is row j).
+ * generalized = 1: Hermans et al.'s form, per row with a positive and a
+ * negative: max(0, LSE over positives of (d - pos_margin) + LSE over
+ * negatives of (neg_margin - d)).  counts receives {terms, nonzero terms}:
+ * positive entries (Song) or rows with a positive and a negative (generalized).
+ * per_anchor (optional, n): each row's terms summed. */
+TM_PUBLIC int tm_lifted_structured_loss_f32(const float *x, int64_t n, const float *ref,
+                                             int64_t m, int64_t d, int metric,
+                                             const int64_t *labels, const int64_t *ref_labels,
+                                             int64_t ref_offset, double neg_margin,
+                                             double pos_margin, int generalized, int reduction,
+                                             double *loss, int64_t *counts, double *per_anchor,
+                                             float *grad, float *ref_grad);
+TM_PUBLIC int tm_lifted_structured_loss_f64(const double *x, int64_t n, const double *ref,
+                                             int64_t m, int64_t d, int metric,
+                                             const int64_t *labels, const int64_t *ref_labels,
+                                             int64_t ref_offset, double neg_margin,
+                                             double pos_margin, int generalized, int reduction,
+                                             double *loss, int64_t *counts, double *per_anchor,
+                                             double *grad, double *ref_grad);
+
 /* ---- classification heads: the margin-softmax family (heads.c) ----------
  *
  * Cross-entropy over C classes whose logits come from a weight matrix W

@@ -612,3 +612,62 @@ def margin_losses(x, triplets, beta_of_anchor, *, margin=0.2, nu=0.0, metric="eu
         active += (pos > 0) + (neg > 0)
         out.append(pos + neg + nu * beta)
     return np.array(out, dtype=np.float64), active
+
+
+# ---- lifted structured loss --------------------------------------------------
+
+
+class LiftedReference(NamedTuple):
+    loss: float | np.ndarray
+    n_terms: int
+    n_active: int
+
+
+def _log_sum_exp(values) -> float:
+    """log(sum(exp(v))) in float64, -inf for no values."""
+    values = [float(v) for v in values]
+    if not values:
+        return -math.inf
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def lifted_structured_loss(x, labels, *, neg_margin=1.0, pos_margin=0.0, generalized=False,
+                           metric="euclidean", reduction="mean", ref=None, ref_labels=None,
+                           ref_offset=None, normalize=False):
+    """Song et al.'s lifted structured loss, literally: for each positive entry (i, j) of the
+    pair matrix, J = log(sum over i's negatives k of e^(neg_margin - d_ik) + sum over j's
+    negatives l of e^(neg_margin - d_lj)) + d_ij - pos_margin, term max(0, J)^2 / 2.  In
+    self mode j's negatives are row j's; in reference mode they are the rows of x in column
+    j with another label.  generalized=True: per row with a positive and a negative,
+    max(0, LSE_p(d - pos_margin) + LSE_n(neg_margin - d)).  ref_offset excludes the pair
+    (i, ref_offset + i).  "none" gives each row's sum of terms."""
+    dist, pos, neg = mining_distances(x, labels, ref, ref_labels, metric, normalize)
+    if ref_offset is not None:
+        for i in range(dist.shape[0]):
+            pos[i, ref_offset + i] = neg[i, ref_offset + i] = False
+    n, m = dist.shape
+    terms, per_anchor = [], np.zeros(n)
+    if generalized:
+        for i in range(n):
+            p = [dist[i, j] - pos_margin for j in range(m) if pos[i, j]]
+            q = [neg_margin - dist[i, j] for j in range(m) if neg[i, j]]
+            if p and q:
+                terms.append(max(0.0, _log_sum_exp(p) + _log_sum_exp(q)))
+                per_anchor[i] = terms[-1]
+    else:
+        row = [[neg_margin - dist[i, k] for k in range(m) if neg[i, k]] for i in range(n)]
+        if ref is None:
+            column = row
+        else:
+            column = [[neg_margin - dist[k, j] for k in range(n) if neg[k, j]] for j in range(m)]
+        for i in range(n):
+            for j in range(m):
+                if pos[i, j]:
+                    both = _log_sum_exp(row[i] + column[j])
+                    h = max(0.0, both + dist[i, j] - pos_margin)
+                    terms.append(0.5 * h * h)
+                    per_anchor[i] += terms[-1]
+    active = sum(1 for t in terms if t > 0)
+    loss = per_anchor if reduction == "none" else reduce(terms, reduction)
+    return LiftedReference(loss, len(terms), active)

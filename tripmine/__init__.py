@@ -22,7 +22,7 @@ functions whose *output* is a matrix (``pairwise_distances``, the masks)
 allocate N x M.  See README.md for the semantics (metrics, self mode, ties).
 """
 
-from . import _core, center, heads, margin, metrics, sampling
+from . import _core, center, heads, lifted, margin, metrics, sampling
 from .center import CenterLossResult, center_loss, update_centers
 from .distances import pairwise_distances
 from .heads import (
@@ -35,6 +35,7 @@ from .heads import (
     softmax_loss,
     sphereface_loss,
 )
+from .lifted import LiftedStructuredLossResult, lifted_structured_loss
 from .losses import ContrastiveLossResult, TripletLossResult, contrastive_loss, triplet_loss
 from .margin import MarginLossResult, margin_loss
 from .masks import TRIPLET_MASK_MAX_N, negative_mask, positive_mask, triplet_mask
@@ -47,6 +48,7 @@ __all__ = [
     "TRIPLET_MASK_MAX_N",
     "CenterLossResult",
     "ContrastiveLossResult",
+    "LiftedStructuredLossResult",
     "MarginLossResult",
     "SoftmaxLossResult",
     "TripletLossResult",
@@ -63,6 +65,8 @@ __all__ = [
     "get_num_threads",
     "heads",
     "large_margin_softmax_loss",
+    "lifted",
+    "lifted_structured_loss",
     "margin",
     "margin_loss",
     "metrics",

@@ -306,6 +306,19 @@ def contrastive_loss(x, ref, metric, codes, ref_codes, pos_margin, neg_margin, p
     return loss[0], [int(c) for c in counts], per_anchor, grad, ref_grad
 
 
+def lifted_structured_loss(x, ref, metric, codes, ref_codes, neg_margin, pos_margin,
+                           generalized, reduction, want_grad, per_item, ref_offset=None):
+    loss = ffi.new("double *")
+    counts = np.zeros(2, dtype=np.int64)
+    per_anchor = np.empty(x.shape[0]) if per_item else None
+    grad, ref_grad = _gradient_buffers(x, ref, want_grad)
+    check(_typed("tm_lifted_structured_loss", x.dtype)(
+        *_problem_args(x, ref), metric, *_labels_args(codes, ref_codes, ref_offset), neg_margin,
+        pos_margin, int(generalized), REDUCTIONS[reduction], loss, _ptr(counts),
+        _ptr(per_anchor), _ptr(grad), _ptr(ref_grad)), "lifted_structured_loss")
+    return loss[0], [int(c) for c in counts], per_anchor, grad, ref_grad
+
+
 def uniform(seed: int, anchor: int, draw: int) -> float:
     """The C core's counter-based uniform number for (seed, anchor, draw)."""
     return float(lib.tm_uniform(seed, anchor, draw))

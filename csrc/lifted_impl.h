@@ -1,0 +1,459 @@
+/*
+ * Lifted structured loss, one body for both precisions (pair_heads.c).
+ *
+ * Song's form.  For a positive entry (i, j) of the n x m pair matrix (a
+ * positive pair, i a row of x, j a row of ref), with S_i the sum of
+ * e^(neg_margin - d) over row i's negatives and S'_j the same over column j's
+ * negatives (in self mode the column is the row: S' = S),
+ *   J_ij = log(S_i + S'_j) + d_ij - pos_margin,   loss = sum of h_ij^2 / 2,
+ * h = max(0, J), scaled by the reduction.  dL/dJ_ij = h_ij, so the gradient
+ * weight of a positive entry is h_ij, and a negative entry (i, k) is in S_i
+ * and in S'_k:
+ *   dL/dd_ik = -(tau_i p_ik + tau'_k q_ik),
+ *   p_ik = e^(neg_margin - d_ik) / S_i,  q_ik = e^(neg_margin - d_ik) / S'_k,
+ *   tau_i = sum over row i's positives j of h_ij S_i / (S_i + S'_j),
+ *   tau'_k = sum over column k's positives l of h_lk S'_k / (S_l + S'_k).
+ * p and q are at most 1 and tau at most the sum of the hinges, so no step can
+ * overflow whatever the distances (all sums are kept as logarithms).  The
+ * computation is three steps:
+ *   1. a walk over the tiles: per row (and, in reference mode, per column)
+ *      the log of S, as a log-sum-exp shifted by its largest term;
+ *   2. the positive pairs, by direct difference (their distances enter the
+ *      loss unattenuated, so they are exact as for the mined losses): the
+ *      loss, the counts and tau, tau' (O(positive pairs x d), no tile);
+ *   3. a second walk (dense_run) that writes each entry's weight into the
+ *      coefficient row: one product with the reference rows gives the anchor
+ *      side.  In self mode the weights are symmetric (entry (i, k) and (k, i)
+ *      have the same weight), so the reference side equals the anchor side
+ *      and the anchor side is doubled; in reference mode the reference side
+ *      is the transposed product, as for contrastive.
+ *
+ * Generalized form, per row i with a positive and a negative:
+ *   L_i = max(0, LSE_{p}(d_ip - pos_margin) + LSE_{n}(neg_margin - d_in));
+ * its weights are softmaxes over the row's positives and negatives, so it is
+ * one walk with the reference side (the row's weights are not symmetric).
+ * Positive distances come from the direct difference here too.
+ */
+
+typedef struct {
+    TM_FN(dense_op) dense; /* first: the row functions get the dense_op */
+    double neg_margin, pos_margin;
+    int generalized;
+    /* Song's form */
+    double *row_lse, *col_lse; /* n, m: log S, log S' (col_lse == row_lse in self mode) */
+    double *row_tau, *col_tau; /* n, m (col_tau == row_tau in self mode) */
+    tm_label_groups ref_groups, x_groups;
+    /* step 1 in reference mode: per-thread running maxima and sums per column */
+    double *col_max, *col_sum;
+    int lse_threads;
+    /* results of step 2 */
+    double total;
+    int64_t terms, active;
+} TM_FN(lifted_op);
+
+/* e^v for v <= 0 (larger v is taken as 0), as accurate as the precision. */
+static inline double TM_FN(lifted_exp)(double v)
+{
+#if TM_BITS == 32
+    return (double)tm_exp_nonpositive_f32((float)(v < 0.0 ? v : 0.0));
+#else
+    return exp(v < 0.0 ? v : 0.0);
+#endif
+}
+
+/* The exact distance of positive entry (i, j). */
+static inline double TM_FN(lifted_pos_dist)(const TM_FN(lifted_op) *L, int64_t i, int64_t j)
+{
+    const TM_FN(dense_op) *s = &L->dense;
+    return TM_FN(tm_exact_distance)(s->x + i * s->d, s->r + j * s->d, s->d, s->metric);
+}
+
+/* Song's hinge h_ij for the positive entry (i, j) at distance dist. */
+static inline double TM_FN(song_hinge)(const TM_FN(lifted_op) *L, int64_t i, int64_t j,
+                                       double dist)
+{
+    const double t = tm_log_add(L->row_lse[i], L->col_lse[j]) + dist - L->pos_margin;
+    return t > 0.0 ? t : 0.0; /* -inf (no negative on either side) gives 0 */
+}
+
+/* ---- step 1: log S per row (and per column) ------------------------------ */
+
+static int TM_FN(lse_setup)(void *op, int nthreads, int64_t block_rows)
+{
+    (void)block_rows;
+    TM_FN(lifted_op) *L = op;
+    if (L->dense.c.lv.self)
+        return TM_OK;
+    size_t bytes;
+    const int64_t m = L->dense.c.lv.m;
+    int status = tm_bytes((int64_t)nthreads, m > 0 ? m : 1, sizeof(double), &bytes);
+    if (status != TM_OK)
+        return status;
+    L->col_max = tm_alloc(bytes);
+    L->col_sum = tm_alloc(bytes);
+    if (L->col_max == NULL || L->col_sum == NULL)
+        return TM_ERR_NOMEM;
+    for (size_t q = 0; q < (size_t)nthreads * (size_t)m; ++q) {
+        L->col_max[q] = -INFINITY;
+        L->col_sum[q] = 0.0;
+    }
+    L->lse_threads = nthreads;
+    return TM_OK;
+}
+
+static int TM_FN(lse_row)(void *op, int thread, int64_t a, int64_t row_in_block, TM_REAL *dist)
+{
+    (void)row_in_block;
+    TM_FN(lifted_op) *L = op;
+    const TM_FN(label_view) *lv = &L->dense.c.lv;
+    const int64_t m = lv->m, label = lv->labels[a];
+    const int64_t *ref_labels = lv->ref_labels;
+    const double nm = L->neg_margin;
+    /* The anchor's own column has its label: never a negative. */
+    TM_REAL nearest = (TM_REAL)INFINITY;
+    for (int64_t j = 0; j < m; ++j)
+        if (ref_labels[j] != label && dist[j] < nearest)
+            nearest = dist[j];
+    if (nearest == (TM_REAL)INFINITY) {
+        L->row_lse[a] = -INFINITY;
+    } else {
+        double sum = 0.0;
+        for (int64_t j = 0; j < m; ++j)
+            if (ref_labels[j] != label)
+                sum += TM_FN(lifted_exp)((double)nearest - (double)dist[j]);
+        L->row_lse[a] = nm - (double)nearest + log(sum);
+    }
+    if (lv->self)
+        return TM_OK;
+    double *mx = L->col_max + (size_t)thread * (size_t)m;
+    double *sm = L->col_sum + (size_t)thread * (size_t)m;
+    for (int64_t j = 0; j < m; ++j) {
+        if (ref_labels[j] == label)
+            continue;
+        const double v = nm - (double)dist[j];
+        if (v > mx[j]) {
+            sm[j] = sm[j] * TM_FN(lifted_exp)(mx[j] - v) + 1.0;
+            mx[j] = v;
+        } else {
+            sm[j] += TM_FN(lifted_exp)(v - mx[j]);
+        }
+    }
+    return TM_OK;
+}
+
+/* Merges the threads' column sums, in thread order. */
+static void TM_FN(lse_columns)(TM_FN(lifted_op) *L)
+{
+    const int64_t m = L->dense.c.lv.m;
+    for (int64_t j = 0; j < m; ++j) {
+        double top = -INFINITY;
+        for (int t = 0; t < L->lse_threads; ++t)
+            top = L->col_max[(size_t)t * (size_t)m + (size_t)j] > top
+                      ? L->col_max[(size_t)t * (size_t)m + (size_t)j]
+                      : top;
+        if (top == -INFINITY) {
+            L->col_lse[j] = -INFINITY;
+            continue;
+        }
+        double sum = 0.0;
+        for (int t = 0; t < L->lse_threads; ++t) {
+            const size_t q = (size_t)t * (size_t)m + (size_t)j;
+            if (L->col_max[q] != -INFINITY)
+                sum += L->col_sum[q] * exp(L->col_max[q] - top);
+        }
+        L->col_lse[j] = top + log(sum);
+    }
+}
+
+/* ---- step 2: the positive pairs -------------------------------------------- */
+
+/* Rows [begin, end): loss, counts and tau over each row's positives. */
+static void TM_FN(song_rows)(void *ctx, int participant, int64_t begin, int64_t end)
+{
+    (void)participant;
+    TM_FN(lifted_op) *L = ctx;
+    TM_FN(dense_op) *s = &L->dense;
+    const tm_label_groups *g = &L->ref_groups;
+    for (int64_t i = begin; i < end; ++i) {
+        const int64_t label = s->c.lv.labels[i], own = TM_FN(own_row)(&s->c.lv, i);
+        double loss = 0.0, tau = 0.0;
+        int64_t count = 0, active = 0;
+        for (int64_t q = tm_label_groups_find(g, label); q < g->count && g->pairs[2 * q] == label;
+             ++q) {
+            const int64_t j = g->pairs[2 * q + 1];
+            if (j == own)
+                continue;
+            const double h = TM_FN(song_hinge)(L, i, j, TM_FN(lifted_pos_dist)(L, i, j));
+            ++count;
+            if (h > 0.0) {
+                ++active;
+                loss += 0.5 * h * h;
+                tau += h * tm_share(L->row_lse[i], L->col_lse[j]);
+            }
+        }
+        s->loss[0][i] = loss;
+        s->count[0][i] = count;
+        s->active[0][i] = active;
+        L->row_tau[i] = tau;
+    }
+}
+
+/* Reference mode, columns [begin, end): tau' over each column's positives. */
+static void TM_FN(song_columns)(void *ctx, int participant, int64_t begin, int64_t end)
+{
+    (void)participant;
+    TM_FN(lifted_op) *L = ctx;
+    const TM_FN(label_view) *lv = &L->dense.c.lv;
+    const tm_label_groups *g = &L->x_groups;
+    for (int64_t j = begin; j < end; ++j) {
+        const int64_t label = lv->ref_labels[j];
+        double tau = 0.0;
+        for (int64_t q = tm_label_groups_find(g, label); q < g->count && g->pairs[2 * q] == label;
+             ++q) {
+            const int64_t i = g->pairs[2 * q + 1];
+            if (TM_FN(own_row)(lv, i) == j)
+                continue;
+            const double h = TM_FN(song_hinge)(L, i, j, TM_FN(lifted_pos_dist)(L, i, j));
+            if (h > 0.0)
+                tau += h * tm_share(L->col_lse[j], L->row_lse[i]);
+        }
+        L->col_tau[j] = tau;
+    }
+}
+
+/* ---- step 3: the weights, one row at a time ---------------------------- */
+
+static int TM_FN(song_grad_row)(void *op, int thread, int64_t a, int64_t row_in_block,
+                                TM_REAL *dist)
+{
+    (void)row_in_block;
+    TM_FN(lifted_op) *L = op;
+    TM_FN(dense_op) *s = &L->dense;
+    const int64_t m = s->c.lv.m, label = s->c.lv.labels[a], own = TM_FN(own_row)(&s->c.lv, a);
+    const int64_t *ref_labels = s->c.lv.ref_labels;
+    const double nm = L->neg_margin, lse_a = L->row_lse[a], tau_a = L->row_tau[a];
+    const double *col_lse = L->col_lse, *col_tau = L->col_tau;
+    double alpha = 0.0;
+    int64_t weighted = 0;
+    for (int64_t j = 0; j < m; ++j) {
+        const double v = (double)dist[j];
+        dist[j] = 0;
+        if (j == own)
+            continue;
+        double w, pair_dist;
+        if (ref_labels[j] == label) {
+            pair_dist = TM_FN(lifted_pos_dist)(L, a, j);
+            w = TM_FN(song_hinge)(L, a, j, pair_dist);
+        } else {
+            const double t = nm - v;
+            pair_dist = v;
+            w = -(tau_a * TM_FN(lifted_exp)(t - lse_a) +
+                  col_tau[j] * TM_FN(lifted_exp)(t - col_lse[j]));
+        }
+        if (w != 0.0) {
+            TM_FN(dense_pair)(s, thread, 0, a, j, w, pair_dist, dist, &alpha);
+            ++weighted;
+        }
+    }
+    s->alpha[0][a] = alpha;
+    s->nonzeros[2 * thread] += weighted;
+    return TM_OK;
+}
+
+static int TM_FN(generalized_row)(void *op, int thread, int64_t a, int64_t row_in_block,
+                                  TM_REAL *dist)
+{
+    (void)row_in_block;
+    TM_FN(lifted_op) *L = op;
+    TM_FN(dense_op) *s = &L->dense;
+    const int64_t m = s->c.lv.m, label = s->c.lv.labels[a];
+    const int64_t *ref_labels = s->c.lv.ref_labels;
+    const double nm = L->neg_margin, pm = L->pos_margin;
+    tm_scored *positives = TM_SCRATCH(&s->c.scratch, positives, thread);
+    const int64_t n_pos = TM_FN(gather_positives)(&s->c.lv, a, dist, positives, m);
+    double far = -INFINITY;
+    for (int64_t r = 0; r < n_pos; ++r) {
+        positives[r].value = TM_FN(lifted_pos_dist)(L, a, positives[r].index);
+        far = positives[r].value > far ? positives[r].value : far;
+    }
+    TM_REAL nearest = (TM_REAL)INFINITY;
+    for (int64_t j = 0; j < m; ++j)
+        if (ref_labels[j] != label && dist[j] < nearest)
+            nearest = dist[j];
+    const int valid = n_pos > 0 && nearest != (TM_REAL)INFINITY;
+    double lse_pos = 0.0, lse_neg = 0.0, value = 0.0;
+    if (valid) {
+        double sum = 0.0;
+        for (int64_t r = 0; r < n_pos; ++r)
+            sum += TM_FN(lifted_exp)(positives[r].value - far);
+        lse_pos = far - pm + log(sum);
+        sum = 0.0;
+        for (int64_t j = 0; j < m; ++j)
+            if (ref_labels[j] != label)
+                sum += TM_FN(lifted_exp)((double)nearest - (double)dist[j]);
+        lse_neg = nm - (double)nearest + log(sum);
+        value = lse_pos + lse_neg > 0.0 ? lse_pos + lse_neg : 0.0;
+    }
+    s->loss[0][a] = value;
+    s->count[0][a] = valid;
+    s->active[0][a] = value > 0.0;
+    if (!s->want_grad)
+        return TM_OK;
+    double alpha = 0.0;
+    int64_t weighted = 0;
+    if (value > 0.0) {
+        for (int64_t j = 0; j < m; ++j) {
+            const double v = (double)dist[j];
+            dist[j] = 0;
+            if (ref_labels[j] == label)
+                continue; /* positives (and the anchor's own column) below */
+            const double w = -TM_FN(lifted_exp)(nm - v - lse_neg);
+            if (w != 0.0) {
+                TM_FN(dense_pair)(s, thread, 0, a, j, w, v, dist, &alpha);
+                ++weighted;
+            }
+        }
+        for (int64_t r = 0; r < n_pos; ++r) {
+            const double w = TM_FN(lifted_exp)(positives[r].value - pm - lse_pos);
+            if (w != 0.0) {
+                TM_FN(dense_pair)(s, thread, 0, a, positives[r].index, w, positives[r].value,
+                                  dist, &alpha);
+                ++weighted;
+            }
+        }
+    } else {
+        memset(dist, 0, (size_t)m * sizeof(TM_REAL));
+    }
+    s->alpha[0][a] = alpha;
+    s->nonzeros[2 * thread] += weighted;
+    return TM_OK;
+}
+
+typedef struct {
+    int reduction, self_doubles;
+    TM_REAL *grad;
+} TM_FN(lifted_out);
+
+/* Sums the per-row losses and counts into L->total, terms, active. */
+static void TM_FN(lifted_totals)(TM_FN(lifted_op) *L)
+{
+    const TM_FN(dense_op) *s = &L->dense;
+    L->total = 0.0;
+    L->terms = L->active = 0;
+    for (int64_t a = 0; a < s->n; ++a) {
+        L->total += s->loss[0][a];
+        L->terms += s->count[0][a];
+        L->active += s->active[0][a];
+    }
+}
+
+static void TM_FN(lifted_finish)(TM_FN(dense_op) *s, void *ctx, double *scale)
+{
+    TM_FN(lifted_out) *o = ctx;
+    TM_FN(lifted_op) *L = (TM_FN(lifted_op) *)(void *)s;
+    if (L->generalized)
+        TM_FN(lifted_totals)(L);
+    scale[0] = TM_FN(reduction_scale)(o->reduction, L->terms, L->active);
+    scale[1] = 0.0;
+    const double anchor_scale[2] = {(o->self_doubles ? 2.0 : 1.0) * scale[0], 0.0};
+    if (o->grad != NULL)
+        TM_FN(finish_anchor_side)(s, o->grad, anchor_scale);
+}
+
+static void TM_FN(lifted_release)(TM_FN(lifted_op) *L)
+{
+    tm_free(L->row_lse); /* one block: row_lse, col_lse, row_tau, col_tau */
+    tm_free(L->ref_groups.pairs);
+    tm_free(L->x_groups.pairs);
+    tm_free(L->col_max);
+    tm_free(L->col_sum);
+    TM_FN(dense_release)(&L->dense);
+}
+
+/* Steps 1 and 2 of Song's form. */
+static int TM_FN(song_prepare)(TM_FN(lifted_op) *L, const TM_FN(tm_tile_problem) *problem)
+{
+    TM_FN(dense_op) *s = &L->dense;
+    const int64_t n = s->n, m = s->c.lv.m;
+    const int self = s->c.lv.self;
+    size_t bytes;
+    int status = tm_bytes(self ? 2 * n : 2 * (n + m), 1, sizeof(double), &bytes);
+    if (status != TM_OK)
+        return status;
+    double *block = tm_alloc(bytes > 0 ? bytes : sizeof(double));
+    if (block == NULL)
+        return TM_ERR_NOMEM;
+    L->row_lse = block;
+    L->row_tau = block + n;
+    L->col_lse = self ? L->row_lse : block + 2 * n;
+    L->col_tau = self ? L->row_tau : block + 2 * n + m;
+    if ((status = tm_label_groups_build(s->c.lv.ref_labels, m, &L->ref_groups)) != TM_OK)
+        return status;
+    if (!self && (status = tm_label_groups_build(s->c.lv.labels, n, &L->x_groups)) != TM_OK)
+        return status;
+    const TM_FN(tm_row_op) op = {L, TM_FN(lse_setup), TM_FN(lse_row), NULL, 1};
+    if ((status = TM_FN(tm_run_rows)(problem, &op)) != TM_OK)
+        return status;
+    if (!self)
+        TM_FN(lse_columns)(L);
+    const int threads = tm_threads_for(n * (m / 64 + 1) / 256 + 1);
+    tm_parallel_for(threads, n, 16, TM_FN(song_rows), L);
+    if (!self)
+        tm_parallel_for(threads, m, 16, TM_FN(song_columns), L);
+    TM_FN(lifted_totals)(L);
+    return TM_OK;
+}
+
+int TM_FN(tm_lifted_structured_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m,
+                                     int64_t d, int metric, const int64_t *labels,
+                                     const int64_t *ref_labels, int64_t ref_offset,
+                                     double neg_margin, double pos_margin, int generalized,
+                                     int reduction, double *loss, int64_t *counts,
+                                     double *per_anchor, TM_REAL *grad, TM_REAL *ref_grad)
+{
+    int status = TM_FN(check_loss_args)(x, n, ref, m, d, metric, labels, ref_labels, ref_offset,
+                                        reduction, loss);
+    if (status != TM_OK)
+        return status;
+    if (counts == NULL || !(neg_margin >= 0.0) || !(pos_margin >= 0.0) ||
+        !isfinite(neg_margin) || !isfinite(pos_margin) || (generalized != 0 && generalized != 1))
+        return TM_ERR_INVALID;
+    TM_FN(lifted_op) L;
+    memset(&L, 0, sizeof(L));
+    TM_FN(dense_op) *s = &L.dense;
+    status = TM_FN(dense_init)(s, x, n, ref, m, d, metric, labels, ref_labels, ref_offset, 1);
+    L.neg_margin = neg_margin;
+    L.pos_margin = pos_margin;
+    L.generalized = generalized;
+    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
+    if (status == TM_OK && !generalized)
+        status = TM_FN(song_prepare)(&L, &problem);
+    if (status == TM_OK) {
+        s->want_grad = grad != NULL;
+        /* Song's self-mode weights are symmetric: the anchor side, doubled. */
+        s->want_ref_side = grad != NULL && (ref != NULL ? ref_grad != NULL : generalized);
+        s->anchor_grad[0] = grad;
+        TM_FN(dense_plan)(s);
+        if (ref != NULL && ref_grad != NULL)
+            memset(ref_grad, 0, (size_t)(m * d) * sizeof(TM_REAL));
+        TM_FN(lifted_out) out = {reduction, ref == NULL && !generalized, grad};
+        double scale[2] = {0.0, 0.0};
+        if (generalized || grad != NULL)
+            status = TM_FN(dense_run)(s, &problem,
+                                      generalized ? TM_FN(generalized_row) : TM_FN(song_grad_row),
+                                      TM_FN(lifted_finish), &out, scale,
+                                      ref == NULL ? grad : ref_grad);
+        else
+            scale[0] = TM_FN(reduction_scale)(reduction, L.terms, L.active);
+        if (status == TM_OK) {
+            *loss = reduction == TM_REDUCE_NONE ? L.total : L.total * scale[0];
+            counts[0] = L.terms;
+            counts[1] = L.active;
+            if (per_anchor != NULL)
+                for (int64_t a = 0; a < n; ++a)
+                    per_anchor[a] = s->loss[0][a];
+        }
+    }
+    TM_FN(lifted_release)(&L);
+    return status;
+}
