@@ -42,6 +42,7 @@ typedef struct {
     /* Song's form */
     double *row_lse, *col_lse; /* n, m: log S, log S' (col_lse == row_lse in self mode) */
     double *row_tau, *col_tau; /* n, m (col_tau == row_tau in self mode) */
+    TM_REAL *col_shift_real, *col_tau_real; /* m: neg_margin - log S'_j and tau'_j, rounded */
     tm_label_groups ref_groups, x_groups;
     /* step 1 in reference mode: per-thread running maxima and sums per column */
     double *col_max, *col_sum;
@@ -101,43 +102,51 @@ static int TM_FN(lse_setup)(void *op, int nthreads, int64_t block_rows)
     return TM_OK;
 }
 
+/* Writes the row's log-sum-exp over its negatives of (neg_margin - d) into
+ * *lse (-inf without negatives), turning the row into e^(-d - max) for the
+ * negatives and 0 elsewhere, whose sum it returns (0 without negatives). */
+static double TM_FN(negatives_lse)(const TM_FN(lifted_op) *L, int64_t a, TM_REAL *row,
+                                   double *lse)
+{
+    const TM_FN(label_view) *lv = &L->dense.c.lv;
+    const int64_t m = lv->m, label = lv->labels[a];
+    const int64_t *ref_labels = lv->ref_labels;
+    const TM_REAL none = (TM_REAL)-INFINITY;
+    for (int64_t j = 0; j < m; ++j) /* the anchor's own column has its label */
+        row[j] = ref_labels[j] != label ? -row[j] : none;
+    const double top = TM_FN(kernel_softmax_max)(L->dense.kernels)(row, m);
+    if (top == -INFINITY) {
+        memset(row, 0, (size_t)m * sizeof(TM_REAL));
+        *lse = -INFINITY;
+        return 0.0;
+    }
+    const double sum = TM_FN(kernel_softmax_exp)(L->dense.kernels)(row, m, top);
+    *lse = L->neg_margin + top + log(sum);
+    return sum;
+}
+
 static int TM_FN(lse_row)(void *op, int thread, int64_t a, int64_t row_in_block, TM_REAL *dist)
 {
     (void)row_in_block;
     TM_FN(lifted_op) *L = op;
     const TM_FN(label_view) *lv = &L->dense.c.lv;
-    const int64_t m = lv->m, label = lv->labels[a];
-    const int64_t *ref_labels = lv->ref_labels;
-    const double nm = L->neg_margin;
-    /* The anchor's own column has its label: never a negative. */
-    TM_REAL nearest = (TM_REAL)INFINITY;
-    for (int64_t j = 0; j < m; ++j)
-        if (ref_labels[j] != label && dist[j] < nearest)
-            nearest = dist[j];
-    if (nearest == (TM_REAL)INFINITY) {
-        L->row_lse[a] = -INFINITY;
-    } else {
-        double sum = 0.0;
-        for (int64_t j = 0; j < m; ++j)
-            if (ref_labels[j] != label)
-                sum += TM_FN(lifted_exp)((double)nearest - (double)dist[j]);
-        L->row_lse[a] = nm - (double)nearest + log(sum);
-    }
-    if (lv->self)
-        return TM_OK;
-    double *mx = L->col_max + (size_t)thread * (size_t)m;
-    double *sm = L->col_sum + (size_t)thread * (size_t)m;
-    for (int64_t j = 0; j < m; ++j) {
-        if (ref_labels[j] == label)
-            continue;
-        const double v = nm - (double)dist[j];
-        if (v > mx[j]) {
-            sm[j] = sm[j] * TM_FN(lifted_exp)(mx[j] - v) + 1.0;
-            mx[j] = v;
-        } else {
-            sm[j] += TM_FN(lifted_exp)(v - mx[j]);
+    if (!lv->self) { /* the columns first: negatives_lse rewrites the row */
+        const int64_t m = lv->m, label = lv->labels[a];
+        double *mx = L->col_max + (size_t)thread * (size_t)m;
+        double *sm = L->col_sum + (size_t)thread * (size_t)m;
+        for (int64_t j = 0; j < m; ++j) {
+            if (lv->ref_labels[j] == label)
+                continue;
+            const double v = L->neg_margin - (double)dist[j];
+            if (v > mx[j]) {
+                sm[j] = sm[j] * TM_FN(lifted_exp)(mx[j] - v) + 1.0;
+                mx[j] = v;
+            } else {
+                sm[j] += TM_FN(lifted_exp)(v - mx[j]);
+            }
         }
     }
+    TM_FN(negatives_lse)(L, a, dist, &L->row_lse[a]);
     return TM_OK;
 }
 
@@ -223,40 +232,63 @@ static void TM_FN(song_columns)(void *ctx, int participant, int64_t begin, int64
 
 /* ---- step 3: the weights, one row at a time ---------------------------- */
 
+/* Turns the weights w (dL/dd per entry, 0 for entries without one) of row a
+ * into its coefficient row `out` (which may alias w or dist) with the row's
+ * alpha and the thread's gamma sums (see dense_impl.h). */
+static void TM_FN(weights_to_row)(TM_FN(dense_op) *s, int thread, int64_t a, const TM_REAL *w,
+                                  const TM_REAL *dist, TM_REAL *out, double *alpha)
+{
+    const int64_t m = s->c.lv.m;
+    if (s->metric == TM_METRIC_COSINE) {
+        for (int64_t j = 0; j < m; ++j) {
+            const double wj = (double)w[j], dj = (double)dist[j];
+            out[j] = 0;
+            if (wj != 0.0)
+                TM_FN(dense_pair)(s, thread, 0, a, j, wj, dj, out, alpha);
+        }
+    } else {
+        /* Euclidean metrics: alpha = gamma = -beta for every pair. */
+        *alpha += TM_FN(kernel_pair_beta)(s->kernels)(w, dist, out, m,
+                                                      s->metric == TM_METRIC_SQEUCLIDEAN);
+        if (s->want_ref_side) {
+            double *gamma = s->gamma[0] + (size_t)thread * (size_t)s->span - s->ref_lo;
+            for (int64_t j = s->ref_lo; j < s->ref_hi; ++j)
+                gamma[j] -= (double)out[j];
+        }
+    }
+    s->nonzeros[2 * thread] += m;
+}
+
+static TM_REAL *TM_FN(lifted_scratch)(TM_FN(dense_op) *s, int thread)
+{
+    return (TM_REAL *)(void *)TM_SCRATCH(&s->c.scratch, work, thread); /* m doubles */
+}
+
 static int TM_FN(song_grad_row)(void *op, int thread, int64_t a, int64_t row_in_block,
                                 TM_REAL *dist)
 {
     (void)row_in_block;
     TM_FN(lifted_op) *L = op;
     TM_FN(dense_op) *s = &L->dense;
-    const int64_t m = s->c.lv.m, label = s->c.lv.labels[a], own = TM_FN(own_row)(&s->c.lv, a);
-    const int64_t *ref_labels = s->c.lv.ref_labels;
-    const double nm = L->neg_margin, lse_a = L->row_lse[a], tau_a = L->row_tau[a];
-    const double *col_lse = L->col_lse, *col_tau = L->col_tau;
+    const int64_t label = s->c.lv.labels[a], own = TM_FN(own_row)(&s->c.lv, a);
+    TM_REAL *w = TM_FN(lifted_scratch)(s, thread);
+    TM_FN(kernel_lifted_weights)(s->kernels)(dist, s->c.lv.ref_labels, label, s->c.lv.m,
+                                             L->neg_margin - L->row_lse[a], L->row_tau[a],
+                                             L->col_shift_real, L->col_tau_real, w);
     double alpha = 0.0;
-    int64_t weighted = 0;
-    for (int64_t j = 0; j < m; ++j) {
-        const double v = (double)dist[j];
-        dist[j] = 0;
+    TM_FN(weights_to_row)(s, thread, a, w, dist, dist, &alpha);
+    const tm_label_groups *g = &L->ref_groups;
+    for (int64_t q = tm_label_groups_find(g, label); q < g->count && g->pairs[2 * q] == label;
+         ++q) {
+        const int64_t j = g->pairs[2 * q + 1];
         if (j == own)
             continue;
-        double w, pair_dist;
-        if (ref_labels[j] == label) {
-            pair_dist = TM_FN(lifted_pos_dist)(L, a, j);
-            w = TM_FN(song_hinge)(L, a, j, pair_dist);
-        } else {
-            const double t = nm - v;
-            pair_dist = v;
-            w = -(tau_a * TM_FN(lifted_exp)(t - lse_a) +
-                  col_tau[j] * TM_FN(lifted_exp)(t - col_lse[j]));
-        }
-        if (w != 0.0) {
-            TM_FN(dense_pair)(s, thread, 0, a, j, w, pair_dist, dist, &alpha);
-            ++weighted;
-        }
+        const double pair_dist = TM_FN(lifted_pos_dist)(L, a, j);
+        const double h = TM_FN(song_hinge)(L, a, j, pair_dist);
+        if (h > 0.0)
+            TM_FN(dense_pair)(s, thread, 0, a, j, h, pair_dist, dist, &alpha);
     }
     s->alpha[0][a] = alpha;
-    s->nonzeros[2 * thread] += weighted;
     return TM_OK;
 }
 
@@ -266,32 +298,34 @@ static int TM_FN(generalized_row)(void *op, int thread, int64_t a, int64_t row_i
     (void)row_in_block;
     TM_FN(lifted_op) *L = op;
     TM_FN(dense_op) *s = &L->dense;
-    const int64_t m = s->c.lv.m, label = s->c.lv.labels[a];
-    const int64_t *ref_labels = s->c.lv.ref_labels;
-    const double nm = L->neg_margin, pm = L->pos_margin;
+    const int64_t m = s->c.lv.m, label = s->c.lv.labels[a], own = TM_FN(own_row)(&s->c.lv, a);
+    const double pm = L->pos_margin;
     tm_scored *positives = TM_SCRATCH(&s->c.scratch, positives, thread);
-    const int64_t n_pos = TM_FN(gather_positives)(&s->c.lv, a, dist, positives, m);
+    const tm_label_groups *g = &L->ref_groups;
+    int64_t n_pos = 0;
     double far = -INFINITY;
-    for (int64_t r = 0; r < n_pos; ++r) {
-        positives[r].value = TM_FN(lifted_pos_dist)(L, a, positives[r].index);
-        far = positives[r].value > far ? positives[r].value : far;
+    for (int64_t q = tm_label_groups_find(g, label); q < g->count && g->pairs[2 * q] == label;
+         ++q) {
+        const int64_t j = g->pairs[2 * q + 1];
+        if (j == own)
+            continue;
+        positives[n_pos].index = j;
+        positives[n_pos].value = TM_FN(lifted_pos_dist)(L, a, j);
+        far = positives[n_pos].value > far ? positives[n_pos].value : far;
+        ++n_pos;
     }
-    TM_REAL nearest = (TM_REAL)INFINITY;
-    for (int64_t j = 0; j < m; ++j)
-        if (ref_labels[j] != label && dist[j] < nearest)
-            nearest = dist[j];
-    const int valid = n_pos > 0 && nearest != (TM_REAL)INFINITY;
-    double lse_pos = 0.0, lse_neg = 0.0, value = 0.0;
+    TM_REAL *kept = TM_FN(lifted_scratch)(s, thread); /* the distances, for the weights */
+    if (s->want_grad)
+        memcpy(kept, dist, (size_t)m * sizeof(TM_REAL));
+    double lse_neg;
+    const double sum = TM_FN(negatives_lse)(L, a, dist, &lse_neg); /* dist: e^(-d - max) */
+    const int valid = n_pos > 0 && lse_neg != -INFINITY;
+    double lse_pos = 0.0, value = 0.0;
     if (valid) {
-        double sum = 0.0;
+        double pos_sum = 0.0;
         for (int64_t r = 0; r < n_pos; ++r)
-            sum += TM_FN(lifted_exp)(positives[r].value - far);
-        lse_pos = far - pm + log(sum);
-        sum = 0.0;
-        for (int64_t j = 0; j < m; ++j)
-            if (ref_labels[j] != label)
-                sum += TM_FN(lifted_exp)((double)nearest - (double)dist[j]);
-        lse_neg = nm - (double)nearest + log(sum);
+            pos_sum += TM_FN(lifted_exp)(positives[r].value - far);
+        lse_pos = far - pm + log(pos_sum);
         value = lse_pos + lse_neg > 0.0 ? lse_pos + lse_neg : 0.0;
     }
     s->loss[0][a] = value;
@@ -300,32 +334,21 @@ static int TM_FN(generalized_row)(void *op, int thread, int64_t a, int64_t row_i
     if (!s->want_grad)
         return TM_OK;
     double alpha = 0.0;
-    int64_t weighted = 0;
     if (value > 0.0) {
-        for (int64_t j = 0; j < m; ++j) {
-            const double v = (double)dist[j];
-            dist[j] = 0;
-            if (ref_labels[j] == label)
-                continue; /* positives (and the anchor's own column) below */
-            const double w = -TM_FN(lifted_exp)(nm - v - lse_neg);
-            if (w != 0.0) {
-                TM_FN(dense_pair)(s, thread, 0, a, j, w, v, dist, &alpha);
-                ++weighted;
-            }
-        }
+        const TM_REAL scale = (TM_REAL)(-1.0 / sum); /* the negatives' softmax, negated */
+        for (int64_t j = 0; j < m; ++j)
+            dist[j] *= scale;
+        TM_FN(weights_to_row)(s, thread, a, dist, kept, dist, &alpha);
         for (int64_t r = 0; r < n_pos; ++r) {
             const double w = TM_FN(lifted_exp)(positives[r].value - pm - lse_pos);
-            if (w != 0.0) {
+            if (w != 0.0)
                 TM_FN(dense_pair)(s, thread, 0, a, positives[r].index, w, positives[r].value,
                                   dist, &alpha);
-                ++weighted;
-            }
         }
     } else {
         memset(dist, 0, (size_t)m * sizeof(TM_REAL));
     }
     s->alpha[0][a] = alpha;
-    s->nonzeros[2 * thread] += weighted;
     return TM_OK;
 }
 
@@ -367,6 +390,7 @@ static void TM_FN(lifted_release)(TM_FN(lifted_op) *L)
     tm_free(L->x_groups.pairs);
     tm_free(L->col_max);
     tm_free(L->col_sum);
+    tm_free(L->col_shift_real);
     TM_FN(dense_release)(&L->dense);
 }
 
@@ -387,8 +411,6 @@ static int TM_FN(song_prepare)(TM_FN(lifted_op) *L, const TM_FN(tm_tile_problem)
     L->row_tau = block + n;
     L->col_lse = self ? L->row_lse : block + 2 * n;
     L->col_tau = self ? L->row_tau : block + 2 * n + m;
-    if ((status = tm_label_groups_build(s->c.lv.ref_labels, m, &L->ref_groups)) != TM_OK)
-        return status;
     if (!self && (status = tm_label_groups_build(s->c.lv.labels, n, &L->x_groups)) != TM_OK)
         return status;
     const TM_FN(tm_row_op) op = {L, TM_FN(lse_setup), TM_FN(lse_row), NULL, 1};
@@ -401,6 +423,16 @@ static int TM_FN(song_prepare)(TM_FN(lifted_op) *L, const TM_FN(tm_tile_problem)
     if (!self)
         tm_parallel_for(threads, m, 16, TM_FN(song_columns), L);
     TM_FN(lifted_totals)(L);
+    /* The columns' terms of the weights, rounded once for the row kernel. */
+    if ((status = tm_bytes(2 * m, 1, sizeof(TM_REAL), &bytes)) != TM_OK)
+        return status;
+    if ((L->col_shift_real = tm_alloc(bytes > 0 ? bytes : sizeof(TM_REAL))) == NULL)
+        return TM_ERR_NOMEM;
+    L->col_tau_real = L->col_shift_real + m;
+    for (int64_t j = 0; j < m; ++j) {
+        L->col_shift_real[j] = (TM_REAL)(L->neg_margin - L->col_lse[j]);
+        L->col_tau_real[j] = (TM_REAL)L->col_tau[j];
+    }
     return TM_OK;
 }
 
@@ -426,6 +458,8 @@ int TM_FN(tm_lifted_structured_loss)(const TM_REAL *x, int64_t n, const TM_REAL 
     L.pos_margin = pos_margin;
     L.generalized = generalized;
     const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
+    if (status == TM_OK)
+        status = tm_label_groups_build(s->c.lv.ref_labels, m, &L.ref_groups);
     if (status == TM_OK && !generalized)
         status = TM_FN(song_prepare)(&L, &problem);
     if (status == TM_OK) {

@@ -92,10 +92,16 @@ def _dense_loss(lib, name, x, labels, extra):
     loss = ctypes.c_double()
     counts = np.zeros(4, dtype=np.int64)
     grad = np.zeros_like(x)
-    fn = getattr(lib, f"tm_{name}_{_suffix(x.dtype)}")
+    suffix = _suffix(x.dtype)
+    fn = getattr(lib, f"tm_lifted_structured_loss_{suffix}" if name.startswith("lifted") else
+                 f"tm_{name}_{suffix}")
     if name == "batch_all_loss":  # margin, soft, reduction(mean), n_triplets, n_active
         args = [ctypes.c_double(extra), ctypes.c_int(0), ctypes.c_int(0), ctypes.byref(loss),
                 _ptr(counts[:1]), _ptr(counts[1:2])]
+    elif name.startswith("lifted"):  # neg_margin extra, pos_margin 0, form, mean, counts
+        args = [ctypes.c_double(extra), ctypes.c_double(0.0),
+                ctypes.c_int(name.endswith("generalized")), ctypes.c_int(0), ctypes.byref(loss),
+                _ptr(counts[:2])]
     else:  # contrastive: pos_margin 0, neg_margin extra, power 2, mean
         args = [ctypes.c_double(0.0), ctypes.c_double(extra), ctypes.c_int(2), ctypes.c_int(0),
                 ctypes.byref(loss), _ptr(counts)]
@@ -136,9 +142,11 @@ def test_distances_match_generic_and_float64(emulated, dtype, shape, self_mode):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("name,extra", [("batch_all_loss", 0.2), ("contrastive_loss", 1.0)])
+@pytest.mark.parametrize("name,extra", [("batch_all_loss", 0.2), ("contrastive_loss", 1.0),
+                                        ("lifted_song", 1.0), ("lifted_generalized", 1.0)])
 def test_dense_losses_and_gradients_match_generic(emulated, dtype, name, extra):
-    # The dense losses multiply coefficient rows on the micro-kernel (tm_gemm_acc).
+    # The dense losses multiply coefficient rows on the micro-kernel (tm_gemm_acc); the
+    # lifted structured loss also runs its row kernels (lifted_weights, pair_beta).
     rng = np.random.default_rng(5)
     n, d = 203, 37
     x = rng.standard_normal((n, d))
