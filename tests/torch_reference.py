@@ -196,3 +196,39 @@ def head_reference(kind, x, labels, weight, *, bias=None, class_weight=None, red
             logits = dots.index_put((rows, labels), nw[labels] * nx * f)
     return torch.nn.functional.cross_entropy(logits, labels, weight=class_weight,
                                              reduction=reduction)
+
+
+# ---- the lifted structured loss --------------------------------------------------------
+
+def masked_logsumexp(values, mask, dim):
+    """log sum exp of ``values`` over the entries where ``mask`` holds, along ``dim``; -inf
+    where none does (an empty sum), with a finite (zero) gradient there."""
+    some = mask.any(dim)
+    masked = torch.where(mask, values, -torch.inf)
+    masked = torch.where(some.unsqueeze(dim), masked, 0.0)  # no -inf - -inf in backward
+    return torch.where(some, torch.logsumexp(masked, dim), -torch.inf)
+
+
+def lifted_reference(x, labels, *, neg_margin=1.0, pos_margin=0.0, generalized=False,
+                     metric="euclidean", normalize=False, reduction="mean", ref=None,
+                     ref_labels=None, offset=None):
+    """Song et al.'s lifted structured loss, or (``generalized``) Hermans et al.'s, from the
+    whole N x M distance matrix.  Song's: per positive entry (i, j), the log-sum-exp runs
+    over row i's negatives and column j's (the rows of ``x`` with another label than
+    ``ref[j]``; row j's in self mode), an N x M x (M + N) tensor of candidates."""
+    x, ref, labels, ref_labels, offset = setting(x, labels, ref, ref_labels, offset, normalize)
+    d = distance_matrix(x, ref, metric)
+    pos, neg = pair_masks(labels, ref_labels, offset)
+    if generalized:
+        valid = pos.any(1) & neg.any(1)
+        hinge_in = (masked_logsumexp(d - pos_margin, pos, 1)
+                    + masked_logsumexp(neg_margin - d, neg, 1))
+        terms = torch.where(valid, torch.relu(torch.where(valid, hinge_in, 0.0)), 0.0)
+        return terms if reduction == "none" else reduce(terms[valid], reduction)
+    n, m = d.shape
+    a = neg_margin - d
+    candidates = torch.cat([a[:, None, :].expand(n, m, m), a.T[None, :, :].expand(n, m, n)], -1)
+    mask = torch.cat([neg[:, None, :].expand(n, m, m), neg.T[None, :, :].expand(n, m, n)], -1)
+    j = masked_logsumexp(candidates, mask, 2) + d - pos_margin
+    terms = torch.where(pos, 0.5 * torch.relu(j) ** 2, 0.0)
+    return terms.sum(1) if reduction == "none" else reduce(terms[pos], reduction)

@@ -25,6 +25,8 @@ autograd graph is built through the distances or the mining.
   :class:`CombinedMargin`, :class:`SphereFace`, :class:`LargeMarginSoftmax` -- the
   margin-softmax heads, each owning its class weights (``tripmine.heads``);
 * :class:`MarginLoss` -- the margin loss with a learnable beta (``tripmine.margin``);
+* :class:`LiftedStructuredLoss` -- the lifted structured loss, Song et al.'s form or the
+  generalized one (``tripmine.lifted``);
 * :class:`CenterLoss` -- the center loss with the paper's center update (or SGD on the
   centers), ``tripmine.center``;
 * :class:`MemoryBank` -- cross-batch memory (XBM): mine each batch against
@@ -41,10 +43,11 @@ from .heads import (
     SoftmaxLoss,
     SphereFace,
 )
+from .lifted import LiftedStructuredLoss
 from .losses import ContrastiveLoss, TripletLoss, contrastive_loss, triplet_loss
 from .margin import MarginLoss
 from .memory import MemoryBank
 
 __all__ = ["ArcFace", "CenterLoss", "CombinedMargin", "ContrastiveLoss", "CosFace",
-           "LargeMarginSoftmax", "MarginLoss", "MemoryBank", "NormFace", "SoftmaxLoss",
-           "SphereFace", "TripletLoss", "contrastive_loss", "triplet_loss"]
+           "LargeMarginSoftmax", "LiftedStructuredLoss", "MarginLoss", "MemoryBank", "NormFace",
+           "SoftmaxLoss", "SphereFace", "TripletLoss", "contrastive_loss", "triplet_loss"]
