@@ -659,7 +659,9 @@ def _check_loss_result(got: Any, problem: Problem, want_grad: bool) -> None:
         _no_alias([g for g in (got.grad, got.ref_grad) if g is not None], problem)
     else:
         assert got.grad is None and got.ref_grad is None
-    total = got.n_pairs if isinstance(got, tripmine.ContrastiveLossResult) else got.n_triplets
+    total = (got.n_pairs if isinstance(got, tripmine.ContrastiveLossResult) else
+             got.n_terms if isinstance(got, tripmine.LiftedStructuredLossResult) else
+             got.n_triplets)
     for count in (total, got.n_active):
         assert isinstance(count, int) and count >= 0
     assert got.n_active <= total
@@ -1104,6 +1106,50 @@ def test_fuzz_contrastive_loss(data):
         assert got.n_positive_pairs == counts["positive_pairs"]
         assert got.n_negative_pairs == counts["negative_pairs"]
     _check_finite_loss(got, scale, want_grad, got.n_pairs)
+
+
+@FUZZ
+@given(st.data())
+@counted
+def test_fuzz_lifted_structured_loss(data):
+    draws = Draws(data, ("input", "metric", "pos_margin", "neg_margin", "generalized",
+                         "reduction", "normalize", "grad"))
+    problem = data.draw(problems(faulty=draws.fault == "input"))
+    metric = draws("metric", st.sampled_from(METRICS), METRIC_FAULTS)
+    pos_margin = draws("pos_margin", MARGINS, MARGIN_FAULTS)
+    neg_margin = draws("neg_margin", MARGINS, MARGIN_FAULTS)
+    generalized = draws("generalized", st.booleans(), FLAG_FAULTS)
+    reduction = draws("reduction", st.sampled_from(["mean", "sum", "mean_nonzero", "none"]),
+                      (("auto", ValueError), (None, ValueError)))
+    normalize = draws("normalize", st.booleans(), FLAG_FAULTS)
+    want_grad = draws("grad", st.booleans(), FLAG_FAULTS)
+    errors = problem.errors | draws.errors
+    # Song's term is max(0, J)^2 / 2 with J ~ the margins plus a distance (power 2); the
+    # log-sum-exps are shifted by their largest term, so they add no range of their own.
+    scale = NO_BUDGET if errors else budget(
+        problem, metric=metric, normalize=normalize,
+        margin=float(pos_margin) + float(neg_margin) + math.log(problem.n + problem.m + 1),
+        power=1 if generalized is True else 2, terms=(problem.n + problem.m) ** 2)
+    got = call(expectation(problem, errors, scale), tripmine.lifted_structured_loss, problem.x,
+               problem.labels, pos_margin=pos_margin, neg_margin=neg_margin,
+               generalized=generalized, metric=metric, normalize=normalize,
+               reduction=reduction, grad=want_grad, **problem.kwargs())
+    _outcome(got, scale.values)
+    if got is RAISED:
+        return
+    assert isinstance(got, tripmine.LiftedStructuredLossResult)
+    _check_loss_result(got, problem, want_grad)
+    _assert_layout_free(got, problem, lambda x, ref: tripmine.lifted_structured_loss(
+        x, problem.labels, pos_margin=pos_margin, neg_margin=neg_margin,
+        generalized=generalized, metric=metric, normalize=normalize, reduction=reduction,
+        grad=want_grad, **{**problem.kwargs(), "ref": ref}))
+    if reduction == "none":
+        _check_array(got.loss, (problem.n,), np.float64)
+    else:
+        assert isinstance(got.loss, float)
+    if scale.values and not generalized:
+        assert got.n_terms == problem.counts()["positive_pairs"]
+    _check_finite_loss(got, scale, want_grad, got.n_active)
 
 
 # ---- retrieval metrics -----------------------------------------------------------------------

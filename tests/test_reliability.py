@@ -134,6 +134,9 @@ def _mixed_calls(problem) -> dict:
         "center": lambda: tripmine.center_loss(x, y, ref[:64]),
         "center_update": lambda: tripmine.update_centers(ref[:64].copy(), x, y),
         "margin": lambda: tripmine.margin_loss(unit, y, seed=4, beta=ref[:64, 0] % 1 + 0.8),
+        "lifted": lambda: tripmine.lifted_structured_loss(x, y),
+        "lifted_generalized_ref": lambda: tripmine.lifted_structured_loss(
+            x, y, generalized=True, **bank),
     }
 
 
@@ -200,6 +203,7 @@ def test_changing_the_thread_count_while_calls_run_is_safe(threads):
         "cosface": lambda: tripmine.cosface_loss(x, y, ref[:8]),
         "softmax": lambda: tripmine.softmax_loss(small, small_y, small[:64] * 0.1),
         "center": lambda: tripmine.center_loss(ref, ry, x[:4]),  # 4.6M elements: threaded
+        "lifted": lambda: tripmine.lifted_structured_loss(small, small_y),
     }
     tripmine.set_num_threads(2)
     serial = {name: call() for name, call in calls.items()}
@@ -388,6 +392,11 @@ calls = {
     "center": lambda: tripmine.center_loss(big, big_y, big[:24]),
     "center_update": lambda: tripmine.update_centers(big[:24].copy(), big, big_y),
     "margin": lambda: tripmine.margin_loss(big, big_y, mining="batch_hard", beta=1.0),
+    "lifted": lambda: tripmine.lifted_structured_loss(big, big_y),
+    "lifted_generalized_ref": lambda: tripmine.lifted_structured_loss(
+        x, y, generalized=True, ref=ref, ref_labels=ry),
+    "raise_lifted_margin": lambda: raises(lambda: tripmine.lifted_structured_loss(
+        x, y, neg_margin=-1.0), ValueError),
     "raise_center_labels": lambda: raises(lambda: tripmine.update_centers(
         ref[:6].copy(), x, y + 100), ValueError),
     "raise_head_labels": lambda: raises(lambda: tripmine.cosface_loss(x, y + 100, ref),
