@@ -413,3 +413,95 @@ def test_margin_loss_matches_the_c_core(mining, reduction):
         np.testing.assert_allclose(host(gpu.grad), cpu.grad, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(host(gpu.beta_grad), cpu.beta_grad, rtol=1e-10, atol=1e-12)
     assert isinstance(gpu.grad, cp.ndarray) and np.isfinite(host(gpu.grad)).all()
+
+
+# ---- the lifted structured loss ------------------------------------------------------
+
+def _lifted_modes(dtype):
+    """Self mode, reference mode, and ref_offset (the batch inside a larger reference)."""
+    x, y = batch(11, n=48, d=12, classes=5, dtype=dtype)
+    other, oy = batch(12, n=20, d=12, classes=5, dtype=dtype, ties=False)
+    inside = np.concatenate([other[:7], x, other[7:]])
+    inside_y = np.concatenate([oy[:7], y, oy[7:]])
+    return x, y, [{}, {"ref": other, "ref_labels": oy},
+                  {"ref": inside, "ref_labels": inside_y, "ref_offset": 7}]
+
+
+def assert_same_lifted(got, want, dtype):
+    assert (got.n_terms, got.n_active) == (want.n_terms, want.n_active)
+    if isinstance(want.loss, np.ndarray):
+        assert isinstance(got.loss, cp.ndarray)
+    np.testing.assert_allclose(host(got.loss), want.loss, rtol=RTOL[dtype] * 10,
+                               atol=ATOL[dtype] * 10)
+    for name in ("grad", "ref_grad"):
+        g, w = getattr(got, name), getattr(want, name)
+        assert (g is None) == (w is None)
+        if w is not None:
+            assert isinstance(g, cp.ndarray) and g.dtype == w.dtype
+            np.testing.assert_allclose(host(g), w, rtol=RTOL[dtype] * 10,
+                                       atol=ATOL[dtype] * 10)
+
+
+@pytest.mark.parametrize("generalized", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+def test_lifted_structured_loss_matches_the_c_core(generalized, dtype, metric):
+    x, y, modes = _lifted_modes(dtype)
+    for kw in modes:
+        gpu_kw = {k: cp.asarray(v) if k == "ref" else v for k, v in kw.items()}
+        for reduction in ("mean", "sum", "mean_nonzero", "none"):
+            options = dict(generalized=generalized, metric=metric, reduction=reduction,
+                           neg_margin=0.8 if metric == "cosine" else 1.5, pos_margin=0.05)
+            want = tripmine.lifted_structured_loss(x, y, **options, **kw)
+            got = tripmine.lifted_structured_loss(cp.asarray(x), cp.asarray(y), **options,
+                                                  **gpu_kw)
+            assert_same_lifted(got, want, dtype)
+
+
+@pytest.mark.parametrize("generalized", [False, True])
+def test_lifted_normalize_and_chunks_match_the_c_core(generalized, monkeypatch):
+    from tripmine._gpu.lifted import BYTES_PER_ENTRY
+    x, y, modes = _lifted_modes(np.float64)
+    x[5] *= 30.0
+    for kw in modes:
+        gpu_kw = {k: cp.asarray(v) if k == "ref" else v for k, v in kw.items()}
+        options = dict(generalized=generalized, normalize=True, **kw)
+        want = tripmine.lifted_structured_loss(x, y, **options)
+        options.update(gpu_kw)
+        whole = tripmine.lifted_structured_loss(cp.asarray(x), y, **options)
+        assert_same_lifted(whole, want, np.float64)
+        m = x.shape[0] if "ref" not in kw else kw["ref"].shape[0]
+        monkeypatch.setenv("TRIPMINE_GPU_CHUNK_BYTES", str(3 * m * BYTES_PER_ENTRY))
+        chunked = tripmine.lifted_structured_loss(cp.asarray(x), y, **options)  # 3 rows a block
+        monkeypatch.delenv("TRIPMINE_GPU_CHUNK_BYTES")
+        assert_same_lifted(chunked, want, np.float64)
+
+
+def test_lifted_degenerate_batches_and_errors():
+    for generalized in (False, True):
+        empty = tripmine.lifted_structured_loss(cp.zeros((0, 4)), np.zeros(0, dtype=int),
+                                                generalized=generalized)
+        assert empty.loss == 0.0 and empty.grad.shape == (0, 4)
+        one_class = tripmine.lifted_structured_loss(cp.ones((5, 3)), np.zeros(5, dtype=int),
+                                                    generalized=generalized)
+        assert one_class.loss == 0.0 and float(cp.abs(one_class.grad).max()) == 0.0
+    x, y = batch()
+    with pytest.raises(TypeError, match="mixed devices"):
+        tripmine.lifted_structured_loss(cp.asarray(x), y, ref=x, ref_labels=y)
+    with pytest.raises(ValueError, match="neg_margin"):
+        tripmine.lifted_structured_loss(cp.asarray(x), y, neg_margin=-1.0)
+
+
+def test_lifted_large_batch_stays_below_the_pair_matrix():
+    """N = 16,384: the N x N float64 matrix alone would take 2 GiB."""
+    n, d = 16_384, 64
+    rng = cp.random.default_rng(0)
+    x = rng.standard_normal((n, d), dtype=cp.float32)
+    y = cp.arange(n) // 4
+    pool = cp.get_default_memory_pool()
+    for generalized in (False, True):
+        pool.free_all_blocks()
+        result = tripmine.lifted_structured_loss(x, y, generalized=generalized)
+        cp.cuda.Device().synchronize()
+        assert np.isfinite(result.loss) and result.n_terms > 0
+        assert pool.total_bytes() < 2**30

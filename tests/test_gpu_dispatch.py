@@ -28,6 +28,8 @@ PUBLIC = {
     "distance_weighted": tripmine.distance_weighted,
     "triplet_loss": tripmine.triplet_loss,
     "contrastive_loss": tripmine.contrastive_loss,
+    "margin_loss": tripmine.margin_loss,
+    "lifted_structured_loss": tripmine.lifted_structured_loss,
     "nearest_neighbors": tripmine.metrics.nearest_neighbors,
     "recall_at_k": tripmine.metrics.recall_at_k,
     "mean_average_precision_at_r": tripmine.metrics.mean_average_precision_at_r,
@@ -128,13 +130,20 @@ def test_missing_cupy_gives_an_install_hint(monkeypatch):
         tripmine.batch_hard(FakeDeviceArray(), [0, 0, 1, 1])
 
 
-def _gpu_signatures() -> dict[str, list[str]]:
-    tree = ast.parse((ROOT / "tripmine" / "_gpu" / "__init__.py").read_text())
+def _gpu_signatures(module: str = "__init__") -> dict[str, list[str]]:
+    """The functions tripmine._gpu defines or imports from its own submodules (read from
+    the source: CuPy is not importable here)."""
+    tree = ast.parse((ROOT / "tripmine" / "_gpu" / f"{module}.py").read_text())
     out = {}
     for node in tree.body:
         if isinstance(node, ast.FunctionDef):
             a = node.args
             out[node.name] = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs]
+        elif (isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+              and module == "__init__"):
+            defined = _gpu_signatures(node.module)
+            out.update({alias.asname or alias.name: defined[alias.name]
+                        for alias in node.names if alias.name in defined})
     return out
 
 

@@ -875,3 +875,8 @@ def mean_average_precision_at_r(x, labels, *, ref=None, ref_labels=None, metric=
     precision = cp.cumsum(rel, axis=1) / ranks[None, :]
     ap = (precision * rel).sum(axis=1) / cp.maximum(r, 1)
     return float(ap[usable].sum()) / scored
+
+
+# ---- pair heads (their own module, which imports prepare and chunk_bytes from here) ---
+
+from .lifted import lifted_structured_loss as lifted_structured_loss  # noqa: E402
