@@ -70,7 +70,8 @@ def _add_demo_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
                       help="total optimiser steps; overrides --epochs (default: epochs x "
                            "batches per epoch)")
     demo.add_argument("--loss", choices=LOSSES, default=defaults.loss,
-                      help="triplet loss (with --mining), the contrastive pair loss, or a "
+                      help="triplet loss (with --mining), the contrastive pair loss, the "
+                           "lifted structured loss (lifted), or a "
                            "margin-softmax head trained with its class weights (softmax, "
                            "normface, cosface, arcface, combined, sphereface, lsoftmax), the "
                            "center loss beside a softmax head (center), or the margin loss "

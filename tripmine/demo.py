@@ -13,7 +13,8 @@ retrieval on held-out images:
   backward written by hand in NumPy, trained with Adam on P x K batches from
   :class:`tripmine.sampling.PKSampler`;
 * loss and gradient: :func:`tripmine.triplet_loss` (batch-hard by default, any
-  mining rule), :func:`tripmine.contrastive_loss`, or a margin-softmax head of
+  mining rule), :func:`tripmine.contrastive_loss`,
+  :func:`tripmine.lifted_structured_loss` (``--loss lifted``), or a margin-softmax head of
   :mod:`tripmine.heads` (``--loss arcface`` and the others), whose class weights
   the optimiser updates beside the network's;
 * evaluation: Recall@1 and MAP@R (:mod:`tripmine.metrics`) of the held-out
@@ -44,6 +45,7 @@ import numpy as np
 
 from . import heads, runtime
 from .center import center_loss, update_centers
+from .lifted import lifted_structured_loss
 from .losses import MINING, contrastive_loss, triplet_loss
 from .margin import margin_loss
 from .metrics import mean_average_precision_at_r, recall_at_k
@@ -85,7 +87,9 @@ CENTER_ALPHA = 0.5
 #: class learned with the network (Adam, like every other parameter); ``--margin`` sets alpha.
 MARGIN_ALPHA = 0.2
 MARGIN_BETA = 1.2
-LOSSES = ("triplet", "contrastive", *HEAD_LOSSES, "center", "margin")
+#: ``--loss lifted``: Song et al.'s lifted structured loss over every positive pair of the
+#: batch; ``--margin`` sets neg_margin (default CONTRASTIVE_MARGIN, Song's 1).
+LOSSES = ("triplet", "contrastive", "lifted", *HEAD_LOSSES, "center", "margin")
 
 
 def _active_label(loss: str) -> str:
@@ -94,6 +98,8 @@ def _active_label(loss: str) -> str:
         return "fraction of active hinge terms"
     if loss in HEAD_LOSSES or loss == "center":
         return "training accuracy (top-1 without margin)"
+    if loss == "lifted":
+        return "fraction of active positive pairs"
     return "fraction of active " + ("pairs" if loss == "contrastive" else "triplets")
 
 
@@ -366,6 +372,8 @@ def loss_and_grad(config: DemoConfig, embeddings: np.ndarray, labels: np.ndarray
         return result.loss, result.grad, result.accuracy, result.weight_grad
     if config.loss == "contrastive":
         result = contrastive_loss(embeddings, labels, neg_margin=config.resolved_margin())
+    elif config.loss == "lifted":
+        result = lifted_structured_loss(embeddings, labels, neg_margin=config.resolved_margin())
     else:
         result = triplet_loss(embeddings, labels, mining=config.mining,
                               margin=config.resolved_margin(), seed=seed)
@@ -566,6 +574,8 @@ def _describe(config: DemoConfig, split: DigitsSplit, p: int) -> list[str]:
                 + ", class weights trained with the network")
     elif config.loss == "contrastive":
         loss = f"contrastive loss (neg_margin {config.resolved_margin():g})"
+    elif config.loss == "lifted":
+        loss = f"lifted structured loss (neg_margin {config.resolved_margin():g})"
     else:
         loss = f"{config.mining} triplet loss (margin {config.resolved_margin():g})"
     model = (f"model: NumPy MLP {widths}, L2-normalised output; Adam lr {config.lr:g} "
