@@ -222,21 +222,21 @@ static inline tm_center_acc_kernel TM_FN(kernel_center_acc)(const tm_kernel_set 
 #endif
 }
 
-static inline tm_lifted_weights_kernel TM_FN(kernel_lifted_weights)(const tm_kernel_set *k)
+static inline tm_lifted_lse_kernel TM_FN(kernel_lifted_lse)(const tm_kernel_set *k)
 {
 #if TM_BITS == 32
-    return k->lifted_weights_f32;
+    return k->lifted_lse_f32;
 #else
-    return k->lifted_weights_f64;
+    return k->lifted_lse_f64;
 #endif
 }
 
-static inline tm_pair_beta_kernel TM_FN(kernel_pair_beta)(const tm_kernel_set *k)
+static inline tm_lifted_beta_kernel TM_FN(kernel_lifted_beta)(const tm_kernel_set *k)
 {
 #if TM_BITS == 32
-    return k->pair_beta_f32;
+    return k->lifted_beta_f32;
 #else
-    return k->pair_beta_f64;
+    return k->lifted_beta_f64;
 #endif
 }
 

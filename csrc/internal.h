@@ -211,19 +211,22 @@ typedef double (*tm_center_row_kernel)(const void *x, const void *c, int64_t d, 
 typedef void (*tm_center_acc_kernel)(double *acc, const void *c, const void *x, int64_t d,
                                      double g);
 
-/* The lifted structured loss's row kernels (row_kernel_impl.h, lifted_impl.h),
- * euclidean metrics.  lifted_weights: w[j] = -(tau e^min(0, shift - d_j) +
- * col_tau[j] e^min(0, col_shift[j] - d_j)) for the row's negatives
- * (ref_labels[j] != label), 0 elsewhere.  pair_beta: from weights w and
- * distances d, out[j] = -c_j with c_j = w_j / d_j (0 at d_j = 0), or 2 w_j
- * with squared set, returning the sum of the c_j (the row's alpha) in eight
- * lanes; out may alias w or d.  Elementwise IEEE operations and fixed-order
- * sums: the same bits on every instruction set. */
-typedef void (*tm_lifted_weights_kernel)(const void *dist, const int64_t *ref_labels,
-                                         int64_t label, int64_t m, double shift, double tau,
-                                         const void *col_shift, const void *col_tau, void *w);
-typedef double (*tm_pair_beta_kernel)(const void *w, const void *dist, void *out, int64_t m,
-                                      int squared);
+/* The lifted structured loss's row kernels (row_kernel_impl.h, lifted_impl.h).
+ * lifted_lse: over the row's negatives (ref_labels[j] != label), the nearest
+ * distance into *nearest (inf without negatives) and the sum of
+ * e^(nearest - d_j) (0 without negatives), in eight lanes.  lifted_beta, on
+ * the euclidean metrics: with the weights w_j = -(tau e^min(0, shift - d_j) +
+ * col_tau[j] e^min(0, col_shift[j] - d_j)) of the negatives (no column term
+ * when col_shift is NULL) and 0 elsewhere, writes beta_j = -c_j over d_j,
+ * c_j = w_j / d_j (0 at d_j = 0), or 2 w_j with squared set, and returns the
+ * sum of the c_j (the row's alpha) in eight lanes.  Elementwise IEEE
+ * operations and fixed-order sums: the same bits on every instruction set. */
+typedef double (*tm_lifted_lse_kernel)(const void *dist, const int64_t *ref_labels,
+                                       int64_t label, int64_t m, double *nearest);
+typedef double (*tm_lifted_beta_kernel)(void *dist, const int64_t *ref_labels, int64_t label,
+                                        int64_t m, double shift, double tau,
+                                        const void *col_shift, const void *col_tau,
+                                        int squared);
 
 /* One instruction set's micro-kernels, for both precisions. */
 typedef struct {
@@ -244,8 +247,8 @@ typedef struct {
     tm_pack_panel_kernel pack_panel_f32, pack_panel_f64;
     tm_center_row_kernel center_row_f32, center_row_f64;
     tm_center_acc_kernel center_acc_f32, center_acc_f64;
-    tm_lifted_weights_kernel lifted_weights_f32, lifted_weights_f64;
-    tm_pair_beta_kernel pair_beta_f32, pair_beta_f64;
+    tm_lifted_lse_kernel lifted_lse_f32, lifted_lse_f64;
+    tm_lifted_beta_kernel lifted_beta_f32, lifted_beta_f64;
 } tm_kernel_set;
 
 /* Flush-to-zero and denormals-are-zero for the calling thread, around a

@@ -180,8 +180,8 @@ const tm_kernel_set tm_kernels_avx512 = {
     pack_panel_avx512_f32, pack_panel_avx512_f64,
     center_row_kernel_f32, center_row_kernel_f64,
     center_acc_kernel_f32, center_acc_kernel_f64,
-    lifted_weights_kernel_f32, lifted_weights_kernel_f64,
-    pair_beta_kernel_f32, pair_beta_kernel_f64,
+    lifted_lse_kernel_f32, lifted_lse_kernel_f64,
+    lifted_beta_kernel_f32, lifted_beta_kernel_f64,
 };
 
 #else

@@ -34,6 +34,6 @@ const tm_kernel_set tm_kernels_generic = {
     pack_panel_kernel_f32, pack_panel_kernel_f64,
     center_row_kernel_f32, center_row_kernel_f64,
     center_acc_kernel_f32, center_acc_kernel_f64,
-    lifted_weights_kernel_f32, lifted_weights_kernel_f64,
-    pair_beta_kernel_f32, pair_beta_kernel_f64,
+    lifted_lse_kernel_f32, lifted_lse_kernel_f64,
+    lifted_beta_kernel_f32, lifted_beta_kernel_f64,
 };

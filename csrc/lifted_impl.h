@@ -102,26 +102,16 @@ static int TM_FN(lse_setup)(void *op, int nthreads, int64_t block_rows)
     return TM_OK;
 }
 
-/* Writes the row's log-sum-exp over its negatives of (neg_margin - d) into
- * *lse (-inf without negatives), turning the row into e^(-d - max) for the
- * negatives and 0 elsewhere, whose sum it returns (0 without negatives). */
-static double TM_FN(negatives_lse)(const TM_FN(lifted_op) *L, int64_t a, TM_REAL *row,
+/* The row's log-sum-exp over its negatives of (neg_margin - d) (-inf without
+ * negatives); returns the sum of e^(nearest - d) it took the log of. */
+static double TM_FN(negatives_lse)(const TM_FN(lifted_op) *L, int64_t a, const TM_REAL *row,
                                    double *lse)
 {
     const TM_FN(label_view) *lv = &L->dense.c.lv;
-    const int64_t m = lv->m, label = lv->labels[a];
-    const int64_t *ref_labels = lv->ref_labels;
-    const TM_REAL none = (TM_REAL)-INFINITY;
-    for (int64_t j = 0; j < m; ++j) /* the anchor's own column has its label */
-        row[j] = ref_labels[j] != label ? -row[j] : none;
-    const double top = TM_FN(kernel_softmax_max)(L->dense.kernels)(row, m);
-    if (top == -INFINITY) {
-        memset(row, 0, (size_t)m * sizeof(TM_REAL));
-        *lse = -INFINITY;
-        return 0.0;
-    }
-    const double sum = TM_FN(kernel_softmax_exp)(L->dense.kernels)(row, m, top);
-    *lse = L->neg_margin + top + log(sum);
+    double nearest;
+    const double sum = TM_FN(kernel_lifted_lse)(L->dense.kernels)(row, lv->ref_labels,
+                                                                 lv->labels[a], lv->m, &nearest);
+    *lse = sum > 0.0 ? L->neg_margin - nearest + log(sum) : -INFINITY;
     return sum;
 }
 
@@ -130,7 +120,7 @@ static int TM_FN(lse_row)(void *op, int thread, int64_t a, int64_t row_in_block,
     (void)row_in_block;
     TM_FN(lifted_op) *L = op;
     const TM_FN(label_view) *lv = &L->dense.c.lv;
-    if (!lv->self) { /* the columns first: negatives_lse rewrites the row */
+    if (!lv->self) {
         const int64_t m = lv->m, label = lv->labels[a];
         double *mx = L->col_max + (size_t)thread * (size_t)m;
         double *sm = L->col_sum + (size_t)thread * (size_t)m;
@@ -232,36 +222,41 @@ static void TM_FN(song_columns)(void *ctx, int participant, int64_t begin, int64
 
 /* ---- step 3: the weights, one row at a time ---------------------------- */
 
-/* Turns the weights w (dL/dd per entry, 0 for entries without one) of row a
- * into its coefficient row `out` (which may alias w or dist) with the row's
- * alpha and the thread's gamma sums (see dense_impl.h). */
-static void TM_FN(weights_to_row)(TM_FN(dense_op) *s, int thread, int64_t a, const TM_REAL *w,
-                                  const TM_REAL *dist, TM_REAL *out, double *alpha)
+/* Writes row a's coefficients over its distances for the negatives' weights
+ * w_j = -(tau e^(shift - d_j) + col_tau[j] e^(col_shift[j] - d_j)) (no
+ * column term when col_shift is NULL; positives and the anchor's own column
+ * get 0), adding to *alpha and the thread's gamma sums (see dense_impl.h).
+ * The exponents are <= 0 for negatives: shift and col_shift are neg_margin
+ * minus log-sum-exps over sets that contain the pair. */
+static void TM_FN(negative_weights)(TM_FN(dense_op) *s, int thread, int64_t a, TM_REAL *row,
+                                    double shift, double tau, const TM_REAL *col_shift,
+                                    const TM_REAL *col_tau, double *alpha)
 {
-    const int64_t m = s->c.lv.m;
-    if (s->metric == TM_METRIC_COSINE) {
-        for (int64_t j = 0; j < m; ++j) {
-            const double wj = (double)w[j], dj = (double)dist[j];
-            out[j] = 0;
-            if (wj != 0.0)
-                TM_FN(dense_pair)(s, thread, 0, a, j, wj, dj, out, alpha);
-        }
-    } else {
-        /* Euclidean metrics: alpha = gamma = -beta for every pair. */
-        *alpha += TM_FN(kernel_pair_beta)(s->kernels)(w, dist, out, m,
-                                                      s->metric == TM_METRIC_SQEUCLIDEAN);
-        if (s->want_ref_side) {
+    const int64_t m = s->c.lv.m, label = s->c.lv.labels[a];
+    const int64_t *ref_labels = s->c.lv.ref_labels;
+    if (s->metric != TM_METRIC_COSINE) {
+        *alpha += TM_FN(kernel_lifted_beta)(s->kernels)(row, ref_labels, label, m, shift, tau,
+                                                        col_shift, col_tau,
+                                                        s->metric == TM_METRIC_SQEUCLIDEAN);
+        if (s->want_ref_side) { /* euclidean metrics: gamma = alpha = -beta */
             double *gamma = s->gamma[0] + (size_t)thread * (size_t)s->span - s->ref_lo;
             for (int64_t j = s->ref_lo; j < s->ref_hi; ++j)
-                gamma[j] -= (double)out[j];
+                gamma[j] -= (double)row[j];
+        }
+    } else {
+        for (int64_t j = 0; j < m; ++j) {
+            const double v = (double)row[j];
+            row[j] = 0;
+            if (ref_labels[j] == label)
+                continue;
+            double w = tau * TM_FN(lifted_exp)(shift - v);
+            if (col_shift != NULL)
+                w += (double)col_tau[j] * TM_FN(lifted_exp)((double)col_shift[j] - v);
+            if (w != 0.0)
+                TM_FN(dense_pair)(s, thread, 0, a, j, -w, v, row, alpha);
         }
     }
     s->nonzeros[2 * thread] += m;
-}
-
-static TM_REAL *TM_FN(lifted_scratch)(TM_FN(dense_op) *s, int thread)
-{
-    return (TM_REAL *)(void *)TM_SCRATCH(&s->c.scratch, work, thread); /* m doubles */
 }
 
 static int TM_FN(song_grad_row)(void *op, int thread, int64_t a, int64_t row_in_block,
@@ -271,12 +266,9 @@ static int TM_FN(song_grad_row)(void *op, int thread, int64_t a, int64_t row_in_
     TM_FN(lifted_op) *L = op;
     TM_FN(dense_op) *s = &L->dense;
     const int64_t label = s->c.lv.labels[a], own = TM_FN(own_row)(&s->c.lv, a);
-    TM_REAL *w = TM_FN(lifted_scratch)(s, thread);
-    TM_FN(kernel_lifted_weights)(s->kernels)(dist, s->c.lv.ref_labels, label, s->c.lv.m,
-                                             L->neg_margin - L->row_lse[a], L->row_tau[a],
-                                             L->col_shift_real, L->col_tau_real, w);
     double alpha = 0.0;
-    TM_FN(weights_to_row)(s, thread, a, w, dist, dist, &alpha);
+    TM_FN(negative_weights)(s, thread, a, dist, L->neg_margin - L->row_lse[a], L->row_tau[a],
+                            L->col_shift_real, L->col_tau_real, &alpha);
     const tm_label_groups *g = &L->ref_groups;
     for (int64_t q = tm_label_groups_find(g, label); q < g->count && g->pairs[2 * q] == label;
          ++q) {
@@ -314,11 +306,8 @@ static int TM_FN(generalized_row)(void *op, int thread, int64_t a, int64_t row_i
         far = positives[n_pos].value > far ? positives[n_pos].value : far;
         ++n_pos;
     }
-    TM_REAL *kept = TM_FN(lifted_scratch)(s, thread); /* the distances, for the weights */
-    if (s->want_grad)
-        memcpy(kept, dist, (size_t)m * sizeof(TM_REAL));
     double lse_neg;
-    const double sum = TM_FN(negatives_lse)(L, a, dist, &lse_neg); /* dist: e^(-d - max) */
+    TM_FN(negatives_lse)(L, a, dist, &lse_neg);
     const int valid = n_pos > 0 && lse_neg != -INFINITY;
     double lse_pos = 0.0, value = 0.0;
     if (valid) {
@@ -335,10 +324,9 @@ static int TM_FN(generalized_row)(void *op, int thread, int64_t a, int64_t row_i
         return TM_OK;
     double alpha = 0.0;
     if (value > 0.0) {
-        const TM_REAL scale = (TM_REAL)(-1.0 / sum); /* the negatives' softmax, negated */
-        for (int64_t j = 0; j < m; ++j)
-            dist[j] *= scale;
-        TM_FN(weights_to_row)(s, thread, a, dist, kept, dist, &alpha);
+        /* The negatives' softmax, negated: e^(neg_margin - d - lse_neg). */
+        TM_FN(negative_weights)(s, thread, a, dist, L->neg_margin - lse_neg, 1.0, NULL, NULL,
+                                &alpha);
         for (int64_t r = 0; r < n_pos; ++r) {
             const double w = TM_FN(lifted_exp)(positives[r].value - pm - lse_pos);
             if (w != 0.0)

@@ -391,67 +391,118 @@ static void TM_FN(center_acc_kernel)(double *acc, const void *c_v, const void *x
         acc[p] += g * ((double)c[p] - (double)x[p]);
 }
 
-/* The lifted structured loss's rows (lifted_impl.h; tm_lifted_weights_kernel
- * and tm_pair_beta_kernel in internal.h). */
-static void TM_FN(lifted_weights_kernel)(const void *dist_v, const int64_t *ref_labels,
-                                         int64_t label, int64_t m, double shift_d, double tau_d,
-                                         const void *col_shift_v, const void *col_tau_v,
-                                         void *w_v)
+/* The lifted structured loss's rows (lifted_impl.h; tm_lifted_lse_kernel and
+ * tm_lifted_beta_kernel in internal.h). */
+static double TM_FN(lifted_lse_kernel)(const void *dist_v, const int64_t *ref_labels,
+                                       int64_t label, int64_t m, double *nearest_out)
 {
     const TM_REAL *dist = (const TM_REAL *)dist_v;
-    const TM_REAL *col_shift = (const TM_REAL *)col_shift_v, *col_tau = (const TM_REAL *)col_tau_v;
-    TM_REAL *w = (TM_REAL *)w_v;
-    const TM_REAL shift = (TM_REAL)shift_d, tau = (TM_REAL)tau_d, zero = 0;
+    const TM_REAL far = (TM_REAL)INFINITY;
+    TM_REAL lanes_min[TM_ROW_LANES];
+    for (int l = 0; l < TM_ROW_LANES; ++l)
+        lanes_min[l] = far;
     for (int64_t j0 = 0; j0 < m; j0 += TM_ROW_CHUNK) {
         const int64_t n = m - j0 < TM_ROW_CHUNK ? m - j0 : TM_ROW_CHUNK;
-        const TM_REAL *d = dist + j0, *cs = col_shift + j0, *ct = col_tau + j0;
+        const TM_REAL *d = dist + j0;
         const int64_t *lab = ref_labels + j0;
-        TM_REAL neg[TM_ROW_CHUNK], a[TM_ROW_CHUNK], b[TM_ROW_CHUNK];
-        for (int64_t j = 0; j < n; ++j) {
-            neg[j] = lab[j] != label ? (TM_REAL)1 : (TM_REAL)0;
-            const TM_REAL u = shift - d[j], v = cs[j] - d[j];
-            a[j] = u < zero ? u : zero;
-            b[j] = v < zero ? v : zero;
-        }
-        for (int64_t j = 0; j < n; ++j) {
-#if TM_BITS == 32
-            a[j] = tm_exp_nonpositive_f32(a[j]);
-            b[j] = tm_exp_nonpositive_f32(b[j]);
-#else
-            a[j] = exp(a[j]);
-            b[j] = exp(b[j]);
-#endif
-        }
-        for (int64_t j = 0; j < n; ++j)
-            w[j0 + j] = -(tau * a[j] + ct[j] * b[j]) * neg[j];
+        TM_REAL v[TM_ROW_CHUNK];
+        for (int64_t q = 0; q < n; ++q)
+            v[q] = lab[q] != label ? d[q] : far;
+        const int64_t padded = (n + TM_ROW_LANES - 1) / TM_ROW_LANES * TM_ROW_LANES;
+        for (int64_t q = n; q < padded; ++q)
+            v[q] = far;
+        for (int64_t q = 0; q < padded; q += TM_ROW_LANES)
+            for (int l = 0; l < TM_ROW_LANES; ++l)
+                lanes_min[l] = v[q + l] < lanes_min[l] ? v[q + l] : lanes_min[l];
     }
-}
-
-static double TM_FN(pair_beta_kernel)(const void *w_v, const void *dist_v, void *out_v,
-                                      int64_t m, int squared)
-{
-    const TM_REAL *w = (const TM_REAL *)w_v, *dist = (const TM_REAL *)dist_v;
-    TM_REAL *out = (TM_REAL *)out_v;
+    TM_REAL nearest = lanes_min[0];
+    for (int l = 1; l < TM_ROW_LANES; ++l)
+        nearest = lanes_min[l] < nearest ? lanes_min[l] : nearest;
+    *nearest_out = (double)nearest;
+    if (nearest == far)
+        return 0.0;
     double lanes[TM_ROW_LANES] = {0};
     for (int64_t j0 = 0; j0 < m; j0 += TM_ROW_CHUNK) {
         const int64_t n = m - j0 < TM_ROW_CHUNK ? m - j0 : TM_ROW_CHUNK;
-        TM_REAL c[TM_ROW_CHUNK];
-        if (squared) {
-            for (int64_t j = 0; j < n; ++j)
-                c[j] = (TM_REAL)2 * w[j0 + j];
+        const TM_REAL *d = dist + j0;
+        const int64_t *lab = ref_labels + j0;
+        TM_REAL e[TM_ROW_CHUNK];
+        for (int64_t q = 0; q < n; ++q) {
+            const TM_REAL u = nearest - d[q];
+            e[q] = u < 0 ? u : 0;
+        }
+        for (int64_t q = 0; q < n; ++q)
+#if TM_BITS == 32
+            e[q] = tm_exp_nonpositive_f32(e[q]);
+#else
+            e[q] = exp(e[q]);
+#endif
+        for (int64_t q = 0; q < n; ++q)
+            e[q] = lab[q] != label ? e[q] : (TM_REAL)0;
+        const int64_t padded = (n + TM_ROW_LANES - 1) / TM_ROW_LANES * TM_ROW_LANES;
+        for (int64_t q = n; q < padded; ++q)
+            e[q] = 0;
+        TM_FN(row_lanes_add)(lanes, e, padded);
+    }
+    return TM_FN(row_lanes_total)(lanes);
+}
+
+static double TM_FN(lifted_beta_kernel)(void *dist_v, const int64_t *ref_labels, int64_t label,
+                                        int64_t m, double shift_d, double tau_d,
+                                        const void *col_shift_v, const void *col_tau_v,
+                                        int squared)
+{
+    TM_REAL *dist = (TM_REAL *)dist_v;
+    const TM_REAL *col_shift = (const TM_REAL *)col_shift_v, *col_tau = (const TM_REAL *)col_tau_v;
+    const TM_REAL shift = (TM_REAL)shift_d, tau = (TM_REAL)tau_d, zero = 0, one = 1;
+    double lanes[TM_ROW_LANES] = {0};
+    for (int64_t j0 = 0; j0 < m; j0 += TM_ROW_CHUNK) {
+        const int64_t n = m - j0 < TM_ROW_CHUNK ? m - j0 : TM_ROW_CHUNK;
+        TM_REAL *d = dist + j0;
+        const int64_t *lab = ref_labels + j0;
+        TM_REAL a[TM_ROW_CHUNK], b[TM_ROW_CHUNK];
+        TM_REAL c[TM_ROW_CHUNK] = {0}; /* zero past n: the lanes add whole groups */
+        for (int64_t q = 0; q < n; ++q) {
+            const TM_REAL u = shift - d[q];
+            a[q] = u < zero ? u : zero;
+        }
+        for (int64_t q = 0; q < n; ++q)
+#if TM_BITS == 32
+            a[q] = tm_exp_nonpositive_f32(a[q]);
+#else
+            a[q] = exp(a[q]);
+#endif
+        if (col_shift != NULL) {
+            const TM_REAL *cs = col_shift + j0, *ct = col_tau + j0;
+            for (int64_t q = 0; q < n; ++q) {
+                const TM_REAL v = cs[q] - d[q];
+                b[q] = v < zero ? v : zero;
+            }
+            for (int64_t q = 0; q < n; ++q)
+#if TM_BITS == 32
+                b[q] = tm_exp_nonpositive_f32(b[q]);
+#else
+                b[q] = exp(b[q]);
+#endif
+            for (int64_t q = 0; q < n; ++q)
+                a[q] = tau * a[q] + ct[q] * b[q];
         } else {
-            for (int64_t j = 0; j < n; ++j) {
-                const TM_REAL d = dist[j0 + j];
-                const TM_REAL safe = d > 0 ? d : (TM_REAL)1;
-                c[j] = d > 0 ? w[j0 + j] / safe : (TM_REAL)0;
+            for (int64_t q = 0; q < n; ++q)
+                a[q] = tau * a[q];
+        }
+        /* a = -w, the weight negated; c = alpha = gamma = -beta */
+        if (squared) {
+            for (int64_t q = 0; q < n; ++q)
+                c[q] = lab[q] != label ? (TM_REAL)-2 * a[q] : zero;
+        } else {
+            for (int64_t q = 0; q < n; ++q) {
+                const TM_REAL safe = d[q] > zero ? d[q] : one;
+                c[q] = lab[q] != label && d[q] > zero ? -a[q] / safe : zero;
             }
         }
-        for (int64_t j = 0; j < n; ++j)
-            out[j0 + j] = -c[j];
-        const int64_t padded = (n + TM_ROW_LANES - 1) / TM_ROW_LANES * TM_ROW_LANES;
-        for (int64_t j = n; j < padded; ++j)
-            c[j] = 0;
-        TM_FN(row_lanes_add)(lanes, c, padded);
+        for (int64_t q = 0; q < n; ++q)
+            d[q] = -c[q];
+        TM_FN(row_lanes_add)(lanes, c, (n + TM_ROW_LANES - 1) / TM_ROW_LANES * TM_ROW_LANES);
     }
     return TM_FN(row_lanes_total)(lanes);
 }
