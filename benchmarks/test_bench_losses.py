@@ -10,6 +10,9 @@ standard-normal rows normalised to unit length, labels in a P x K layout with K=
 * ``triplet_distance_weighted`` -- ``tripmine.triplet_loss(x, labels,
   mining="distance_weighted", seed=0)``
 * ``contrastive``               -- ``tripmine.contrastive_loss(x, labels)``
+* ``lifted``                    -- ``tripmine.lifted_structured_loss(x, labels)`` (Song's form)
+* ``lifted_generalized``        -- ``tripmine.lifted_structured_loss(x, labels,
+  generalized=True)``
 * ``mine_batch_hard``           -- ``tripmine.batch_hard(x, labels)`` (miner only)
 * ``mine_semi_hard``            -- ``tripmine.semi_hard(x, labels)`` (miner only)
 * ``numpy_batch_hard``          -- batch-hard triplet loss + gradient in vectorised NumPy
@@ -18,7 +21,8 @@ standard-normal rows normalised to unit length, labels in a P x K layout with K=
 * ``gemm``                      -- ``np.matmul(x, y, out=buf)``, ``y = ascontiguousarray(x.T)``
   (OpenBLAS sgemm, N x N x D): the ratio baseline of report.py
 
-All tripmine losses use their defaults (margin 0.2, ``grad=True``, ``check_finite=True``).
+All tripmine losses use their defaults (margin 0.2; the lifted losses neg_margin 1,
+pos_margin 0; ``grad=True``, ``check_finite=True``).
 
 With ``TRIPMINE_BENCH_PEERS=1`` and torch + pytorch-metric-learning importable, the
 groups also get ``pml_*`` cases (loss + ``backward()`` on CPU, torch pinned to the same
@@ -56,6 +60,10 @@ OPS = {
         x, lab, mining="distance_weighted", seed=0
     ),
     "contrastive": lambda x, lab: tripmine.contrastive_loss(x, lab),
+    "lifted": lambda x, lab: tripmine.lifted_structured_loss(x, lab),
+    "lifted_generalized": lambda x, lab: tripmine.lifted_structured_loss(
+        x, lab, generalized=True
+    ),
     "mine_batch_hard": lambda x, lab: tripmine.batch_hard(x, lab),
     "mine_semi_hard": lambda x, lab: tripmine.semi_hard(x, lab),
 }
@@ -66,6 +74,8 @@ OP_IMPL = {
     "triplet_semi_hard": ("semi_hard", "tripmine"),
     "triplet_distance_weighted": ("distance_weighted", "tripmine"),
     "contrastive": ("contrastive", "tripmine"),
+    "lifted": ("lifted", "tripmine"),
+    "lifted_generalized": ("lifted_generalized", "tripmine"),
     "mine_batch_hard": ("batch_hard", "tripmine, miner only"),
     "mine_semi_hard": ("semi_hard", "tripmine, miner only"),
     "numpy_batch_hard": ("batch_hard", "numpy"),
@@ -221,6 +231,12 @@ PEERS = {
     # positive and the negative pairs separately and summed: tripmine.contrastive_loss
     # defaults ("mean_nonzero"); both take all ordered pairs i != j.
     "pml_contrastive": ("contrastive", "pml"),
+    # LiftedStructureLoss / GeneralizedLiftedStructureLoss (neg_margin 1, pos_margin 0,
+    # MeanReducer): tripmine.lifted_structured_loss defaults, Song's form and generalized=True.
+    # PML's generalized form averages over every row (an empty log-sum-exp counts 0),
+    # tripmine's over the rows with a positive and a negative: with K = 4, every row.
+    "pml_lifted": ("lifted", "pml"),
+    "pml_lifted_generalized": ("lifted_generalized", "pml"),
 }
 # Recorded in extra_info["note"]; report.py adds it to the subplot's title.
 PEER_NOTES = {
@@ -232,6 +248,8 @@ PEER_SAME_AS = {
     "pml_batch_hard": "triplet_batch_hard",
     "pml_batch_all": "triplet_batch_all",
     "pml_contrastive": "contrastive",
+    "pml_lifted": "lifted",
+    "pml_lifted_generalized": "lifted_generalized",
 }
 # Largest N a peer case runs at within the suite's limits, and why.  At N=1024 one call of
 # pml_batch_all takes ~7 s (1 GiB triplet mask, ~3.1M triplets), pml_distance_weighted
@@ -246,6 +264,9 @@ PEER_MAX_N = {
         "PML's sampler loops over the N/K labels in Python and copies an N x (N-K) weight "
         "slice for each (~64 GiB of copies at N=4096); one call took ~240 s on the busy "
         "2-vCPU dev VM")),
+    "pml_lifted": (256, (
+        "PML's LiftedStructureLoss builds N(K-1) x N(N-K) (positive pair x negative pair) "
+        "arrays, ~22 B per entry at its peak: ~66 GiB at N=1024 (1 GiB and ~3 s at N=256)")),
 }
 
 
@@ -276,6 +297,11 @@ def _peer_step(peers, case):
         loss_fn = triplet(reducers.MeanReducer())
     elif case == "pml_contrastive":
         loss_fn = losses.ContrastiveLoss(pos_margin=0.0, neg_margin=1.0, distance=dist())
+    elif case == "pml_lifted":
+        loss_fn = losses.LiftedStructureLoss(neg_margin=1.0, pos_margin=0.0, distance=dist())
+    elif case == "pml_lifted_generalized":
+        loss_fn = losses.GeneralizedLiftedStructureLoss(neg_margin=1.0, pos_margin=0.0,
+                                                        distance=dist())
     else:
         raise ValueError(case)
 
