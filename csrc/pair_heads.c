@@ -5,8 +5,9 @@
  * Triplet Loss", section 2), with their gradients, on the dense losses' row
  * walk (dense_impl.h): per-row log-sum-exps over the distance tiles, then the
  * gradient through one coefficient product.  Never an n x m buffer, never a
- * list of (positive pair, negative) combinations.  Instantiated for float and
- * double (lifted_impl.h).
+ * list of (positive pair, negative) combinations; and the margin loss over
+ * every triplet of the batch, as pair terms (margin_all_impl.h).
+ * Instantiated for float and double.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -91,6 +92,7 @@ static double tm_share(double a, double b)
 #include "row_tools_impl.h"
 #include "dense_impl.h"
 #include "lifted_impl.h"
+#include "margin_all_impl.h"
 #undef TM_BITS
 #undef TM_SCRATCH
 #define TM_BITS 64
@@ -98,4 +100,5 @@ static double tm_share(double a, double b)
 #include "row_tools_impl.h"
 #include "dense_impl.h"
 #include "lifted_impl.h"
+#include "margin_all_impl.h"
 #undef TM_BITS

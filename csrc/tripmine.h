@@ -332,6 +332,26 @@ TM_PUBLIC int tm_lifted_structured_loss_f64(const double *x, int64_t n, const do
                                              double *loss, int64_t *counts, double *per_anchor,
                                              double *grad, double *ref_grad);
 
+/* The margin loss (Wu et al. 2017) over every valid triplet (batch-all), as
+ * pair terms, never listing the triplets (pair_heads.c): per triplet
+ * max(0, d_ap - beta_a + margin) + max(0, beta_a - d_an + margin) + nu beta_a,
+ * beta (n) the anchors' boundaries.  reduction TM_REDUCE_MEAN divides by the
+ * number of nonzero hinge terms; TM_REDUCE_NONE gives per_anchor (optional,
+ * n: each anchor's triplets summed).  counts receives {triplets, nonzero hinge
+ * terms}; beta_grad (n) dL/dbeta_a, scaled by the reduction. */
+TM_PUBLIC int tm_margin_all_loss_f32(const float *x, int64_t n, const float *ref, int64_t m,
+                                      int64_t d, int metric, const int64_t *labels,
+                                      const int64_t *ref_labels, int64_t ref_offset, double margin,
+                                      const double *beta, double nu, int reduction, double *loss,
+                                      int64_t *counts, double *per_anchor, double *beta_grad,
+                                      float *grad, float *ref_grad);
+TM_PUBLIC int tm_margin_all_loss_f64(const double *x, int64_t n, const double *ref, int64_t m,
+                                      int64_t d, int metric, const int64_t *labels,
+                                      const int64_t *ref_labels, int64_t ref_offset, double margin,
+                                      const double *beta, double nu, int reduction, double *loss,
+                                      int64_t *counts, double *per_anchor, double *beta_grad,
+                                      double *grad, double *ref_grad);
+
 /* ---- classification heads: the margin-softmax family (heads.c) ----------
  *
  * Cross-entropy over C classes whose logits come from a weight matrix W

@@ -104,6 +104,13 @@ int tm_lifted_structured_loss_f32(const float *x, int64_t n, const float *ref, i
                                    int reduction, double *loss, int64_t *counts,
                                    double *per_anchor, float *grad, float *ref_grad);
 
+int tm_margin_all_loss_f32(const float *x, int64_t n, const float *ref, int64_t m,
+                            int64_t d, int metric, const int64_t *labels,
+                            const int64_t *ref_labels, int64_t ref_offset, double margin,
+                            const double *beta, double nu, int reduction, double *loss,
+                            int64_t *counts, double *per_anchor, double *beta_grad,
+                            float *grad, float *ref_grad);
+
 int tm_batch_hard_f64(const double *x, int64_t n, const double *ref, int64_t m, int64_t d,
                       int metric, const int64_t *labels, const int64_t *ref_labels,
                       int64_t ref_offset, int64_t *positive, int64_t *negative);
@@ -143,6 +150,13 @@ int tm_lifted_structured_loss_f64(const double *x, int64_t n, const double *ref,
                                    double neg_margin, double pos_margin, int generalized,
                                    int reduction, double *loss, int64_t *counts,
                                    double *per_anchor, double *grad, double *ref_grad);
+
+int tm_margin_all_loss_f64(const double *x, int64_t n, const double *ref, int64_t m,
+                            int64_t d, int metric, const int64_t *labels,
+                            const int64_t *ref_labels, int64_t ref_offset, double margin,
+                            const double *beta, double nu, int reduction, double *loss,
+                            int64_t *counts, double *per_anchor, double *beta_grad,
+                            double *grad, double *ref_grad);
 
 double tm_uniform(uint64_t seed, int64_t anchor, int64_t draw);
 

@@ -1672,7 +1672,7 @@ def test_fuzz_center_loss_and_update(data):
 
 # ---- the margin loss -----------------------------------------------------------------------
 
-MARGIN_RULES = ("batch_hard", "semi_hard", "distance_weighted", "triplets")
+MARGIN_RULES = ("batch_hard", "semi_hard", "distance_weighted", "batch_all", "triplets")
 
 
 def _class_codes(labels: Any) -> np.ndarray | None:
@@ -1725,7 +1725,7 @@ def test_fuzz_margin_loss(data):
     else:
         errors |= problem.errors
         if draws.fault == "mining":
-            mining = data.draw(st.sampled_from(["batch_all", "hardest", None]))
+            mining = data.draw(st.sampled_from(["batch-all", "hardest", None]))
             errors.add(ValueError)
     may_raise = False
     if rule == "distance_weighted":
@@ -1750,13 +1750,19 @@ def test_fuzz_margin_loss(data):
     else:
         assert got.grad is None and got.ref_grad is None
     t = got.n_triplets
-    assert 0 <= got.n_active <= 2 * t and len(got.triplets.anchor) == t
+    assert 0 <= got.n_active <= 2 * t
+    if mining == "batch_all":
+        assert got.triplets is None and got.seed is None
+        if scale.values:
+            assert t == problem.counts()["batch_all"]
+    else:
+        assert len(got.triplets.anchor) == t
     if per_class:
         _check_array(got.beta_grad, (c,), np.float64)
     else:
         assert isinstance(got.beta_grad, float)
     if reduction == "none":
-        _check_array(got.loss, (t,), np.float64)
+        _check_array(got.loss, (problem.n if mining == "batch_all" else t,), np.float64)
     if scale.loss:
         assert np.all(np.isfinite(got.loss))
     if scale.grad and want_grad:

@@ -167,7 +167,6 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
     ({"beta": np.array([1.0, np.nan, 1, 1, 1, 1])}, "beta"),
     ({"beta": float("inf")}, "beta"),
     ({"beta": np.ones((2, 3))}, "beta"),
-    ({"mining": "batch_all"}, "batch_all"),
     ({"mining": "hardest"}, "mining"),
     ({"reduction": "mean_nonzero"}, "reduction"),
 ])
@@ -221,3 +220,151 @@ def test_the_gpu_algorithm_matches_the_c_core(metric, reduction, mode):
     np.testing.assert_allclose(theirs[4], ours[4], rtol=1e-10, atol=1e-12)
     if ref is not None:
         np.testing.assert_allclose(theirs[5], ours[5], rtol=1e-10, atol=1e-12)
+
+
+# ---- every triplet (mining="batch_all"), as pair terms ---------------------------------
+
+
+def _all_problem(rng, mode, n=14, m=11, d=5, classes=3):
+    x = rng.standard_normal((n, d)) * 0.7
+    labels = rng.integers(0, classes, n)
+    if mode == "self":
+        return x, labels, {}
+    ref = rng.standard_normal((m, d)) * 0.7
+    ref_labels = rng.integers(0, classes, m)
+    if mode == "ref":
+        return x, labels, {"ref": ref, "ref_labels": ref_labels}
+    ref = np.concatenate([ref[:2], x, ref[2:]])
+    ref_labels = np.concatenate([ref_labels[:2], labels, ref_labels[2:]])
+    return x, labels, {"ref": ref, "ref_labels": ref_labels, "ref_offset": 2}
+
+
+def _all_expected(x, labels, kw, beta, margin, nu, metric, reduction):
+    if "ref" in kw:
+        triplets = reference.batch_all_triplets(list(labels), list(kw["ref_labels"]))
+        if "ref_offset" in kw:  # x[i] is ref[o + i]: that row is not its own positive
+            keep = triplets[1] != triplets[0] + kw["ref_offset"]
+            triplets = tuple(t[keep] for t in triplets)
+    else:
+        triplets = reference.batch_all_triplets(list(labels))
+    per, active = reference.margin_losses(
+        x, triplets, (lambda a: beta[labels[a]]) if np.ndim(beta) else (lambda a: beta),
+        margin=margin, nu=nu, metric=metric, ref=kw.get("ref"))
+    per_anchor = np.bincount(triplets[0], weights=per, minlength=len(x))
+    if reduction == "none":
+        return per_anchor, len(per), active
+    total = per.sum()
+    return (total / active if active else 0.0) if reduction == "mean" else total, len(per), active
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("mode", ["self", "ref", "offset"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("per_class", [False, True])
+def test_batch_all_matches_the_enumerated_triplets(metric, mode, reduction, per_class):
+    rng = np.random.default_rng(hash((metric, mode, reduction, per_class)) % 2**32)
+    x, labels, kw = _all_problem(rng, mode)
+    beta = rng.uniform(0.4, 1.6, 3) if per_class else 1.1
+    options = dict(mining="batch_all", margin=0.3, nu=0.05, metric=metric, reduction=reduction)
+    got = tripmine.margin_loss(x, labels, beta=beta, **options, **kw)
+    loss, t, active = _all_expected(x, labels, kw, beta, 0.3, 0.05, metric, reduction)
+    np.testing.assert_allclose(got.loss, loss, rtol=1e-11, atol=1e-13)
+    assert (got.n_triplets, got.n_active) == (t, active) and got.triplets is None
+    assert got.fraction_active == (active / (2 * t) if t else 0.0)
+    f32 = tripmine.margin_loss(x.astype(np.float32), labels, beta=beta, **options,
+                               **{k: v.astype(np.float32) if k == "ref" else v
+                                  for k, v in kw.items()})
+    np.testing.assert_allclose(f32.loss, loss, rtol=3e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("mode", ["self", "ref"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_batch_all_gradients_match_finite_differences(metric, mode, reduction):
+    rng = np.random.default_rng(hash((metric, mode, reduction, 1)) % 2**32)
+    x, labels, kw = _all_problem(rng, mode)
+    beta = rng.uniform(0.5, 1.8, 3)
+    options = dict(mining="batch_all", margin=0.25, nu=0.1, metric=metric, reduction=reduction,
+                   **kw)
+    got = tripmine.margin_loss(x, labels, beta=beta, **options)
+    assert got.n_active > 0
+    for _ in range(2):
+        v = rng.standard_normal(x.shape)
+        numeric = _fd(lambda xx: tripmine.margin_loss(xx, labels, beta=beta, grad=False,
+                                                      **options).loss, x, v)
+        assert np.sum(got.grad * v) == pytest.approx(numeric, rel=1e-6, abs=1e-8)
+    v = rng.standard_normal(beta.shape)
+    numeric = _fd(lambda b: tripmine.margin_loss(x, labels, beta=b, grad=False,
+                                                 **options).loss, beta, v)
+    assert np.sum(got.beta_grad * v) == pytest.approx(numeric, rel=1e-6, abs=1e-8)
+    if mode == "ref":
+        v = rng.standard_normal(kw["ref"].shape)
+        numeric = _fd(lambda r: tripmine.margin_loss(x, labels, beta=beta, grad=False,
+                                                     **dict(options, ref=r)).loss, kw["ref"], v)
+        assert np.sum(got.ref_grad * v) == pytest.approx(numeric, rel=1e-6, abs=1e-8)
+
+
+def test_batch_all_slices_add_up_to_self_mode():
+    rng = np.random.default_rng(31)
+    x, labels, _ = _all_problem(rng, "self", n=19)
+    options = dict(mining="batch_all", beta=np.array([0.9, 1.2, 1.4]), nu=0.1,
+                   reduction="sum")
+    whole = tripmine.margin_loss(x, labels, **options)
+    loss, t, active, grad, beta_grad = 0.0, 0, 0, np.zeros_like(x), np.zeros(3)
+    for lo, hi in ((0, 7), (7, 19)):
+        part = tripmine.margin_loss(x[lo:hi], labels[lo:hi], ref=x, ref_labels=labels,
+                                    ref_offset=lo, **options)
+        loss += part.loss
+        t += part.n_triplets
+        active += part.n_active
+        grad[lo:hi] += part.grad
+        grad += part.ref_grad
+        beta_grad += part.beta_grad
+    assert loss == pytest.approx(whole.loss, rel=1e-12)
+    assert (t, active) == (whole.n_triplets, whole.n_active)
+    np.testing.assert_allclose(grad, whole.grad, rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(beta_grad, whole.beta_grad, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode", ["self", "ref", "offset"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_batch_all_array_module_version_matches_the_c_core(dtype, mode, metric):
+    # tripmine._fused_margin.margin_all_terms is what the GPU path runs (with CuPy).
+    from tripmine import _fused_margin
+    from tripmine import _problem as problems
+    rng = np.random.default_rng(hash((mode, metric, str(dtype))) % 2**32)
+    x, labels, kw = _all_problem(rng, mode, n=40, m=30, d=6, classes=5)
+    x = x.astype(dtype)
+    kw = {k: v.astype(dtype) if k == "ref" else v for k, v in kw.items()}
+    beta = rng.uniform(0.5, 1.5, 5)
+    for reduction in ("mean", "sum", "none"):
+        got = tripmine.margin_loss(x, labels, mining="batch_all", beta=beta, nu=0.05,
+                                   metric=metric, reduction=reduction, **kw)
+        problem = problems.prepare(x, labels, kw.get("ref"), kw.get("ref_labels"),
+                                   metric=metric, ref_offset=kw.get("ref_offset"))
+        for block in (7, 1 << 22):  # a few rows per block, and one block
+            loss, t, active, _, beta_grad_a, g, rg = _fused_margin.margin_all_terms(
+                np, problem.x, problem.ref, problem.codes, problem.ref_codes,
+                problem.ref_offset, metric, beta[labels].astype(np.float64), 0.2, 0.05,
+                reduction, True, block_elements=block)
+            rtol = 1e-4 if dtype == np.float32 else 1e-10
+            np.testing.assert_allclose(loss, got.loss, rtol=rtol, atol=rtol)
+            assert (t, active) == (got.n_triplets, got.n_active)
+            np.testing.assert_allclose(np.bincount(labels, weights=beta_grad_a, minlength=5),
+                                       got.beta_grad, rtol=rtol, atol=rtol)
+            scale = np.abs(got.grad).max()
+            np.testing.assert_allclose(g, got.grad, rtol=rtol, atol=rtol * scale)
+            if mode != "self":
+                np.testing.assert_allclose(rg, got.ref_grad, rtol=rtol,
+                                           atol=rtol * np.abs(got.ref_grad).max())
+
+
+def test_batch_all_degenerate_batches():
+    x = np.random.default_rng(32).standard_normal((6, 3))
+    for labels in (np.zeros(6, int), np.arange(6)):
+        got = tripmine.margin_loss(x, labels, mining="batch_all", nu=0.5)
+        assert got.loss == 0.0 and got.n_triplets == 0 and not got.grad.any()
+        assert got.beta_grad == 0.0
+    empty = tripmine.margin_loss(x[:0], np.zeros(0, int), mining="batch_all")
+    assert empty.loss == 0.0 and empty.grad.shape == (0, 3)

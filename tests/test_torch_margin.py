@@ -74,9 +74,45 @@ def test_bad_options():
     with pytest.raises(ValueError, match="margin"):
         MarginLoss(margin=-1.0)
     with pytest.raises(ValueError, match="mining"):
-        MarginLoss(mining="batch_all")
+        MarginLoss(mining="hardest")
     with pytest.raises(ValueError, match="num_classes"):
         MarginLoss(num_classes=0)
     module = MarginLoss(num_classes=2, seed=0)
     with pytest.raises(ValueError, match="labels"):
         module(torch.randn(8, 3), torch.arange(8) // 2)  # labels up to 3, two betas
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_batch_all_matches_pure_torch_autograd_over_every_triplet(per_class, reduction):
+    import reference
+    torch.manual_seed(1)
+    module = MarginLoss(num_classes=4 if per_class else None, nu=0.05, mining="batch_all",
+                        reduction=reduction).double()
+    with torch.no_grad():
+        module.beta.uniform_(0.8, 1.4)
+    x = torch.randn(16, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.arange(16) // 4
+    loss = module(x, labels)
+    (0.7 * loss).backward()
+    xr = x.detach().clone().requires_grad_(True)
+    br = module.beta.detach().clone().requires_grad_(True)
+    triplets = reference.batch_all_triplets(list(labels.numpy()))
+    want = _reference(xr, labels, br, triplets, margin=0.2, nu=0.05, reduction=reduction,
+                      per_class=per_class, normalize=True)
+    (0.7 * want).backward()
+    assert module.n_triplets == len(triplets[0])
+    torch.testing.assert_close(loss.detach(), want.detach())
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(module.beta.grad, br.grad.to(module.beta.dtype))
+
+
+def test_batch_all_none_backpropagates_only_a_uniform_gradient():
+    module = MarginLoss(mining="batch_all", reduction="none").double()
+    x = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    loss = module(x, torch.arange(12) // 3)
+    assert loss.shape == (12,)
+    loss.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    with pytest.raises(NotImplementedError, match="uniform"):
+        module(x, torch.arange(12) // 3).backward(torch.rand(12, dtype=torch.float64))

@@ -319,6 +319,22 @@ def lifted_structured_loss(x, ref, metric, codes, ref_codes, neg_margin, pos_mar
     return loss[0], [int(c) for c in counts], per_anchor, grad, ref_grad
 
 
+def margin_all_loss(x, ref, metric, codes, ref_codes, ref_offset, beta, margin, nu, reduction,
+                    want_grad, per_item):
+    """Margin loss over every valid triplet (tripmine.margin, mining="batch_all"): (loss,
+    [triplets, active], per_anchor, beta_grad per anchor, grad, ref_grad)."""
+    loss = ffi.new("double *")
+    counts = np.zeros(2, dtype=np.int64)
+    per_anchor = np.empty(x.shape[0]) if per_item else None
+    beta_grad = np.empty(x.shape[0])
+    grad, ref_grad = _gradient_buffers(x, ref, want_grad)
+    check(_typed("tm_margin_all_loss", x.dtype)(
+        *_problem_args(x, ref), metric, *_labels_args(codes, ref_codes, ref_offset), margin,
+        _ptr(beta), nu, REDUCTIONS[reduction], loss, _ptr(counts), _ptr(per_anchor),
+        _ptr(beta_grad), _ptr(grad), _ptr(ref_grad)), "margin_loss")
+    return loss[0], [int(c) for c in counts], per_anchor, beta_grad, grad, ref_grad
+
+
 def uniform(seed: int, anchor: int, draw: int) -> float:
     """The C core's counter-based uniform number for (seed, anchor, draw)."""
     return float(lib.tm_uniform(seed, anchor, draw))

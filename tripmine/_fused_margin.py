@@ -70,3 +70,56 @@ def margin_terms(xp: Any, x: Any, ref: Any, metric: str, anchor: Any, positive: 
         grad = gx.astype(x.dtype)
         ref_grad = None if ref is None else gr.astype(ref.dtype)
     return loss, active, per_triplet if reduction == "none" else None, beta_grad, grad, ref_grad
+
+
+def margin_all_terms(xp: Any, x: Any, ref: Any, codes: Any, ref_codes: Any,
+                     ref_offset: int | None, metric: str, beta: Any, margin: float, nu: float,
+                     reduction: str, want_grad: bool, block_elements: int | None = None):
+    """The margin loss over every valid triplet (``mining="batch_all"``) as the C core's
+    ``tm_margin_all_loss`` (csrc/margin_all_impl.h): (loss, n_triplets, n_active, per-anchor
+    loss, dL/dbeta per anchor, grad, ref_grad).
+
+    Anchor a's triplets split into pair terms: each positive's hinge counts N_a times (its
+    negatives), each negative's P_a times, the penalty nu beta_a P_a N_a times.  Row blocks
+    of the pair matrix (tripmine._fused_lifted's walk: tiles, exact positive distances, the
+    gradient's products); ``beta`` the float64 boundary of each anchor; ``reduction``
+    "mean" (over the nonzero hinge terms), "sum" or "none" (per-anchor sums, the gradients
+    of their sum).
+    """
+    from ._fused_lifted import BLOCK_ELEMENTS, _Gradient, _Pairs
+    pairs = _Pairs(xp, x, ref, codes, ref_codes, ref_offset, metric,
+                   BLOCK_ELEMENTS if block_elements is None else block_elements)
+    f64 = xp.float64
+    per_anchor = xp.zeros(pairs.n, dtype=f64)
+    beta_grad = xp.zeros(pairs.n, dtype=f64)
+    grad = _Gradient(pairs, ref_side=True) if want_grad else None
+    triplets = active = 0
+    for row0, rows in (pairs.blocks() if pairs.m else ()):
+        positive, negative = pairs.masks(row0, rows)
+        dist = pairs.tile(row0, rows, negative)
+        i, j, pos_dist = pairs.positives(positive, row0)
+        dist[i, j] = pos_dist
+        n_pos = positive.sum(axis=1).astype(f64)
+        n_neg = negative.sum(axis=1).astype(f64)
+        b = beta[row0:row0 + rows, None]
+        hinge_p = xp.where(positive, xp.maximum(dist - (b - margin), 0.0), 0.0)
+        hinge_n = xp.where(negative, xp.maximum((b + margin) - dist, 0.0), 0.0)
+        on_p, on_n = hinge_p > 0, hinge_n > 0
+        act_p, act_n = on_p.sum(axis=1).astype(f64), on_n.sum(axis=1).astype(f64)
+        both = n_pos * n_neg
+        per_anchor[row0:row0 + rows] = (n_neg * hinge_p.sum(axis=1) + n_pos * hinge_n.sum(axis=1)
+                                        + nu * b[:, 0] * both)
+        beta_grad[row0:row0 + rows] = -n_neg * act_p + n_pos * act_n + nu * both
+        triplets += int(both.sum())
+        active += int((n_neg * act_p + n_pos * act_n).sum())
+        if grad is not None:
+            w = xp.where(on_p, n_neg[:, None], 0.0) - xp.where(on_n, n_pos[:, None], 0.0)
+            grad.add(w, dist, row0, rows)
+    scale = (1.0 / active if active else 0.0) if reduction == "mean" else 1.0
+    loss = per_anchor if reduction == "none" else float(per_anchor.sum()) * scale
+    g = rg = None
+    if want_grad:
+        if grad is None or pairs.m == 0:
+            grad = _Gradient(pairs, ref_side=not pairs.self_mode)
+        g, rg = grad.finish(scale)
+    return loss, triplets, active, per_anchor, beta_grad * scale, g, rg

@@ -31,8 +31,8 @@ from .miners import Triplets
 
 __all__ = ["MarginLossResult", "margin_loss"]
 
-#: Mining rules margin_loss takes by name (plus given Triplets).
-MARGIN_MINING = tuple(rule for rule in MINING if rule != "batch_all")
+#: Mining rules margin_loss takes by name (plus given Triplets): every rule of triplet_loss.
+MARGIN_MINING = MINING
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ class MarginLossResult:
     dL/dx and ``ref_grad`` = dL/dref (None unless computed), ``beta_grad`` = dL/dbeta (a
     float for a scalar beta, an array of beta's shape otherwise), ``n_triplets``,
     ``n_active`` (nonzero hinge terms, at most 2 per triplet), ``fraction_active`` (their
-    share of the 2 x n_triplets terms), ``triplets`` and the ``seed`` used.
+    share of the 2 x n_triplets terms), ``triplets`` (None for ``mining="batch_all"``, which
+    never lists them) and the ``seed`` used.
     """
 
     loss: Any
@@ -53,7 +54,7 @@ class MarginLossResult:
     n_triplets: int
     n_active: int
     fraction_active: float
-    triplets: Triplets
+    triplets: Triplets | None
     seed: int | None
 
 
@@ -92,8 +93,9 @@ def margin_loss(x: Any, labels: Any, *, margin: float = 0.2, beta: Any = 1.2, nu
     be integer class indices in [0, len(beta))); ``nu`` >= 0 weighs the penalty nu * beta of
     every triplet.  ``mining``: ``"distance_weighted"`` (the paper's sampler; needs unit-norm
     rows or ``normalize=True``, and ``seed``), ``"batch_hard"``, ``"semi_hard"`` (closest,
-    with this ``margin``) or given :class:`~tripmine.Triplets`; ``"batch_all"`` is not
-    supported (it would enumerate every triplet).  ``metric``, ``normalize``, ``ref``,
+    with this ``margin``), ``"batch_all"`` (every valid triplet, summed as pair terms
+    without listing them: ``triplets`` is then None and ``reduction="none"`` gives one entry
+    per anchor) or given :class:`~tripmine.Triplets`.  ``metric``, ``normalize``, ``ref``,
     ``ref_labels``, ``ref_offset`` as for :func:`tripmine.triplet_loss`.
     """
     margin, nu, beta_value, want_grad, reduction = _arguments(margin, nu, beta, grad,
@@ -102,6 +104,15 @@ def margin_loss(x: Any, labels: Any, *, margin: float = 0.2, beta: Any = 1.2, nu
     problem = problems.prepare(x, labels, ref, ref_labels, metric=metric, normalize=normalize,
                                check_finite=check_finite, need_labels=not given,
                                ref_offset=ref_offset)
+    if mining == "batch_all":
+        anchor_class, beta_a = _triplet_betas(np, beta_value, labels, problem.n,
+                                              np.arange(problem.n))
+        loss, (t, active), per_anchor, beta_grad_a, g, rg = _core.margin_all_loss(
+            problem.x, problem.ref, problem.metric, problem.codes, problem.ref_codes,
+            problem.ref_offset, beta_a, margin, nu, reduction, want_grad, reduction == "none")
+        g, rg = problem.chain(g, rg)
+        return finish_all(np, loss, t, active, per_anchor, beta_grad_a, anchor_class,
+                          beta_value, reduction, g, rg)
     triplets, used_seed = mine_triplets(problem, mining, margin, metric, normalize, seed)
     anchor_class, beta_t = _triplet_betas(np, beta_value, labels, problem.n, triplets.anchor)
     loss, active, per_triplet, beta_grad_t, g, rg = _core.margin_loss(
@@ -121,10 +132,6 @@ def _arguments(margin, nu, beta, grad, reduction, mining, labels):
     want_grad = check.flag(grad, "grad")
     reduction = check.choice(reduction, "reduction", ("mean", "sum", "none"))
     if isinstance(mining, str):
-        if mining == "batch_all":
-            raise ValueError("mining='batch_all' is not supported by margin_loss (it would "
-                             "enumerate every triplet); use 'distance_weighted' (the paper's), "
-                             "'batch_hard', 'semi_hard' or given Triplets")
         check.choice(mining, "mining", MARGIN_MINING)
     if isinstance(beta_value, np.ndarray) and labels is None:
         raise ValueError("labels is required with a per-class beta (the anchor's label picks "
@@ -164,3 +171,17 @@ def finish(xp: Any, loss, active: int, per_triplet, beta_grad_t, beta_t, anchor_
     return MarginLossResult(per_triplet if reduction == "none" else float(loss), g, rg,
                             beta_grad, t, active, active / (2 * t) if t else 0.0, triplets,
                             used_seed)
+
+
+def finish_all(xp: Any, loss, triplets: int, active: int, per_anchor, beta_grad_a,
+               anchor_class, beta_value, reduction: str, g, rg) -> MarginLossResult:
+    """The result of ``mining="batch_all"`` (both backends): the penalty is already in the
+    loss and in dL/dbeta per anchor, which is gathered into beta's shape."""
+    if anchor_class is not None:
+        beta_grad = xp.bincount(anchor_class, weights=beta_grad_a,
+                                minlength=beta_value.shape[0]).astype(xp.float64)
+    else:
+        beta_grad = float(beta_grad_a.sum())
+    return MarginLossResult(per_anchor if reduction == "none" else float(loss), g, rg,
+                            beta_grad, triplets, active,
+                            active / (2 * triplets) if triplets else 0.0, None, None)

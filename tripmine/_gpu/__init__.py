@@ -723,6 +723,16 @@ def margin_loss(x, labels, *, margin=0.2, beta=1.2, nu=0.0, mining="distance_wei
     given = not isinstance(mining, str)
     problem = prepare(x, labels, ref, ref_labels, metric=metric, normalize=normalize,
                       check_finite=check_finite, need_labels=not given, ref_offset=ref_offset)
+    if mining == "batch_all":  # every triplet, as pair terms over row blocks
+        from . import lifted as gpu_lifted
+        anchor_class, beta_a = cpu_margin._triplet_betas(cp, beta_value, labels, problem.n,
+                                                         cp.arange(problem.n))
+        loss, t, active, per_anchor, beta_grad_a, g, rg = _fused_margin.margin_all_terms(
+            cp, problem.x, problem.ref, problem.codes, problem.ref_codes, problem.ref_offset,
+            metric, beta_a, margin, nu, reduction, want_grad, gpu_lifted.block_elements())
+        g, rg = problem.chain(g, rg)
+        return cpu_margin.finish_all(cp, loss, t, active, per_anchor, beta_grad_a,
+                                     anchor_class, beta_value, reduction, g, rg)
     triplets, used_seed = _mine(problem, mining, margin, metric, normalize, seed)
     anchor_class, beta_t = cpu_margin._triplet_betas(cp, beta_value, labels, problem.n,
                                                      triplets.anchor)

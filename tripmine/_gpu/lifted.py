@@ -25,6 +25,11 @@ from . import chunk_bytes, prepare
 BYTES_PER_ENTRY = 96
 
 
+def block_elements() -> int:
+    """Entries of the pair matrix one block holds (also the margin loss's batch-all walk)."""
+    return max(1, min(_fused_lifted.BLOCK_ELEMENTS, chunk_bytes() // BYTES_PER_ENTRY))
+
+
 def lifted_structured_loss(x: Any, labels: Any, *, neg_margin: float = 1.0,
                            pos_margin: float = 0.0, generalized: bool = False,
                            metric: str = "euclidean", normalize: bool = False,
@@ -35,10 +40,9 @@ def lifted_structured_loss(x: Any, labels: Any, *, neg_margin: float = 1.0,
         neg_margin, pos_margin, generalized, reduction, grad)
     problem = prepare(x, labels, ref, ref_labels, metric=metric, normalize=normalize,
                       check_finite=check_finite, ref_offset=ref_offset)
-    block_elements = max(1, min(_fused_lifted.BLOCK_ELEMENTS, chunk_bytes() // BYTES_PER_ENTRY))
     loss, terms, active, g, rg = _fused_lifted.lifted_terms(
         cp, problem.x, problem.ref, problem.codes, problem.ref_codes, problem.ref_offset,
-        metric, neg_margin, pos_margin, generalized, reduction, want_grad, block_elements)
+        metric, neg_margin, pos_margin, generalized, reduction, want_grad, block_elements())
     g, rg = problem.chain(g, rg)
     return cpu_lifted.LiftedStructuredLossResult(loss, g, rg, terms, active,
                                                  active / terms if terms else 0.0)

@@ -6,8 +6,9 @@ labels)``; the gradient flows to ``x`` and, with ``learn_beta=True``, to ``beta`
 ``nn.Parameter`` (one value, or one per class with ``num_classes``) that the optimiser
 updates with the network, as the paper does (it uses a larger learning rate for beta).
 The gradient of beta is tripmine's analytic dL/dbeta; no graph is built through the
-distances.  ``reduction="none"`` returns the per-triplet vector; a non-uniform
-``grad_output`` is then differentiated through the mined triplets in torch.
+distances.  ``reduction="none"`` returns the per-triplet vector (per anchor for
+``mining="batch_all"``); a non-uniform ``grad_output`` is then differentiated through the
+mined triplets in torch.
 CPU tensors reach the C core as NumPy views, CUDA tensors the CuPy path.
 """
 
@@ -64,9 +65,12 @@ class _MarginFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         with torch.no_grad():
-            if grad_output.dim() == 0:
-                grads = tuple(None if g is None else g * grad_output.to(g.dtype)
-                              for g in ctx.grads)
+            flat = grad_output.reshape(-1)
+            uniform = grad_output.dim() == 0 or (
+                ctx.result.triplets is None and bool((flat == flat[:1]).all()))
+            if uniform:  # the gradient of (a multiple of) the sum
+                scale = flat[0] if flat.numel() else flat.new_zeros(())
+                grads = tuple(None if g is None else g * scale.to(g.dtype) for g in ctx.grads)
             else:
                 grads = _weighted_backward(ctx, grad_output)
             out = tuple(None if g is None or not need else g.to(dtype)
@@ -79,6 +83,11 @@ def _weighted_backward(ctx, grad_output: torch.Tensor):
     """d(sum_t w_t l_t)/d(x, beta) for reduction="none": the mined triplets' terms in torch."""
     x, beta = ctx.saved_tensors
     module, result = ctx.module, ctx.result
+    if result.triplets is None:
+        raise NotImplementedError(
+            "mining='batch_all' with reduction='none' returns one entry per anchor, whose "
+            "gradient tripmine computes only for the plain sum: backpropagate a uniform "
+            "gradient (loss.sum(), loss.mean())")
     dtype = compute_dtype(x)
     with torch.enable_grad():
         xv = x.detach().to(dtype).requires_grad_(True)
@@ -108,7 +117,9 @@ class MarginLoss(torch.nn.Module):
     ``num_classes=None``: one shared beta; an integer: one per class (labels must then be
     class indices in [0, num_classes)).  ``learn_beta=False`` keeps beta fixed (a buffer).
     ``mining``: ``"distance_weighted"`` (default, the paper's; with ``seed``, advanced once
-    per call when ``advance_seed``), ``"batch_hard"`` or ``"semi_hard"``.
+    per call when ``advance_seed``), ``"batch_hard"``, ``"semi_hard"`` or ``"batch_all"``
+    (every triplet; with ``reduction="none"`` one entry per anchor, and only a uniform
+    ``grad_output`` such as ``loss.sum()`` can be backpropagated through it).
     """
 
     def __init__(self, num_classes: int | None = None, learn_beta: bool = True, *,
@@ -143,9 +154,9 @@ class MarginLoss(torch.nn.Module):
                                                       np.ones(1, np.int64)),
                              margin=self.margin, beta=float(beta), nu=self.nu, metric=metric,
                              reduction=reduction)
-        if mining not in ("distance_weighted", "batch_hard", "semi_hard"):
-            raise ValueError(f"mining must be 'distance_weighted', 'batch_hard' or "
-                             f"'semi_hard', got {mining!r}")
+        if mining not in ("distance_weighted", "batch_hard", "semi_hard", "batch_all"):
+            raise ValueError(f"mining must be 'distance_weighted', 'batch_hard', 'semi_hard' "
+                             f"or 'batch_all', got {mining!r}")
 
     @_disable
     def forward(self, x: torch.Tensor, labels: Any) -> torch.Tensor:

@@ -1,0 +1,160 @@
+/*
+ * The margin loss (Wu et al. 2017) over every valid triplet, without listing
+ * them, one body for both precisions (pair_heads.c).  Per triplet (a, p, n)
+ *   max(0, d_ap - beta_a + alpha) + max(0, beta_a - d_an + alpha) + nu beta_a,
+ * and the sum over the triplets of anchor a splits into pair terms: each
+ * positive's hinge counts once per negative (N_a times), each negative's once
+ * per positive (P_a times), the penalty P_a N_a times.  So one walk of the
+ * rows gives the loss, the counts, dL/dbeta_a and the gradient weights (N_a
+ * on an active positive pair, -P_a on an active negative pair), and the dense
+ * row walk (dense_impl.h) turns the weights into the gradient.  The weights
+ * differ per anchor (beta_a, N_a, P_a), so in self mode the reference side
+ * is computed too.  Positive distances by direct difference (exact), negative
+ * ones from the tiles, as the lifted loss takes them.
+ */
+
+typedef struct {
+    TM_FN(dense_op) dense; /* first: the row function gets the dense_op */
+    tm_label_groups ref_groups;
+    double margin, nu;
+    const double *beta; /* per anchor */
+    double *beta_grad;  /* per anchor, unscaled until the finish */
+} TM_FN(margin_all_op);
+
+static int TM_FN(margin_all_row)(void *op, int thread, int64_t a, int64_t row_in_block,
+                                 TM_REAL *dist)
+{
+    (void)row_in_block;
+    TM_FN(margin_all_op) *M = op;
+    TM_FN(dense_op) *s = &M->dense;
+    const int64_t m = s->c.lv.m, label = s->c.lv.labels[a], own = TM_FN(own_row)(&s->c.lv, a);
+    const int64_t *ref_labels = s->c.lv.ref_labels;
+    const tm_label_groups *g = &M->ref_groups;
+    const int64_t first = tm_label_groups_find(g, label);
+    int64_t last = first;
+    while (last < g->count && g->pairs[2 * last] == label)
+        ++last;
+    const int64_t n_pos = last - first - (own >= 0), n_neg = m - (last - first);
+    const double beta = M->beta[a];
+    const double low = beta - M->margin, high = beta + M->margin; /* the two hinges */
+    const double p_weight = (double)n_neg, n_weight = (double)n_pos;
+    double loss_pos = 0.0, loss_neg = 0.0, alpha = 0.0;
+    int64_t act_pos = 0, act_neg = 0;
+    const int grad = s->want_grad && n_pos > 0 && n_neg > 0;
+    if (n_pos > 0 && n_neg > 0) {
+        for (int64_t j = 0; j < m; ++j) {
+            const double v = (double)dist[j];
+            dist[j] = 0;
+            if (ref_labels[j] == label || !(v < high))
+                continue;
+            loss_neg += high - v;
+            ++act_neg;
+            if (grad)
+                TM_FN(dense_pair)(s, thread, 0, a, j, -n_weight, v, dist, &alpha);
+        }
+        for (int64_t q = first; q < last; ++q) {
+            const int64_t j = g->pairs[2 * q + 1];
+            if (j == own)
+                continue;
+            const double v = TM_FN(tm_exact_distance)(s->x + a * s->d, s->r + j * s->d, s->d,
+                                                      s->metric);
+            if (!(v > low))
+                continue;
+            loss_pos += v - low;
+            ++act_pos;
+            if (grad)
+                TM_FN(dense_pair)(s, thread, 0, a, j, p_weight, v, dist, &alpha);
+        }
+    } else if (s->want_grad) {
+        memset(dist, 0, (size_t)m * sizeof(TM_REAL));
+    }
+    const double triplets = (double)n_pos * (double)n_neg;
+    s->loss[0][a] = p_weight * loss_pos + n_weight * loss_neg + M->nu * beta * triplets;
+    s->count[0][a] = n_pos * n_neg;
+    s->active[0][a] = n_neg * act_pos + n_pos * act_neg;
+    M->beta_grad[a] = -p_weight * (double)act_pos + n_weight * (double)act_neg + M->nu * triplets;
+    if (s->want_grad) {
+        s->alpha[0][a] = alpha;
+        s->nonzeros[2 * thread] += act_pos + act_neg;
+    }
+    return TM_OK;
+}
+
+typedef struct {
+    int reduction;
+    double *loss;
+    int64_t *counts;
+    double *per_anchor;
+    TM_REAL *grad;
+} TM_FN(margin_all_out);
+
+static void TM_FN(margin_all_finish)(TM_FN(dense_op) *s, void *ctx, double *scale)
+{
+    TM_FN(margin_all_out) *o = ctx;
+    TM_FN(margin_all_op) *M = (TM_FN(margin_all_op) *)(void *)s;
+    double total = 0.0;
+    int64_t triplets = 0, active = 0;
+    for (int64_t a = 0; a < s->n; ++a) {
+        total += s->loss[0][a];
+        triplets += s->count[0][a];
+        active += s->active[0][a];
+        if (o->per_anchor != NULL)
+            o->per_anchor[a] = s->loss[0][a];
+    }
+    /* "mean": over the nonzero hinge terms (pytorch-metric-learning's rule). */
+    scale[0] = o->reduction == TM_REDUCE_MEAN ? (active > 0 ? 1.0 / (double)active : 0.0) : 1.0;
+    scale[1] = 0.0;
+    *o->loss = total * scale[0];
+    o->counts[0] = triplets;
+    o->counts[1] = active;
+    for (int64_t a = 0; a < s->n; ++a)
+        M->beta_grad[a] *= scale[0];
+    if (o->grad != NULL)
+        TM_FN(finish_anchor_side)(s, o->grad, scale);
+}
+
+int TM_FN(tm_margin_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m,
+                              int64_t d, int metric, const int64_t *labels,
+                              const int64_t *ref_labels, int64_t ref_offset, double margin,
+                              const double *beta, double nu, int reduction, double *loss,
+                              int64_t *counts, double *per_anchor, double *beta_grad,
+                              TM_REAL *grad, TM_REAL *ref_grad)
+{
+    int status = TM_FN(check_loss_args)(x, n, ref, m, d, metric, labels, ref_labels, ref_offset,
+                                        reduction, loss);
+    if (status != TM_OK)
+        return status;
+    if (counts == NULL || (n > 0 && (beta == NULL || beta_grad == NULL)) || !(margin >= 0.0) ||
+        !isfinite(margin) || !(nu >= 0.0) || !isfinite(nu) ||
+        reduction == TM_REDUCE_MEAN_NONZERO)
+        return TM_ERR_INVALID;
+    for (int64_t a = 0; a < n; ++a)
+        if (!isfinite(beta[a]))
+            return TM_ERR_INVALID;
+    TM_FN(margin_all_op) M;
+    memset(&M, 0, sizeof(M));
+    TM_FN(dense_op) *s = &M.dense;
+    status = TM_FN(dense_init)(s, x, n, ref, m, d, metric, labels, ref_labels, ref_offset, 1);
+    M.margin = margin;
+    M.nu = nu;
+    M.beta = beta;
+    M.beta_grad = beta_grad;
+    if (status == TM_OK)
+        status = tm_label_groups_build(s->c.lv.ref_labels, m, &M.ref_groups);
+    if (status == TM_OK) {
+        s->want_grad = grad != NULL;
+        s->want_ref_side = grad != NULL && (ref == NULL || ref_grad != NULL);
+        s->anchor_grad[0] = grad;
+        TM_FN(dense_plan)(s);
+        if (ref != NULL && ref_grad != NULL)
+            memset(ref_grad, 0, (size_t)(m * d) * sizeof(TM_REAL));
+        TM_FN(margin_all_out) out = {reduction, loss, counts, per_anchor, grad};
+        double scale[2];
+        const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
+        status = TM_FN(dense_run)(s, &problem, TM_FN(margin_all_row), TM_FN(margin_all_finish),
+                                  &out, scale, ref == NULL ? grad : ref_grad);
+    }
+    tm_free(M.ref_groups.pairs);
+    TM_FN(dense_release)(s);
+    return status;
+}
