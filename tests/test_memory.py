@@ -49,6 +49,7 @@ LOSSES = {
     "contrastive": "lambda x, y: tripmine.contrastive_loss(x, y)",
     "lifted": "lambda x, y: tripmine.lifted_structured_loss(x, y)",
     "lifted_generalized": "lambda x, y: tripmine.lifted_structured_loss(x, y, generalized=True)",
+    "margin_batch_all": "lambda x, y: tripmine.margin_loss(x, y, mining='batch_all')",
     # Retrieval metrics: top-k neighbour lists (k = 5 and R = 3 here), no N x N.
     "recall_at_k": "lambda x, y: tripmine.metrics.recall_at_k(x, y, k=5)",
     "map_at_r": "lambda x, y: tripmine.metrics.mean_average_precision_at_r(x, y)",

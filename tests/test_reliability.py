@@ -137,6 +137,7 @@ def _mixed_calls(problem) -> dict:
         "lifted": lambda: tripmine.lifted_structured_loss(x, y),
         "lifted_generalized_ref": lambda: tripmine.lifted_structured_loss(
             x, y, generalized=True, **bank),
+        "margin_batch_all": lambda: tripmine.margin_loss(x, y, mining="batch_all", nu=0.1),
     }
 
 
@@ -393,6 +394,7 @@ calls = {
     "center_update": lambda: tripmine.update_centers(big[:24].copy(), big, big_y),
     "margin": lambda: tripmine.margin_loss(big, big_y, mining="batch_hard", beta=1.0),
     "lifted": lambda: tripmine.lifted_structured_loss(big, big_y),
+    "margin_batch_all": lambda: tripmine.margin_loss(big, big_y, mining="batch_all"),
     "lifted_generalized_ref": lambda: tripmine.lifted_structured_loss(
         x, y, generalized=True, ref=ref, ref_labels=ry),
     "raise_lifted_margin": lambda: raises(lambda: tripmine.lifted_structured_loss(
