@@ -43,6 +43,7 @@ typedef struct {
     double *row_lse, *col_lse; /* n, m: log S, log S' (col_lse == row_lse in self mode) */
     double *row_tau, *col_tau; /* n, m (col_tau == row_tau in self mode) */
     TM_REAL *col_shift_real, *col_tau_real; /* m: neg_margin - log S'_j and tau'_j, rounded */
+    double *pos_lse; /* generalized form, self mode: each row's LSE over its positives */
     tm_label_groups ref_groups, x_groups;
     /* step 1 in reference mode: per-thread running maxima and sums per column */
     double *col_max, *col_sum;
@@ -340,6 +341,75 @@ static int TM_FN(generalized_row)(void *op, int thread, int64_t a, int64_t row_i
     return TM_OK;
 }
 
+/* The generalized form in self mode, in two walks: the first gives each row's
+ * log-sum-exps and whether its term is active (g = 1), the second writes
+ * entry (i, k)'s weight from both rows, g_i e^(.. - lse_i) + g_k e^(.. - lse_k)
+ * (symmetric), so one product gives the gradient: no reference side, no
+ * per-thread accumulators. */
+static int TM_FN(generalized_lse_row)(void *op, int thread, int64_t a, int64_t row_in_block,
+                                      TM_REAL *dist)
+{
+    (void)thread;
+    (void)row_in_block;
+    TM_FN(lifted_op) *L = op;
+    TM_FN(dense_op) *s = &L->dense;
+    const int64_t label = s->c.lv.labels[a], own = TM_FN(own_row)(&s->c.lv, a);
+    const tm_label_groups *g = &L->ref_groups;
+    double top = -INFINITY, sum = 0.0; /* running log-sum-exp of the positives */
+    for (int64_t q = tm_label_groups_find(g, label); q < g->count && g->pairs[2 * q] == label;
+         ++q) {
+        const int64_t j = g->pairs[2 * q + 1];
+        if (j == own)
+            continue;
+        const double v = TM_FN(lifted_pos_dist)(L, a, j);
+        if (v > top) {
+            sum = sum * exp(top - v) + 1.0;
+            top = v;
+        } else {
+            sum += exp(v - top);
+        }
+    }
+    double lse_neg;
+    TM_FN(negatives_lse)(L, a, dist, &lse_neg);
+    const int valid = top != -INFINITY && lse_neg != -INFINITY;
+    const double lse_pos = valid ? top - L->pos_margin + log(sum) : 0.0;
+    const double value = valid && lse_pos + lse_neg > 0.0 ? lse_pos + lse_neg : 0.0;
+    s->loss[0][a] = value;
+    s->count[0][a] = valid;
+    s->active[0][a] = value > 0.0;
+    L->row_lse[a] = lse_neg;
+    L->pos_lse[a] = lse_pos;
+    L->row_tau[a] = value > 0.0 ? 1.0 : 0.0;
+    return TM_OK;
+}
+
+static int TM_FN(generalized_symmetric_row)(void *op, int thread, int64_t a,
+                                            int64_t row_in_block, TM_REAL *dist)
+{
+    (void)row_in_block;
+    TM_FN(lifted_op) *L = op;
+    TM_FN(dense_op) *s = &L->dense;
+    const int64_t label = s->c.lv.labels[a], own = TM_FN(own_row)(&s->c.lv, a);
+    const double pm = L->pos_margin;
+    double alpha = 0.0;
+    TM_FN(negative_weights)(s, thread, a, dist, L->neg_margin - L->row_lse[a], L->row_tau[a],
+                            L->col_shift_real, L->col_tau_real, &alpha);
+    const tm_label_groups *g = &L->ref_groups;
+    for (int64_t q = tm_label_groups_find(g, label); q < g->count && g->pairs[2 * q] == label;
+         ++q) {
+        const int64_t j = g->pairs[2 * q + 1];
+        if (j == own || (L->row_tau[a] == 0.0 && L->row_tau[j] == 0.0))
+            continue;
+        const double v = TM_FN(lifted_pos_dist)(L, a, j);
+        const double w = L->row_tau[a] * TM_FN(lifted_exp)(v - pm - L->pos_lse[a]) +
+                         L->row_tau[j] * TM_FN(lifted_exp)(v - pm - L->pos_lse[j]);
+        if (w != 0.0)
+            TM_FN(dense_pair)(s, thread, 0, a, j, w, v, dist, &alpha);
+    }
+    s->alpha[0][a] = alpha;
+    return TM_OK;
+}
+
 typedef struct {
     int reduction, self_doubles;
     TM_REAL *grad;
@@ -382,6 +452,25 @@ static void TM_FN(lifted_release)(TM_FN(lifted_op) *L)
     TM_FN(dense_release)(&L->dense);
 }
 
+/* The columns' terms of the weights (neg_margin - log S'_j, tau'_j), rounded
+ * once for the row kernel. */
+static int TM_FN(column_terms)(TM_FN(lifted_op) *L)
+{
+    const int64_t m = L->dense.c.lv.m;
+    size_t bytes;
+    int status = tm_bytes(2 * m, 1, sizeof(TM_REAL), &bytes);
+    if (status != TM_OK)
+        return status;
+    if ((L->col_shift_real = tm_alloc(bytes > 0 ? bytes : sizeof(TM_REAL))) == NULL)
+        return TM_ERR_NOMEM;
+    L->col_tau_real = L->col_shift_real + m;
+    for (int64_t j = 0; j < m; ++j) {
+        L->col_shift_real[j] = (TM_REAL)(L->neg_margin - L->col_lse[j]);
+        L->col_tau_real[j] = (TM_REAL)L->col_tau[j];
+    }
+    return TM_OK;
+}
+
 /* Steps 1 and 2 of Song's form. */
 static int TM_FN(song_prepare)(TM_FN(lifted_op) *L, const TM_FN(tm_tile_problem) *problem)
 {
@@ -411,17 +500,29 @@ static int TM_FN(song_prepare)(TM_FN(lifted_op) *L, const TM_FN(tm_tile_problem)
     if (!self)
         tm_parallel_for(threads, m, 16, TM_FN(song_columns), L);
     TM_FN(lifted_totals)(L);
-    /* The columns' terms of the weights, rounded once for the row kernel. */
-    if ((status = tm_bytes(2 * m, 1, sizeof(TM_REAL), &bytes)) != TM_OK)
+    return TM_FN(column_terms)(L);
+}
+
+/* The first walk of the generalized form in self mode. */
+static int TM_FN(generalized_prepare)(TM_FN(lifted_op) *L, const TM_FN(tm_tile_problem) *problem)
+{
+    TM_FN(dense_op) *s = &L->dense;
+    const int64_t n = s->n;
+    size_t bytes;
+    int status = tm_bytes(3 * n, 1, sizeof(double), &bytes);
+    if (status != TM_OK)
         return status;
-    if ((L->col_shift_real = tm_alloc(bytes > 0 ? bytes : sizeof(TM_REAL))) == NULL)
+    double *block = tm_alloc(bytes > 0 ? bytes : sizeof(double));
+    if (block == NULL)
         return TM_ERR_NOMEM;
-    L->col_tau_real = L->col_shift_real + m;
-    for (int64_t j = 0; j < m; ++j) {
-        L->col_shift_real[j] = (TM_REAL)(L->neg_margin - L->col_lse[j]);
-        L->col_tau_real[j] = (TM_REAL)L->col_tau[j];
-    }
-    return TM_OK;
+    L->row_lse = L->col_lse = block;
+    L->row_tau = L->col_tau = block + n;
+    L->pos_lse = block + 2 * n;
+    const TM_FN(tm_row_op) op = {L, TM_FN(lse_setup), TM_FN(generalized_lse_row), NULL, 1};
+    if ((status = TM_FN(tm_run_rows)(problem, &op)) != TM_OK)
+        return status;
+    TM_FN(lifted_totals)(L);
+    return TM_FN(column_terms)(L);
 }
 
 int TM_FN(tm_lifted_structured_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m,
@@ -448,24 +549,34 @@ int TM_FN(tm_lifted_structured_loss)(const TM_REAL *x, int64_t n, const TM_REAL 
     const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
     if (status == TM_OK)
         status = tm_label_groups_build(s->c.lv.ref_labels, m, &L.ref_groups);
-    if (status == TM_OK && !generalized)
-        status = TM_FN(song_prepare)(&L, &problem);
+    /* Self mode's weights are symmetric (the generalized form's made so): the anchor
+     * side gives the gradient; only the generalized form in reference mode has its
+     * loss and weights in one walk. */
+    const int one_walk = generalized && ref != NULL;
+    if (status == TM_OK)
+        status = !generalized ? TM_FN(song_prepare)(&L, &problem)
+                 : !one_walk  ? TM_FN(generalized_prepare)(&L, &problem)
+                              : TM_OK;
     if (status == TM_OK) {
         s->want_grad = grad != NULL;
-        /* Song's self-mode weights are symmetric: the anchor side, doubled. */
-        s->want_ref_side = grad != NULL && (ref != NULL ? ref_grad != NULL : generalized);
+        s->want_ref_side = grad != NULL && ref != NULL && ref_grad != NULL;
         s->anchor_grad[0] = grad;
         TM_FN(dense_plan)(s);
         if (ref != NULL && ref_grad != NULL)
             memset(ref_grad, 0, (size_t)(m * d) * sizeof(TM_REAL));
+        /* Song's self-mode weights count each pair once per row: doubled. */
         TM_FN(lifted_out) out = {reduction, ref == NULL && !generalized, grad};
         double scale[2] = {0.0, 0.0};
-        if (generalized || grad != NULL)
+        if (one_walk || (grad != NULL && L.active > 0))
             status = TM_FN(dense_run)(s, &problem,
-                                      generalized ? TM_FN(generalized_row) : TM_FN(song_grad_row),
+                                      one_walk      ? TM_FN(generalized_row)
+                                      : generalized ? TM_FN(generalized_symmetric_row)
+                                                    : TM_FN(song_grad_row),
                                       TM_FN(lifted_finish), &out, scale,
                                       ref == NULL ? grad : ref_grad);
-        else
+        else if (grad != NULL) /* nothing active: a zero gradient */
+            memset(grad, 0, (size_t)(n * d) * sizeof(TM_REAL));
+        if (!one_walk && !(grad != NULL && L.active > 0))
             scale[0] = TM_FN(reduction_scale)(reduction, L.terms, L.active);
         if (status == TM_OK) {
             *loss = reduction == TM_REDUCE_NONE ? L.total : L.total * scale[0];
