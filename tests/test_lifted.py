@@ -226,9 +226,10 @@ def test_thread_counts():
             np.testing.assert_allclose(other.loss, one.loss, rtol=1e-13)
             assert (other.n_terms, other.n_active) == (one.n_terms, one.n_active)
             np.testing.assert_allclose(other.grad, one.grad, rtol=1e-10, atol=1e-15)
-        # Song's self mode has no per-thread sums: the same bits on any thread count.
-        assert runs[threads][0].loss == runs[1][0].loss
-        np.testing.assert_array_equal(runs[threads][0].grad, runs[1][0].grad)
+        # Self mode has no per-thread sums (both forms): the same bits on any thread count.
+        for k in (0, 2):
+            assert runs[threads][k].loss == runs[1][k].loss
+            np.testing.assert_array_equal(runs[threads][k].grad, runs[1][k].grad)
 
 
 @pytest.mark.parametrize("bad, match", [
