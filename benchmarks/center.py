@@ -2,13 +2,14 @@
 timed ALTERNATING with it.
 
     python benchmarks/center.py [--n 1024 4096] [--d 128] [--runs 3] [--threads 2]
-                                [--targets] [--json PATH]
+                                [--targets] [--two-calls] [--json PATH]
 
 Data: float32, ``x`` (N, D) standard normal, labels ``np.repeat(np.arange(N // 4), 4)`` (P x
 K, K = 4), ``centers`` (N // 4, D) standard normal (seeded).  The op is the paper's training
-step: ``tripmine.center_loss(x, labels, centers, centers_grad=False)`` (the loss and dL/dx;
-the paper's rule needs no dL/dC) and then ``tripmine.update_centers(centers, x, labels,
-alpha=0.5)`` in place (on a copy that the step keeps updating, as a trainer does).  The
+step in one call: ``tripmine.center_loss(x, labels, centers, centers_grad=False,
+update=0.5)`` (the loss and dL/dx, the paper's rule needing no dL/dC, then the centers moved
+in place, on a copy that the step keeps updating, as a trainer does); ``--two-calls`` times
+it as ``center_loss`` followed by ``update_centers(centers, x, labels, alpha=0.5)``.  The
 baseline is the vectorised NumPy pass every center loss starts from,
 ``np.subtract(x, centers[labels], out=buf)`` into a preallocated buffer.  Timing as in
 ``alternating.py`` (its ``measure_once``): rounds of alternating (baseline, op) pairs,
@@ -45,13 +46,16 @@ def make_data(n: int, d: int):
     return x, labels, centers
 
 
-def make_op(x, labels, centers):
+def make_op(x, labels, centers, two_calls: bool = False):
     state = centers.copy()
 
     def step():
+        tripmine.center_loss(x, labels, state, centers_grad=False, update=0.5)
+
+    def steps():
         tripmine.center_loss(x, labels, state, centers_grad=False)
         tripmine.update_centers(state, x, labels, alpha=0.5)
-    return step
+    return steps if two_calls else step
 
 
 def make_baseline(x, labels, centers):
@@ -87,10 +91,13 @@ def peer_step(x, labels, centers):
 def main(argv=None) -> int:
     parser = alt.small_op_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--two-calls", action="store_true",
+                        help="time center_loss + update_centers instead of update=")
     args = parser.parse_args(argv)
     data = {n: make_data(n, args.d) for n in args.n}
     results = alt.compare_over_n(
-        args, lambda n, d: (make_op(*data[n]), make_baseline(*data[n])),
+        args, lambda n, d: (make_op(*data[n], two_calls=args.two_calls),
+                            make_baseline(*data[n])),
         ("numpy ms", "op ms"), TARGET, (20, 2000))
     if os.environ.get("TRIPMINE_BENCH_PEERS") == "1":
         for n, entry in results.items():

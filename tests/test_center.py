@@ -235,3 +235,54 @@ def test_reaches_the_c_core_with_its_own_guard():
 
 def test_is_exported():
     assert tripmine.center_loss is tc.center_loss and tripmine.update_centers is tc.update_centers
+
+
+@pytest.mark.parametrize("dtypes", [(np.float32, np.float32), (np.float64, np.float64),
+                                    (np.float64, np.float32), (np.float32, np.float64)])
+def test_update_keyword_is_the_two_calls_in_one(dtypes):
+    rng = np.random.default_rng(40)
+    x = rng.standard_normal((30, 6)).astype(dtypes[0])
+    labels = rng.integers(0, 5, 30)
+    centers = rng.standard_normal((5, 6)).astype(dtypes[1])
+    expected_centers = centers.copy()
+    want = tripmine.center_loss(x, labels, expected_centers)
+    tripmine.update_centers(expected_centers, x, labels, alpha=0.3)
+    got = tripmine.center_loss(x, labels, centers, update=0.3)
+    assert got.loss == want.loss  # from the centers as they were
+    np.testing.assert_array_equal(got.grad, want.grad)
+    np.testing.assert_array_equal(got.centers_grad, want.centers_grad)
+    np.testing.assert_array_equal(centers, expected_centers)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (dict(update=-0.5), ValueError, "update"),
+    (dict(update=True), TypeError, "update"),
+    (dict(update=np.nan), ValueError, "update"),
+    (dict(read_only=True), ValueError, "read-only"),
+    (dict(labels_out=True), ValueError, "labels"),
+    (dict(nan_x=True), ValueError, "x"),
+])
+def test_update_keyword_refuses_without_writing(bad, exc, match):
+    rng = np.random.default_rng(41)
+    x = rng.standard_normal((12, 4))
+    labels = rng.integers(0, 3, 12)
+    centers = rng.standard_normal((3, 4))
+    if bad.get("labels_out"):
+        labels[2] = 7
+    if bad.get("nan_x"):
+        x[1, 1] = np.nan
+    if bad.get("read_only"):
+        centers.flags.writeable = False
+    before_x, before_c = x.copy(), centers.copy()
+    with pytest.raises(exc, match=match):
+        tripmine.center_loss(x, labels, centers, update=bad.get("update", 0.5))
+    np.testing.assert_array_equal(x, before_x)
+    np.testing.assert_array_equal(centers, before_c)
+
+
+def test_update_keyword_refuses_x_sharing_memory_with_centers():
+    centers = np.random.default_rng(42).standard_normal((4, 3))
+    before = centers.copy()
+    with pytest.raises(ValueError, match="shares memory"):
+        tripmine.center_loss(centers, np.arange(4), centers, update=0.5)
+    np.testing.assert_array_equal(centers, before)
