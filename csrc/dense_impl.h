@@ -258,7 +258,8 @@ static inline void TM_FN(dense_pair)(const TM_FN(dense_op) *s, int thread, int p
  * (coefficients^T x anchor rows).  Dense blocks use the micro-kernel
  * products; blocks where few pairs carry a weight (hinges mostly inactive,
  * positives of a P x K batch) visit just those pairs. */
-static inline int TM_FN(dense_block)(void *op, int thread, int64_t row0, int64_t nrows, TM_REAL *rows)
+static inline int TM_FN(dense_block)(void *op, int thread, int64_t row0, int64_t nrows,
+                                     TM_REAL *rows)
 {
     TM_FN(dense_op) *s = op;
     if (!s->want_grad)
@@ -318,9 +319,10 @@ static inline int TM_FN(dense_block)(void *op, int thread, int64_t row0, int64_t
 
 
 /* Allocations shared by the two dense losses: per-anchor arrays and norms. */
-static inline int TM_FN(dense_init)(TM_FN(dense_op) *s, const TM_REAL *x, int64_t n, const TM_REAL *ref,
-                             int64_t m, int64_t d, int metric, const int64_t *labels,
-                             const int64_t *ref_labels, int64_t ref_offset, int parts)
+static inline int TM_FN(dense_init)(TM_FN(dense_op) *s, const TM_REAL *x, int64_t n,
+                                    const TM_REAL *ref, int64_t m, int64_t d, int metric,
+                                    const int64_t *labels, const int64_t *ref_labels,
+                                    int64_t ref_offset, int parts)
 {
     memset(s, 0, sizeof(*s));
     TM_FN(row_common_init)(&s->c, labels, ref, ref_labels, m, ref_offset);

@@ -178,9 +178,10 @@ static void TM_FN(song_rows)(void *ctx, int participant, int64_t begin, int64_t 
         const int64_t label = s->c.lv.labels[i], own = TM_FN(own_row)(&s->c.lv, i);
         double loss = 0.0, tau = 0.0;
         int64_t count = 0, active = 0;
-        for (int64_t q = tm_label_groups_find(g, label); q < g->count && g->pairs[2 * q] == label;
-             ++q) {
-            const int64_t j = g->pairs[2 * q + 1];
+        int64_t size;
+        const int64_t *members = tm_label_group(g, label, &size);
+        for (int64_t q = 0; q < size; ++q) {
+            const int64_t j = members[q];
             if (j == own)
                 continue;
             const double h = TM_FN(song_hinge)(L, i, j, TM_FN(lifted_pos_dist)(L, i, j));
@@ -208,9 +209,10 @@ static void TM_FN(song_columns)(void *ctx, int participant, int64_t begin, int64
     for (int64_t j = begin; j < end; ++j) {
         const int64_t label = lv->ref_labels[j];
         double tau = 0.0;
-        for (int64_t q = tm_label_groups_find(g, label); q < g->count && g->pairs[2 * q] == label;
-             ++q) {
-            const int64_t i = g->pairs[2 * q + 1];
+        int64_t size;
+        const int64_t *members = tm_label_group(g, label, &size);
+        for (int64_t q = 0; q < size; ++q) {
+            const int64_t i = members[q];
             if (TM_FN(own_row)(lv, i) == j)
                 continue;
             const double h = TM_FN(song_hinge)(L, i, j, TM_FN(lifted_pos_dist)(L, i, j));
@@ -271,9 +273,10 @@ static int TM_FN(song_grad_row)(void *op, int thread, int64_t a, int64_t row_in_
     TM_FN(negative_weights)(s, thread, a, dist, L->neg_margin - L->row_lse[a], L->row_tau[a],
                             L->col_shift_real, L->col_tau_real, &alpha);
     const tm_label_groups *g = &L->ref_groups;
-    for (int64_t q = tm_label_groups_find(g, label); q < g->count && g->pairs[2 * q] == label;
-         ++q) {
-        const int64_t j = g->pairs[2 * q + 1];
+    int64_t size;
+    const int64_t *members = tm_label_group(g, label, &size);
+    for (int64_t q = 0; q < size; ++q) {
+        const int64_t j = members[q];
         if (j == own)
             continue;
         const double pair_dist = TM_FN(lifted_pos_dist)(L, a, j);
@@ -297,9 +300,10 @@ static int TM_FN(generalized_row)(void *op, int thread, int64_t a, int64_t row_i
     const tm_label_groups *g = &L->ref_groups;
     int64_t n_pos = 0;
     double far = -INFINITY;
-    for (int64_t q = tm_label_groups_find(g, label); q < g->count && g->pairs[2 * q] == label;
-         ++q) {
-        const int64_t j = g->pairs[2 * q + 1];
+    int64_t size;
+    const int64_t *members = tm_label_group(g, label, &size);
+    for (int64_t q = 0; q < size; ++q) {
+        const int64_t j = members[q];
         if (j == own)
             continue;
         positives[n_pos].index = j;
@@ -356,9 +360,10 @@ static int TM_FN(generalized_lse_row)(void *op, int thread, int64_t a, int64_t r
     const int64_t label = s->c.lv.labels[a], own = TM_FN(own_row)(&s->c.lv, a);
     const tm_label_groups *g = &L->ref_groups;
     double top = -INFINITY, sum = 0.0; /* running log-sum-exp of the positives */
-    for (int64_t q = tm_label_groups_find(g, label); q < g->count && g->pairs[2 * q] == label;
-         ++q) {
-        const int64_t j = g->pairs[2 * q + 1];
+    int64_t size;
+    const int64_t *members = tm_label_group(g, label, &size);
+    for (int64_t q = 0; q < size; ++q) {
+        const int64_t j = members[q];
         if (j == own)
             continue;
         const double v = TM_FN(lifted_pos_dist)(L, a, j);
@@ -395,9 +400,10 @@ static int TM_FN(generalized_symmetric_row)(void *op, int thread, int64_t a,
     TM_FN(negative_weights)(s, thread, a, dist, L->neg_margin - L->row_lse[a], L->row_tau[a],
                             L->col_shift_real, L->col_tau_real, &alpha);
     const tm_label_groups *g = &L->ref_groups;
-    for (int64_t q = tm_label_groups_find(g, label); q < g->count && g->pairs[2 * q] == label;
-         ++q) {
-        const int64_t j = g->pairs[2 * q + 1];
+    int64_t size;
+    const int64_t *members = tm_label_group(g, label, &size);
+    for (int64_t q = 0; q < size; ++q) {
+        const int64_t j = members[q];
         if (j == own || (L->row_tau[a] == 0.0 && L->row_tau[j] == 0.0))
             continue;
         const double v = TM_FN(lifted_pos_dist)(L, a, j);
@@ -444,8 +450,8 @@ static void TM_FN(lifted_finish)(TM_FN(dense_op) *s, void *ctx, double *scale)
 static void TM_FN(lifted_release)(TM_FN(lifted_op) *L)
 {
     tm_free(L->row_lse); /* one block: row_lse, col_lse, row_tau, col_tau */
-    tm_free(L->ref_groups.pairs);
-    tm_free(L->x_groups.pairs);
+    tm_free(L->ref_groups.label);
+    tm_free(L->x_groups.label);
     tm_free(L->col_max);
     tm_free(L->col_sum);
     tm_free(L->col_shift_real);

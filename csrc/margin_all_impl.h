@@ -29,12 +29,9 @@ static int TM_FN(margin_all_row)(void *op, int thread, int64_t a, int64_t row_in
     TM_FN(dense_op) *s = &M->dense;
     const int64_t m = s->c.lv.m, label = s->c.lv.labels[a], own = TM_FN(own_row)(&s->c.lv, a);
     const int64_t *ref_labels = s->c.lv.ref_labels;
-    const tm_label_groups *g = &M->ref_groups;
-    const int64_t first = tm_label_groups_find(g, label);
-    int64_t last = first;
-    while (last < g->count && g->pairs[2 * last] == label)
-        ++last;
-    const int64_t n_pos = last - first - (own >= 0), n_neg = m - (last - first);
+    int64_t size;
+    const int64_t *members = tm_label_group(&M->ref_groups, label, &size);
+    const int64_t n_pos = size - (own >= 0), n_neg = m - size;
     const double beta = M->beta[a];
     const double low = beta - M->margin, high = beta + M->margin; /* the two hinges */
     const double p_weight = (double)n_neg, n_weight = (double)n_pos;
@@ -52,8 +49,8 @@ static int TM_FN(margin_all_row)(void *op, int thread, int64_t a, int64_t row_in
             if (grad)
                 TM_FN(dense_pair)(s, thread, 0, a, j, -n_weight, v, dist, &alpha);
         }
-        for (int64_t q = first; q < last; ++q) {
-            const int64_t j = g->pairs[2 * q + 1];
+        for (int64_t q = 0; q < size; ++q) {
+            const int64_t j = members[q];
             if (j == own)
                 continue;
             const double v = TM_FN(tm_exact_distance)(s->x + a * s->d, s->r + j * s->d, s->d,
@@ -154,7 +151,7 @@ int TM_FN(tm_margin_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, i
         status = TM_FN(dense_run)(s, &problem, TM_FN(margin_all_row), TM_FN(margin_all_finish),
                                   &out, scale, ref == NULL ? grad : ref_grad);
     }
-    tm_free(M.ref_groups.pairs);
+    tm_free(M.ref_groups.label);
     TM_FN(dense_release)(s);
     return status;
 }

@@ -16,11 +16,11 @@
 #include "fastmath.h"
 #include "internal.h"
 
-/* The rows of a label array grouped by label: (label, index) pairs sorted by
- * label, then index.  Lets a row find the members of its class in
- * O(log count) without a table indexed by label. */
+/* The rows of a label array grouped by label: their indices sorted by label,
+ * then index (label[q] the label of index[q]).  Lets a row find the members
+ * of its class in O(log count) without a table indexed by label. */
 typedef struct {
-    int64_t *pairs; /* 2 x count */
+    int64_t *label, *index; /* one allocation: label then index, count each */
     int64_t count;
 } tm_label_groups;
 
@@ -39,29 +39,42 @@ static int tm_label_groups_build(const int64_t *labels, int64_t count, tm_label_
     g->count = count;
     if (status != TM_OK)
         return status;
-    g->pairs = tm_alloc(bytes);
-    if (g->pairs == NULL)
+    int64_t *pairs = tm_alloc(bytes);
+    g->label = tm_alloc(bytes);
+    if (pairs == NULL || g->label == NULL) {
+        tm_free(pairs);
         return TM_ERR_NOMEM;
-    for (int64_t i = 0; i < count; ++i) {
-        g->pairs[2 * i] = labels[i];
-        g->pairs[2 * i + 1] = i;
     }
-    qsort(g->pairs, (size_t)count, 2 * sizeof(int64_t), tm_label_pair_order);
+    g->index = g->label + count;
+    for (int64_t i = 0; i < count; ++i) {
+        pairs[2 * i] = labels[i];
+        pairs[2 * i + 1] = i;
+    }
+    qsort(pairs, (size_t)count, 2 * sizeof(int64_t), tm_label_pair_order);
+    for (int64_t q = 0; q < count; ++q) {
+        g->label[q] = pairs[2 * q];
+        g->index[q] = pairs[2 * q + 1];
+    }
+    tm_free(pairs);
     return TM_OK;
 }
 
-/* The first position of `label` in the groups (count if absent). */
-static int64_t tm_label_groups_find(const tm_label_groups *g, int64_t label)
+/* The members of class `label`, in index order: *size of them (0 if absent). */
+static const int64_t *tm_label_group(const tm_label_groups *g, int64_t label, int64_t *size)
 {
     int64_t lo = 0, hi = g->count;
     while (lo < hi) {
         const int64_t mid = lo + (hi - lo) / 2;
-        if (g->pairs[2 * mid] < label)
+        if (g->label[mid] < label)
             lo = mid + 1;
         else
             hi = mid;
     }
-    return lo;
+    int64_t end = lo;
+    while (end < g->count && g->label[end] == label)
+        ++end;
+    *size = end - lo;
+    return g->index + lo;
 }
 
 /* log(e^a + e^b), -inf when both are. */
