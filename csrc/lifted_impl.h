@@ -262,7 +262,20 @@ static void TM_FN(negative_weights)(TM_FN(dense_op) *s, int thread, int64_t a, T
     s->nonzeros[2 * thread] += m;
 }
 
-static int TM_FN(song_grad_row)(void *op, int thread, int64_t a, int64_t row_in_block,
+/* The weight of positive entry (i, j) at distance v in a symmetric walk: Song's
+ * hinge, or the generalized form's softmax weights of both rows. */
+static double TM_FN(positive_weight)(const TM_FN(lifted_op) *L, int64_t i, int64_t j, double v)
+{
+    if (!L->generalized)
+        return TM_FN(song_hinge)(L, i, j, v);
+    const double pm = L->pos_margin;
+    return L->row_tau[i] * TM_FN(lifted_exp)(v - pm - L->pos_lse[i]) +
+           L->row_tau[j] * TM_FN(lifted_exp)(v - pm - L->pos_lse[j]);
+}
+
+/* Song's second walk, and the generalized form's in self mode: the negatives'
+ * weights from the row's and the column's terms, then the positives'. */
+static int TM_FN(symmetric_row)(void *op, int thread, int64_t a, int64_t row_in_block,
                                 TM_REAL *dist)
 {
     (void)row_in_block;
@@ -272,17 +285,16 @@ static int TM_FN(song_grad_row)(void *op, int thread, int64_t a, int64_t row_in_
     double alpha = 0.0;
     TM_FN(negative_weights)(s, thread, a, dist, L->neg_margin - L->row_lse[a], L->row_tau[a],
                             L->col_shift_real, L->col_tau_real, &alpha);
-    const tm_label_groups *g = &L->ref_groups;
     int64_t size;
-    const int64_t *members = tm_label_group(g, label, &size);
+    const int64_t *members = tm_label_group(&L->ref_groups, label, &size);
     for (int64_t q = 0; q < size; ++q) {
         const int64_t j = members[q];
         if (j == own)
             continue;
         const double pair_dist = TM_FN(lifted_pos_dist)(L, a, j);
-        const double h = TM_FN(song_hinge)(L, a, j, pair_dist);
-        if (h > 0.0)
-            TM_FN(dense_pair)(s, thread, 0, a, j, h, pair_dist, dist, &alpha);
+        const double w = TM_FN(positive_weight)(L, a, j, pair_dist);
+        if (w != 0.0)
+            TM_FN(dense_pair)(s, thread, 0, a, j, w, pair_dist, dist, &alpha);
     }
     s->alpha[0][a] = alpha;
     return TM_OK;
@@ -385,34 +397,6 @@ static int TM_FN(generalized_lse_row)(void *op, int thread, int64_t a, int64_t r
     L->row_lse[a] = lse_neg;
     L->pos_lse[a] = lse_pos;
     L->row_tau[a] = value > 0.0 ? 1.0 : 0.0;
-    return TM_OK;
-}
-
-static int TM_FN(generalized_symmetric_row)(void *op, int thread, int64_t a,
-                                            int64_t row_in_block, TM_REAL *dist)
-{
-    (void)row_in_block;
-    TM_FN(lifted_op) *L = op;
-    TM_FN(dense_op) *s = &L->dense;
-    const int64_t label = s->c.lv.labels[a], own = TM_FN(own_row)(&s->c.lv, a);
-    const double pm = L->pos_margin;
-    double alpha = 0.0;
-    TM_FN(negative_weights)(s, thread, a, dist, L->neg_margin - L->row_lse[a], L->row_tau[a],
-                            L->col_shift_real, L->col_tau_real, &alpha);
-    const tm_label_groups *g = &L->ref_groups;
-    int64_t size;
-    const int64_t *members = tm_label_group(g, label, &size);
-    for (int64_t q = 0; q < size; ++q) {
-        const int64_t j = members[q];
-        if (j == own || (L->row_tau[a] == 0.0 && L->row_tau[j] == 0.0))
-            continue;
-        const double v = TM_FN(lifted_pos_dist)(L, a, j);
-        const double w = L->row_tau[a] * TM_FN(lifted_exp)(v - pm - L->pos_lse[a]) +
-                         L->row_tau[j] * TM_FN(lifted_exp)(v - pm - L->pos_lse[j]);
-        if (w != 0.0)
-            TM_FN(dense_pair)(s, thread, 0, a, j, w, v, dist, &alpha);
-    }
-    s->alpha[0][a] = alpha;
     return TM_OK;
 }
 
@@ -575,9 +559,8 @@ int TM_FN(tm_lifted_structured_loss)(const TM_REAL *x, int64_t n, const TM_REAL 
         double scale[2] = {0.0, 0.0};
         if (one_walk || (grad != NULL && L.active > 0))
             status = TM_FN(dense_run)(s, &problem,
-                                      one_walk      ? TM_FN(generalized_row)
-                                      : generalized ? TM_FN(generalized_symmetric_row)
-                                                    : TM_FN(song_grad_row),
+                                      one_walk ? TM_FN(generalized_row)
+                                               : TM_FN(symmetric_row),
                                       TM_FN(lifted_finish), &out, scale,
                                       ref == NULL ? grad : ref_grad);
         else if (grad != NULL) /* nothing active: a zero gradient */
