@@ -30,9 +30,13 @@
  *
  * Generalized form, per row i with a positive and a negative:
  *   L_i = max(0, LSE_{p}(d_ip - pos_margin) + LSE_{n}(neg_margin - d_in));
- * its weights are softmaxes over the row's positives and negatives, so it is
- * one walk with the reference side (the row's weights are not symmetric).
- * Positive distances come from the direct difference here too.
+ * its weights are softmaxes over the row's positives and negatives, active
+ * rows only (g_i = 1).  In self mode the same two walks: the first gives
+ * each row's two log-sum-exps and g, the second entry (i, k)'s weight from
+ * both rows (g_i's softmax weight + g_k's), symmetric, so the anchor side is
+ * the gradient.  In reference mode one walk does both and adds the
+ * reference side.  Positive distances come from the direct difference here
+ * too.
  */
 
 typedef struct {
