@@ -7,9 +7,11 @@
  * per positive (P_a times), the penalty P_a N_a times.  So one walk of the
  * rows gives the loss, the counts, dL/dbeta_a and the gradient weights (N_a
  * on an active positive pair, -P_a on an active negative pair), and the dense
- * row walk (dense_impl.h) turns the weights into the gradient.  The weights
- * differ per anchor (beta_a, N_a, P_a), so in self mode the reference side
- * is computed too.  Positive distances by direct difference (exact), negative
+ * row walk (dense_impl.h) turns the weights into the gradient.  In self mode
+ * entry (a, j) also gets row j's weight on the same distance (beta_j, N_j,
+ * P_j are known before the walk), so the weights are symmetric and the
+ * anchor side is the whole gradient; in reference mode the walk adds the
+ * reference side.  Positive distances by direct difference (exact), negative
  * ones from the tiles, as the lifted loss takes them.
  */
 
@@ -19,6 +21,8 @@ typedef struct {
     double margin, nu;
     const double *beta; /* per anchor */
     double *beta_grad;  /* per anchor, unscaled until the finish */
+    /* self mode: each row's positive and negative counts, for the column's terms */
+    double *row_pos, *row_neg;
 } TM_FN(margin_all_op);
 
 static int TM_FN(margin_all_row)(void *op, int thread, int64_t a, int64_t row_in_block,
@@ -32,38 +36,52 @@ static int TM_FN(margin_all_row)(void *op, int thread, int64_t a, int64_t row_in
     int64_t size;
     const int64_t *members = tm_label_group(&M->ref_groups, label, &size);
     const int64_t n_pos = size - (own >= 0), n_neg = m - size;
-    const double beta = M->beta[a];
-    const double low = beta - M->margin, high = beta + M->margin; /* the two hinges */
-    const double p_weight = (double)n_neg, n_weight = (double)n_pos;
+    const int counted = n_pos > 0 && n_neg > 0; /* the row has triplets */
+    const double margin = M->margin, beta = M->beta[a];
+    const double low = beta - margin, high = beta + margin; /* the two hinges */
+    const double p_weight = counted ? (double)n_neg : 0.0, n_weight = counted ? (double)n_pos : 0.0;
+    /* In self mode the entry (a, j) also carries row j's terms on the same
+     * distance, so the weights are symmetric and the anchor side is the
+     * gradient (no reference side). */
+    const double *col_pos = M->row_pos, *col_neg = M->row_neg, *col_beta = M->beta;
     double loss_pos = 0.0, loss_neg = 0.0, alpha = 0.0;
-    int64_t act_pos = 0, act_neg = 0;
-    const int grad = s->want_grad && n_pos > 0 && n_neg > 0;
-    if (n_pos > 0 && n_neg > 0) {
-        for (int64_t j = 0; j < m; ++j) {
-            const double v = (double)dist[j];
-            dist[j] = 0;
-            if (ref_labels[j] == label || !(v < high))
-                continue;
+    int64_t act_pos = 0, act_neg = 0, weighted = 0;
+    for (int64_t j = 0; j < m; ++j) {
+        const double v = (double)dist[j];
+        dist[j] = 0;
+        if (ref_labels[j] == label)
+            continue;
+        const int on = counted && v < high;
+        double w = on ? -n_weight : 0.0;
+        if (on) {
             loss_neg += high - v;
             ++act_neg;
-            if (grad)
-                TM_FN(dense_pair)(s, thread, 0, a, j, -n_weight, v, dist, &alpha);
         }
-        for (int64_t q = 0; q < size; ++q) {
-            const int64_t j = members[q];
-            if (j == own)
-                continue;
-            const double v = TM_FN(tm_exact_distance)(s->x + a * s->d, s->r + j * s->d, s->d,
-                                                      s->metric);
-            if (!(v > low))
-                continue;
+        if (col_pos != NULL && v < col_beta[j] + margin)
+            w -= col_pos[j];
+        if (s->want_grad && w != 0.0) {
+            TM_FN(dense_pair)(s, thread, 0, a, j, w, v, dist, &alpha);
+            ++weighted;
+        }
+    }
+    for (int64_t q = 0; q < size; ++q) {
+        const int64_t j = members[q];
+        if (j == own)
+            continue;
+        const double v = TM_FN(tm_exact_distance)(s->x + a * s->d, s->r + j * s->d, s->d,
+                                                  s->metric);
+        const int on = counted && v > low;
+        double w = on ? p_weight : 0.0;
+        if (on) {
             loss_pos += v - low;
             ++act_pos;
-            if (grad)
-                TM_FN(dense_pair)(s, thread, 0, a, j, p_weight, v, dist, &alpha);
         }
-    } else if (s->want_grad) {
-        memset(dist, 0, (size_t)m * sizeof(TM_REAL));
+        if (col_neg != NULL && v > col_beta[j] - margin)
+            w += col_neg[j];
+        if (s->want_grad && w != 0.0) {
+            TM_FN(dense_pair)(s, thread, 0, a, j, w, v, dist, &alpha);
+            ++weighted;
+        }
     }
     const double triplets = (double)n_pos * (double)n_neg;
     s->loss[0][a] = p_weight * loss_pos + n_weight * loss_neg + M->nu * beta * triplets;
@@ -72,7 +90,7 @@ static int TM_FN(margin_all_row)(void *op, int thread, int64_t a, int64_t row_in
     M->beta_grad[a] = -p_weight * (double)act_pos + n_weight * (double)act_neg + M->nu * triplets;
     if (s->want_grad) {
         s->alpha[0][a] = alpha;
-        s->nonzeros[2 * thread] += act_pos + act_neg;
+        s->nonzeros[2 * thread] += weighted;
     }
     return TM_OK;
 }
@@ -138,9 +156,27 @@ int TM_FN(tm_margin_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, i
     M.beta_grad = beta_grad;
     if (status == TM_OK)
         status = tm_label_groups_build(s->c.lv.ref_labels, m, &M.ref_groups);
+    if (status == TM_OK && ref == NULL && grad != NULL) {
+        /* Self mode: the rows' counts for the column terms (row_pos[j] weighs the
+         * negative entries of row j, row_neg[j] its positive ones; 0 without triplets). */
+        size_t bytes;
+        status = tm_bytes(2 * n, 1, sizeof(double), &bytes);
+        if (status == TM_OK && (M.row_pos = tm_alloc(bytes > 0 ? bytes : 1)) == NULL)
+            status = TM_ERR_NOMEM;
+        if (status == TM_OK) {
+            M.row_neg = M.row_pos + n;
+            for (int64_t j = 0; j < n; ++j) {
+                int64_t size;
+                tm_label_group(&M.ref_groups, labels[j], &size);
+                const int counted = size > 1 && size < n;
+                M.row_pos[j] = counted ? (double)(size - 1) : 0.0;
+                M.row_neg[j] = counted ? (double)(n - size) : 0.0;
+            }
+        }
+    }
     if (status == TM_OK) {
         s->want_grad = grad != NULL;
-        s->want_ref_side = grad != NULL && (ref == NULL || ref_grad != NULL);
+        s->want_ref_side = grad != NULL && ref != NULL && ref_grad != NULL;
         s->anchor_grad[0] = grad;
         TM_FN(dense_plan)(s);
         if (ref != NULL && ref_grad != NULL)
@@ -152,6 +188,7 @@ int TM_FN(tm_margin_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, i
                                   &out, scale, ref == NULL ? grad : ref_grad);
     }
     tm_free(M.ref_groups.label);
+    tm_free(M.row_pos);
     TM_FN(dense_release)(s);
     return status;
 }
