@@ -466,3 +466,38 @@ static inline void TM_FN(dense_plan)(TM_FN(dense_op) *s)
     s->max_threads = tm_get_num_threads();
     s->span = s->want_ref_side ? TM_FN(ref_span)(s->c.lv.m, s->d, s->max_threads, s->parts) : 0;
 }
+
+/* Part 0's per-anchor losses, counts and active counts summed in anchor
+ * order (and the losses copied to per_anchor when given). */
+typedef struct {
+    double loss;
+    int64_t count, active;
+} TM_FN(dense_sums);
+
+static inline TM_FN(dense_sums) TM_FN(dense_totals)(const TM_FN(dense_op) *s,
+                                                    double *per_anchor)
+{
+    TM_FN(dense_sums) sums = {0.0, 0, 0};
+    for (int64_t a = 0; a < s->n; ++a) {
+        sums.loss += s->loss[0][a];
+        sums.count += s->count[0][a];
+        sums.active += s->active[0][a];
+        if (per_anchor != NULL)
+            per_anchor[a] = s->loss[0][a];
+    }
+    return sums;
+}
+
+/* The start of a walk whose weights are symmetric in self mode (the pair heads):
+ * the gradient into grad (anchor side), the reference side only in reference
+ * mode with ref_grad, zeroed here; then the plan. */
+static inline void TM_FN(dense_start)(TM_FN(dense_op) *s, TM_REAL *grad, TM_REAL *ref_grad)
+{
+    const int reference = !s->c.lv.self && ref_grad != NULL;
+    s->want_grad = grad != NULL;
+    s->want_ref_side = grad != NULL && reference;
+    s->anchor_grad[0] = grad;
+    TM_FN(dense_plan)(s);
+    if (reference)
+        memset(ref_grad, 0, (size_t)(s->c.lv.m * s->d) * sizeof(TM_REAL));
+}

@@ -412,14 +412,10 @@ typedef struct {
 /* Sums the per-row losses and counts into L->total, terms, active. */
 static void TM_FN(lifted_totals)(TM_FN(lifted_op) *L)
 {
-    const TM_FN(dense_op) *s = &L->dense;
-    L->total = 0.0;
-    L->terms = L->active = 0;
-    for (int64_t a = 0; a < s->n; ++a) {
-        L->total += s->loss[0][a];
-        L->terms += s->count[0][a];
-        L->active += s->active[0][a];
-    }
+    const TM_FN(dense_sums) sums = TM_FN(dense_totals)(&L->dense, NULL);
+    L->total = sums.loss;
+    L->terms = sums.count;
+    L->active = sums.active;
 }
 
 static void TM_FN(lifted_finish)(TM_FN(dense_op) *s, void *ctx, double *scale)
@@ -552,12 +548,7 @@ int TM_FN(tm_lifted_structured_loss)(const TM_REAL *x, int64_t n, const TM_REAL 
                  : !one_walk  ? TM_FN(generalized_prepare)(&L, &problem)
                               : TM_OK;
     if (status == TM_OK) {
-        s->want_grad = grad != NULL;
-        s->want_ref_side = grad != NULL && ref != NULL && ref_grad != NULL;
-        s->anchor_grad[0] = grad;
-        TM_FN(dense_plan)(s);
-        if (ref != NULL && ref_grad != NULL)
-            memset(ref_grad, 0, (size_t)(m * d) * sizeof(TM_REAL));
+        TM_FN(dense_start)(s, grad, ref_grad);
         /* Song's self-mode weights count each pair once per row: doubled. */
         TM_FN(lifted_out) out = {reduction, ref == NULL && !generalized, grad};
         double scale[2] = {0.0, 0.0};

@@ -701,15 +701,9 @@ typedef struct {
 static void TM_FN(batch_all_finish)(TM_FN(dense_op) *s, void *ctx, double *scale)
 {
     TM_FN(batch_all_out) *o = ctx;
-    double total = 0.0;
-    int64_t triplets = 0, active = 0;
-    for (int64_t a = 0; a < s->n; ++a) {
-        total += s->loss[0][a];
-        triplets += s->count[0][a];
-        active += s->active[0][a];
-        if (o->per_anchor != NULL)
-            o->per_anchor[a] = s->loss[0][a];
-    }
+    const TM_FN(dense_sums) sums = TM_FN(dense_totals)(s, o->per_anchor);
+    const double total = sums.loss;
+    const int64_t triplets = sums.count, active = sums.active;
     scale[0] = TM_FN(reduction_scale)(o->reduction, triplets, active);
     scale[1] = 0.0;
     *o->loss = o->reduction == TM_REDUCE_NONE ? total : total * scale[0];

@@ -107,15 +107,9 @@ static void TM_FN(margin_all_finish)(TM_FN(dense_op) *s, void *ctx, double *scal
 {
     TM_FN(margin_all_out) *o = ctx;
     TM_FN(margin_all_op) *M = (TM_FN(margin_all_op) *)(void *)s;
-    double total = 0.0;
-    int64_t triplets = 0, active = 0;
-    for (int64_t a = 0; a < s->n; ++a) {
-        total += s->loss[0][a];
-        triplets += s->count[0][a];
-        active += s->active[0][a];
-        if (o->per_anchor != NULL)
-            o->per_anchor[a] = s->loss[0][a];
-    }
+    const TM_FN(dense_sums) sums = TM_FN(dense_totals)(s, o->per_anchor);
+    const double total = sums.loss;
+    const int64_t triplets = sums.count, active = sums.active;
     /* "mean": over the nonzero hinge terms (pytorch-metric-learning's rule). */
     scale[0] = o->reduction == TM_REDUCE_MEAN ? (active > 0 ? 1.0 / (double)active : 0.0) : 1.0;
     scale[1] = 0.0;
@@ -175,12 +169,7 @@ int TM_FN(tm_margin_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, i
         }
     }
     if (status == TM_OK) {
-        s->want_grad = grad != NULL;
-        s->want_ref_side = grad != NULL && ref != NULL && ref_grad != NULL;
-        s->anchor_grad[0] = grad;
-        TM_FN(dense_plan)(s);
-        if (ref != NULL && ref_grad != NULL)
-            memset(ref_grad, 0, (size_t)(m * d) * sizeof(TM_REAL));
+        TM_FN(dense_start)(s, grad, ref_grad);
         TM_FN(margin_all_out) out = {reduction, loss, counts, per_anchor, grad};
         double scale[2];
         const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
