@@ -422,7 +422,7 @@ static void TM_FN(lifted_finish)(TM_FN(dense_op) *s, void *ctx, double *scale)
 {
     TM_FN(lifted_out) *o = ctx;
     TM_FN(lifted_op) *L = (TM_FN(lifted_op) *)(void *)s;
-    if (L->generalized)
+    if (L->generalized && !s->c.lv.self) /* one walk: its rows are summed now */
         TM_FN(lifted_totals)(L);
     scale[0] = TM_FN(reduction_scale)(o->reduction, L->terms, L->active);
     scale[1] = 0.0;
@@ -485,7 +485,8 @@ static int TM_FN(song_prepare)(TM_FN(lifted_op) *L, const TM_FN(tm_tile_problem)
         return status;
     if (!self)
         TM_FN(lse_columns)(L);
-    const int threads = tm_threads_for(n * (m / 64 + 1) / 256 + 1);
+    /* About d operations per positive pair: a team only where rows are many. */
+    const int threads = tm_threads_for(n / 64 + 1);
     tm_parallel_for(threads, n, 16, TM_FN(song_rows), L);
     if (!self)
         tm_parallel_for(threads, m, 16, TM_FN(song_columns), L);

@@ -81,18 +81,18 @@ def margin_all_terms(xp: Any, x: Any, ref: Any, codes: Any, ref_codes: Any,
 
     Anchor a's triplets split into pair terms: each positive's hinge counts N_a times (its
     negatives), each negative's P_a times, the penalty nu beta_a P_a N_a times.  Row blocks
-    of the pair matrix (tripmine._fused_lifted's walk: tiles, exact positive distances, the
+    of the pair matrix (tripmine._fused_pairs' walk: tiles, exact positive distances, the
     gradient's products); ``beta`` the float64 boundary of each anchor; ``reduction``
     "mean" (over the nonzero hinge terms), "sum" or "none" (per-anchor sums, the gradients
     of their sum).
     """
-    from ._fused_lifted import BLOCK_ELEMENTS, _Gradient, _Pairs
-    pairs = _Pairs(xp, x, ref, codes, ref_codes, ref_offset, metric,
+    from ._fused_pairs import BLOCK_ELEMENTS, Gradient, Pairs
+    pairs = Pairs(xp, x, ref, codes, ref_codes, ref_offset, metric,
                    BLOCK_ELEMENTS if block_elements is None else block_elements)
     f64 = xp.float64
     per_anchor = xp.zeros(pairs.n, dtype=f64)
     beta_grad = xp.zeros(pairs.n, dtype=f64)
-    grad = _Gradient(pairs, ref_side=True) if want_grad else None
+    grad = Gradient(pairs, ref_side=True) if want_grad else None
     triplets = active = 0
     for row0, rows in (pairs.blocks() if pairs.m else ()):
         positive, negative = pairs.masks(row0, rows)
@@ -120,6 +120,6 @@ def margin_all_terms(xp: Any, x: Any, ref: Any, codes: Any, ref_codes: Any,
     g = rg = None
     if want_grad:
         if grad is None or pairs.m == 0:
-            grad = _Gradient(pairs, ref_side=not pairs.self_mode)
+            grad = Gradient(pairs, ref_side=not pairs.self_mode)
         g, rg = grad.finish(scale)
     return loss, triplets, active, per_anchor, beta_grad * scale, g, rg

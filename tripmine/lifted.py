@@ -55,11 +55,8 @@ class LiftedStructuredLossResult:
 
 def _arguments(neg_margin: Any, pos_margin: Any, generalized: Any, reduction: Any, grad: Any):
     """The scalar options, validated (shared with the GPU path)."""
-    neg_margin = check.non_negative(neg_margin, "neg_margin")
+    neg_margin = check.non_negative(neg_margin, "neg_margin")  # finite, >= 0
     pos_margin = check.non_negative(pos_margin, "pos_margin")
-    for name, value in (("neg_margin", neg_margin), ("pos_margin", pos_margin)):
-        if not np.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value!r}")
     generalized = check.flag(generalized, "generalized")
     reduction = check.choice(reduction, "reduction", ("mean", "sum", "mean_nonzero", "none"))
     return neg_margin, pos_margin, generalized, reduction, check.flag(grad, "grad")

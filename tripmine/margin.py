@@ -151,6 +151,15 @@ def _triplet_betas(xp: Any, beta_value, labels: Any, n: int, anchor: Any):
     return anchor_class, xp.ascontiguousarray(xp.asarray(beta_value)[anchor_class])
 
 
+def _beta_shaped(xp: Any, grads, anchor_class, beta_value):
+    """dL/dbeta in beta's shape from per-term (or per-anchor) gradients: summed per class
+    for a per-class beta, in all for a shared one."""
+    if anchor_class is None:
+        return float(grads.sum())
+    return xp.bincount(anchor_class, weights=grads,
+                       minlength=beta_value.shape[0]).astype(xp.float64)
+
+
 def finish(xp: Any, loss, active: int, per_triplet, beta_grad_t, beta_t, anchor_class,
            beta_value, nu: float, reduction: str, g, rg, triplets, used_seed
            ) -> MarginLossResult:
@@ -163,11 +172,7 @@ def finish(xp: Any, loss, active: int, per_triplet, beta_grad_t, beta_t, anchor_
         if per_triplet is not None:
             per_triplet = per_triplet + nu * beta_t
         beta_grad_t = beta_grad_t + scale * nu
-    if anchor_class is not None:
-        beta_grad = xp.bincount(anchor_class, weights=beta_grad_t,
-                                minlength=beta_value.shape[0]).astype(xp.float64)
-    else:
-        beta_grad = float(beta_grad_t.sum())
+    beta_grad = _beta_shaped(xp, beta_grad_t, anchor_class, beta_value)
     return MarginLossResult(per_triplet if reduction == "none" else float(loss), g, rg,
                             beta_grad, t, active, active / (2 * t) if t else 0.0, triplets,
                             used_seed)
@@ -177,11 +182,7 @@ def finish_all(xp: Any, loss, triplets: int, active: int, per_anchor, beta_grad_
                anchor_class, beta_value, reduction: str, g, rg) -> MarginLossResult:
     """The result of ``mining="batch_all"`` (both backends): the penalty is already in the
     loss and in dL/dbeta per anchor, which is gathered into beta's shape."""
-    if anchor_class is not None:
-        beta_grad = xp.bincount(anchor_class, weights=beta_grad_a,
-                                minlength=beta_value.shape[0]).astype(xp.float64)
-    else:
-        beta_grad = float(beta_grad_a.sum())
+    beta_grad = _beta_shaped(xp, beta_grad_a, anchor_class, beta_value)
     return MarginLossResult(per_anchor if reduction == "none" else float(loss), g, rg,
                             beta_grad, triplets, active,
                             active / (2 * triplets) if triplets else 0.0, None, None)
