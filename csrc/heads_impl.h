@@ -105,6 +105,12 @@ typedef struct {
     int norm_x, norm_w; /* the head normalises x (W): logits are cosines */
     int want_grad, want_wgrad;
     int backward; /* which walk head_range runs */
+    /* A shard of the classes (tm_softmax_head_shard): labels may be -1 (the target lies in
+     * another shard); partial (first call) receives each row's statistics, lse_in (second
+     * call) is the log-sum-exp over every shard, and upstream holds each row's gain. */
+    int shard;
+    double *partial;
+    const double *lse_in;
     double red;
     TM_REAL scale; /* s of the normalised heads, 1 otherwise */
     const tm_kernel_set *kernels;
@@ -190,21 +196,27 @@ static void TM_FN(head_prepare_range)(void *ctx, int participant, int64_t begin,
         }
         const TM_REAL *xi = job->x + row * d;
         const int64_t y = job->labels[row];
-        const TM_REAL *wy = job->w + y * d;
         double xs = 1.0, xv = 1.0, ws = 1.0, wv = 1.0, nx = 0.0, nw = 0.0, cos = 0.0;
-        if (softmax) {
-            for (int64_t p = 0; p < d; ++p)
-                cos += (double)xi[p] * (double)wy[p];
-            if (job->bias != NULL)
-                cos += (double)job->bias[y];
-        } else {
+        if (!softmax)
             nx = TM_FN(head_norm)(xi, d, &xs, &xv);
-            nw = TM_FN(head_norm)(wy, d, &ws, &wv);
-            for (int64_t p = 0; p < d; ++p)
-                cos += ((double)xi[p] * xs * xv) * ((double)wy[p] * ws * wv);
+        double z = 0.0;
+        if (y >= 0) { /* y = -1: the target lies in another shard */
+            const TM_REAL *wy = job->w + y * d;
+            if (softmax) {
+                for (int64_t p = 0; p < d; ++p)
+                    cos += (double)xi[p] * (double)wy[p];
+                if (job->bias != NULL)
+                    cos += (double)job->bias[y];
+            } else {
+                nw = TM_FN(head_norm)(wy, d, &ws, &wv);
+                for (int64_t p = 0; p < d; ++p)
+                    cos += ((double)xi[p] * xs * xv) * ((double)wy[p] * ws * wv);
+            }
+            tm_head_target(job->head, cos, nx > 0.0 && nw > 0.0, nx, nw, &z,
+                           job->coef + 4 * row);
+        } else {
+            memset(job->coef + 4 * row, 0, 4 * sizeof(double));
         }
-        double z;
-        tm_head_target(job->head, cos, nx > 0.0 && nw > 0.0, nx, nw, &z, job->coef + 4 * row);
         job->tz[row] = (TM_REAL)z;
         job->x_scale[row] = xs;
         job->x_inv[row] = xv;
@@ -395,8 +407,18 @@ static void TM_FN(head_forward_block)(TM_FN(head_job) *job, TM_FN(head_scratch) 
     }
     for (int64_t i = 0; i < nrows; ++i) {
         const int64_t row = row0 + i, y = job->labels[row];
-        const double lse = sc->m[i] + log(sc->s[i]);
+        const double local_lse = sc->m[i] + log(sc->s[i]);
         const double tz = (double)job->tz[row];
+        if (job->partial != NULL) { /* a shard's first call: its statistics only */
+            double *part = job->partial + 4 * row;
+            part[0] = local_lse;
+            part[1] = y >= 0 ? tz : 0.0;
+            part[2] = (double)sc->best[i];
+            part[3] = (double)sc->bestj[i];
+            continue;
+        }
+        /* A shard's second call takes the log-sum-exp over every shard. */
+        const double lse = job->lse_in != NULL ? job->lse_in[row] : local_lse;
         const double cw = job->class_weight != NULL ? job->class_weight[y] : 1.0;
         job->lse[row] = lse;
         job->sample_loss[row] = cw * (lse - tz);
@@ -404,7 +426,7 @@ static void TM_FN(head_forward_block)(TM_FN(head_job) *job, TM_FN(head_scratch) 
         if (!grad && !job->want_wgrad)
             continue;
         const double g = cw * job->red * (job->upstream != NULL ? job->upstream[row] : 1.0);
-        const double gy = g * (exp(tz - lse) - 1.0);
+        const double gy = y >= 0 ? g * (exp(tz - lse) - 1.0) : 0.0;
         job->gain[row] = g;
         job->gain_y[row] = gy;
         if (!grad)
@@ -413,13 +435,13 @@ static void TM_FN(head_forward_block)(TM_FN(head_job) *job, TM_FN(head_scratch) 
          * g / S_i); with x normalised, z_ij = s x^_i . W^_j and
          * dX_i = (s / |x_i|) (a_i - (x^_i . a_i) x^_i): a's part orthogonal to x^_i.
          * Target: gy (coef[0] u + coef[1] v), times 1 / |x_i| likewise. */
-        const double gs = g / sc->s[i];
+        const double gs = job->lse_in != NULL ? g * exp(sc->m[i] - lse) : g / sc->s[i];
         const double *co = job->coef + 4 * row;
         const double xs = job->x_scale[row], xv = job->x_inv[row];
         const double ws = job->wy_scale[row], wv = job->wy_inv[row];
         const double s = (double)job->scale;
         const int unit_x = job->head->kind != TM_HEAD_SOFTMAX;
-        const TM_REAL *xi = job->x + row * d, *wy = job->w + y * d;
+        const TM_REAL *xi = job->x + row * d, *wy = job->w + (y >= 0 ? y : 0) * d;
         const TM_REAL *acc = sc->acc + i * d;
         TM_REAL *out = job->grad + row * d;
         double radial = 0.0;
@@ -522,12 +544,15 @@ static void TM_FN(head_range)(void *ctx, int participant, int64_t begin, int64_t
 
 /* ---- the entry point ----------------------------------------------------------- */
 
-int TM_FN(tm_softmax_head)(const tm_head *head, const TM_REAL *x, int64_t n, int64_t d,
+/* Both entry points: shard = 0 (tm_softmax_head), or a shard's first call (partial) or
+ * second (lse_in, upstream = the rows' gains). */
+static int TM_FN(head_run)(const tm_head *head, const TM_REAL *x, int64_t n, int64_t d,
                            const int64_t *labels, const TM_REAL *weight, int64_t c,
                            const TM_REAL *bias, const double *class_weight, int reduction,
                            const double *upstream, double *loss, double *per_sample,
                            int64_t *n_correct, TM_REAL *grad, TM_REAL *weight_grad,
-                           TM_REAL *bias_grad)
+                           TM_REAL *bias_grad, int shard, double *partial,
+                           const double *lse_in)
 {
     if (!tm_head_valid(head) || n < 0 || d < 0 || c < 0 || (n > 0 && c < 1))
         return TM_ERR_INVALID;
@@ -542,8 +567,12 @@ int TM_FN(tm_softmax_head)(const tm_head *head, const TM_REAL *x, int64_t n, int
     if (bias_grad != NULL && weight_grad == NULL)
         return TM_ERR_INVALID;
     for (int64_t i = 0; i < n; ++i)
-        if (labels[i] < 0 || labels[i] >= c)
+        if (labels[i] < (shard ? -1 : 0) || labels[i] >= c)
             return TM_ERR_INVALID;
+    if (shard && lse_in != NULL)
+        for (int64_t i = 0; i < n; ++i)
+            if (!isfinite(lse_in[i]))
+                return TM_ERR_INVALID;
     if (class_weight != NULL)
         for (int64_t j = 0; j < c; ++j)
             if (!(class_weight[j] >= 0.0) || !isfinite(class_weight[j]))
@@ -571,6 +600,9 @@ int TM_FN(tm_softmax_head)(const tm_head *head, const TM_REAL *x, int64_t n, int
     job.grad = grad;
     job.wgrad = weight_grad;
     job.bgrad = bias_grad;
+    job.shard = shard;
+    job.partial = partial;
+    job.lse_in = lse_in;
     job.kernels = tm_active_kernels();
     job.dot = TM_FN(kernel_dot)(job.kernels);
     job.row_max = TM_FN(kernel_softmax_max)(job.kernels);
@@ -673,6 +705,8 @@ int TM_FN(tm_softmax_head)(const tm_head *head, const TM_REAL *x, int64_t n, int
         for (int64_t i = 0; i < n; ++i) {
             const double gy = job.gain_y[i];
             const int64_t y = labels[i];
+            if (y < 0) /* the target lies in another shard */
+                continue;
             const double *co = job.coef + 4 * i;
             const double xs = job.x_scale[i], xv = job.x_inv[i];
             const double ws = job.wy_scale[i], wv = job.wy_inv[i];
@@ -691,18 +725,20 @@ int TM_FN(tm_softmax_head)(const tm_head *head, const TM_REAL *x, int64_t n, int
         }
     }
 
-    double total = 0.0;
-    int64_t correct = 0;
-    for (int64_t i = 0; i < n; ++i) {
-        total += job.sample_loss[i];
-        correct += job.argmax[i] == labels[i];
+    if (!shard) { /* a shard's caller reduces across shards */
+        double total = 0.0;
+        int64_t correct = 0;
+        for (int64_t i = 0; i < n; ++i) {
+            total += job.sample_loss[i];
+            correct += job.argmax[i] == labels[i];
+        }
+        if (loss != NULL)
+            *loss = total * job.red;
+        if (per_sample != NULL)
+            memcpy(per_sample, job.sample_loss, (size_t)n * sizeof(double));
+        if (n_correct != NULL)
+            *n_correct = correct;
     }
-    if (loss != NULL)
-        *loss = total * job.red;
-    if (per_sample != NULL)
-        memcpy(per_sample, job.sample_loss, (size_t)n * sizeof(double));
-    if (n_correct != NULL)
-        *n_correct = correct;
 
 done:
     tm_unpin_threads(previous_pin);
@@ -724,4 +760,37 @@ done:
     tm_free(job.sample_loss);
     tm_free(job.scratch);
     return st;
+}
+
+int TM_FN(tm_softmax_head)(const tm_head *head, const TM_REAL *x, int64_t n, int64_t d,
+                           const int64_t *labels, const TM_REAL *weight, int64_t c,
+                           const TM_REAL *bias, const double *class_weight, int reduction,
+                           const double *upstream, double *loss, double *per_sample,
+                           int64_t *n_correct, TM_REAL *grad, TM_REAL *weight_grad,
+                           TM_REAL *bias_grad)
+{
+    return TM_FN(head_run)(head, x, n, d, labels, weight, c, bias, class_weight, reduction,
+                           upstream, loss, per_sample, n_correct, grad, weight_grad, bias_grad,
+                           0, NULL, NULL);
+}
+
+int TM_FN(tm_softmax_head_shard)(const tm_head *head, const TM_REAL *x, int64_t n, int64_t d,
+                                 const int64_t *labels, const TM_REAL *weight, int64_t c,
+                                 const TM_REAL *bias, const double *lse, const double *gain,
+                                 double *partial, TM_REAL *grad, TM_REAL *weight_grad,
+                                 TM_REAL *bias_grad)
+{
+    const int first = lse == NULL;
+    if (first ? (partial == NULL || grad != NULL || weight_grad != NULL || bias_grad != NULL)
+              : (gain == NULL || partial != NULL))
+        return TM_ERR_INVALID;
+    if (!first && n > 0 && grad == NULL && weight_grad == NULL)
+        return TM_ERR_INVALID;
+    if (gain != NULL)
+        for (int64_t i = 0; i < n; ++i)
+            if (!isfinite(gain[i]))
+                return TM_ERR_INVALID;
+    return TM_FN(head_run)(head, x, n, d, labels, weight, c, bias, NULL, TM_REDUCE_NONE,
+                           gain, NULL, NULL, NULL, grad, weight_grad, bias_grad, 1, partial,
+                           lse);
 }

@@ -415,6 +415,31 @@ TM_PUBLIC int tm_softmax_head_f64(const tm_head *head, const double *x, int64_t 
                                   int64_t *n_correct, double *grad, double *weight_grad,
                                   double *bias_grad);
 
+/* One shard of the classes, for a caller that splits W across processes (tripmine.torch.
+ * distributed.ShardedMarginSoftmax): the loss of the whole problem is
+ * class_weight[y] (LSE over every shard - z_y), so each shard gives its statistics, the
+ * caller combines them, and each shard then forms its part of the gradients.  labels are
+ * indices into this shard's rows of weight (c x d), or -1 where the target lies in another
+ * shard; bias (c) as in tm_softmax_head (SOFTMAX only).
+ *   First call (lse == NULL): partial (4 n) receives per row the log-sum-exp of this
+ *   shard's logits (the target's with its margin), the target logit z_y (0 where the label
+ *   is -1), the largest logit without margin and its row (lowest on ties, as a double).
+ *   Second call: lse (n) is the log-sum-exp over every shard, gain (n) dL/dloss_i (the
+ *   class weight and reduction already in it); grad (n x d) receives this shard's part of
+ *   dL/dx (the sum over shards is dL/dx), weight_grad (c x d) and bias_grad (c) dL/dW and
+ *   dL/db of this shard's rows; at least one of grad and weight_grad.
+ * Results do not depend on the thread count. */
+TM_PUBLIC int tm_softmax_head_shard_f32(const tm_head *head, const float *x, int64_t n,
+                                        int64_t d, const int64_t *labels, const float *weight,
+                                        int64_t c, const float *bias, const double *lse,
+                                        const double *gain, double *partial, float *grad,
+                                        float *weight_grad, float *bias_grad);
+TM_PUBLIC int tm_softmax_head_shard_f64(const tm_head *head, const double *x, int64_t n,
+                                        int64_t d, const int64_t *labels, const double *weight,
+                                        int64_t c, const double *bias, const double *lse,
+                                        const double *gain, double *partial, double *grad,
+                                        double *weight_grad, double *bias_grad);
+
 /* ---- center loss (center.c) -----------------------------------------------
  *
  * Wen et al. 2016: L = 1/2 sum_i ||x_i - c_{y_i}||^2 over x (n x d) and the

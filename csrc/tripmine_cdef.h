@@ -192,6 +192,16 @@ int tm_softmax_head_f64(const tm_head *head, const double *x, int64_t n, int64_t
                         const double *upstream, double *loss, double *per_sample,
                         int64_t *n_correct, double *grad, double *weight_grad,
                         double *bias_grad);
+int tm_softmax_head_shard_f32(const tm_head *head, const float *x, int64_t n, int64_t d,
+                              const int64_t *labels, const float *weight, int64_t c,
+                              const float *bias, const double *lse, const double *gain,
+                              double *partial, float *grad, float *weight_grad,
+                              float *bias_grad);
+int tm_softmax_head_shard_f64(const tm_head *head, const double *x, int64_t n, int64_t d,
+                              const int64_t *labels, const double *weight, int64_t c,
+                              const double *bias, const double *lse, const double *gain,
+                              double *partial, double *grad, double *weight_grad,
+                              double *bias_grad);
 
 int tm_margin_loss_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
                        int metric, const int64_t *anchor, const int64_t *positive,

@@ -361,11 +361,8 @@ _HEAD_REDUCTIONS = {"mean": lib.TM_REDUCE_MEAN, "sum": lib.TM_REDUCE_SUM,
                     "none": lib.TM_REDUCE_NONE}
 
 
-def softmax_head(head, x, labels, weight, bias, class_weight, reduction, want_grad, want_wgrad,
-                 upstream=None):
-    """One margin-softmax head (tripmine.heads): ``head`` is a dict with ``kind`` and the
-    tm_head fields it sets.  Returns (loss, per_sample, n_correct, grad, weight_grad,
-    bias_grad)."""
+def _head_params(head):
+    """The tm_head struct of a head dict (``kind`` and the fields it sets)."""
     params = ffi.new("tm_head *")
     params.kind = HEADS[head["kind"]]
     params.scale = head.get("scale", 1.0)
@@ -376,6 +373,15 @@ def softmax_head(head, x, labels, weight, bias, class_weight, reduction, want_gr
     params.lambda_ = head.get("lambda_", 0.0)
     params.easy_margin = int(head.get("easy_margin", False))
     params.straight_through = int(head.get("straight_through", False))
+    return params
+
+
+def softmax_head(head, x, labels, weight, bias, class_weight, reduction, want_grad, want_wgrad,
+                 upstream=None):
+    """One margin-softmax head (tripmine.heads): ``head`` is a dict with ``kind`` and the
+    tm_head fields it sets.  Returns (loss, per_sample, n_correct, grad, weight_grad,
+    bias_grad)."""
+    params = _head_params(head)
     loss = ffi.new("double *")
     correct = ffi.new("int64_t *")
     per_sample = np.empty(x.shape[0]) if reduction == "none" else None
@@ -388,6 +394,24 @@ def softmax_head(head, x, labels, weight, bias, class_weight, reduction, want_gr
         _ptr(per_sample), correct, _ptr(grad), _ptr(weight_grad), _ptr(bias_grad)),
         f"{head['kind']} head")
     return loss[0], per_sample, int(correct[0]), grad, weight_grad, bias_grad
+
+
+def softmax_head_shard(head, x, labels, weight, bias, lse=None, gain=None, want_grad=False,
+                       want_wgrad=False):
+    """One shard of a head's classes (tm_softmax_head_shard).  Without ``lse``: the (n, 4)
+    statistics (local log-sum-exp, target logit, best plain logit, its row).  With ``lse``
+    and ``gain``: (grad, weight_grad, bias_grad), this shard's parts."""
+    params = _head_params(head)
+    first = lse is None
+    partial = np.empty((x.shape[0], 4)) if first else None
+    grad = np.empty_like(x) if want_grad and not first else None
+    weight_grad = np.empty_like(weight) if want_wgrad and not first else None
+    bias_grad = np.empty_like(bias) if (weight_grad is not None and bias is not None) else None
+    check(_typed("tm_softmax_head_shard", x.dtype)(
+        params, _ptr(x), x.shape[0], x.shape[1], _ptr(labels), _ptr(weight), weight.shape[0],
+        _ptr(bias), _ptr(lse), _ptr(gain), _ptr(partial), _ptr(grad), _ptr(weight_grad),
+        _ptr(bias_grad)), f"{head['kind']} head shard")
+    return partial if first else (grad, weight_grad, bias_grad)
 
 
 def center_loss(x, labels, centers, reduction, want_grad, want_cgrad, upstream=None):

@@ -155,6 +155,59 @@ def class_labels(labels: Any, n: int, c: int, table: str = "weight") -> np.ndarr
     return check.c_array(arr, np.int64)
 
 
+# ---- each head's parameters, validated (the functions below and the sharded head) ----------
+
+
+def _scale(value: Any) -> float:
+    return _in_range(value, "scale", 0.0, math.inf, low_open=True, high_open=True)
+
+
+def _softmax_head() -> dict:
+    return {"kind": "softmax"}
+
+
+def _normface_head(scale: float = 20.0) -> dict:
+    return {"kind": "normface", "scale": _scale(scale)}
+
+
+def _cosface_head(scale: float = 64.0, margin: float = 0.35) -> dict:
+    return {"kind": "cosface", "scale": _scale(scale),
+            "m3": _in_range(margin, "margin", 0.0, 1.0)}
+
+
+def _arcface_head(scale: float = 64.0, margin: float = 0.5, easy_margin: bool = False,
+                  straight_through: bool = False) -> dict:
+    return {"kind": "arcface", "scale": _scale(scale),
+            "m2": _in_range(margin, "margin", 0.0, math.pi, high_open=True),
+            "easy_margin": check.flag(easy_margin, "easy_margin"),
+            "straight_through": check.flag(straight_through, "straight_through")}
+
+
+def _combined_head(scale: float = 64.0, m1: float = 1.0, m2: float = 0.3, m3: float = 0.2,
+                   straight_through: bool = False) -> dict:
+    return {"kind": "combined", "scale": _scale(scale),
+            "m1": _in_range(m1, "m1", 0.0, 64.0, low_open=True),
+            "m2": _in_range(m2, "m2", 0.0, math.pi, high_open=True),
+            "m3": _in_range(m3, "m3", 0.0, 1.0),
+            "straight_through": check.flag(straight_through, "straight_through")}
+
+
+def _sphereface_head(margin: int = 4, lambda_: float = 0.0) -> dict:
+    return {"kind": "sphereface", "margin": _integer_margin(margin),
+            "lambda_": _in_range(lambda_, "lambda_", 0.0, math.inf, high_open=True)}
+
+
+def _lsoftmax_head(margin: int = 4, lambda_: float = 0.0) -> dict:
+    return {"kind": "lsoftmax", "margin": _integer_margin(margin),
+            "lambda_": _in_range(lambda_, "lambda_", 0.0, math.inf, high_open=True)}
+
+
+HEAD_PARAMETERS = {"softmax": _softmax_head, "normface": _normface_head,
+                   "cosface": _cosface_head, "arcface": _arcface_head,
+                   "combined": _combined_head, "sphereface": _sphereface_head,
+                   "lsoftmax": _lsoftmax_head}
+
+
 def _run(head: dict, x: Any, labels: Any, weight: Any, *, bias: Any = None,
          class_weight: Any = None, reduction: str = "mean", grad: bool = True,
          weight_grad: bool = True, upstream: Any = None,
@@ -216,7 +269,7 @@ def softmax_loss(x: Any, labels: Any, weight: Any, *, bias: Any = None,
     ``torch.nn.CrossEntropyLoss(weight=class_weight)`` on ``torch.nn.Linear`` logits, without
     the (N, C) logits.
     """
-    return _run({"kind": "softmax"}, x, labels, weight, bias=bias, class_weight=class_weight,
+    return _run(_softmax_head(), x, labels, weight, bias=bias, class_weight=class_weight,
                 reduction=reduction, grad=grad, weight_grad=weight_grad, upstream=upstream,
                 check_finite=check_finite)
 
@@ -230,8 +283,7 @@ def normface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 20.0,
     ``scale=20`` is pytorch-metric-learning's ``NormalizedSoftmaxLoss`` default (its
     temperature 0.05 = 1 / scale).
     """
-    s = _in_range(scale, "scale", 0.0, math.inf, low_open=True, high_open=True)
-    return _run({"kind": "normface", "scale": s}, x, labels, weight, class_weight=class_weight,
+    return _run(_normface_head(scale), x, labels, weight, class_weight=class_weight,
                 reduction=reduction, grad=grad, weight_grad=weight_grad, upstream=upstream,
                 check_finite=check_finite)
 
@@ -245,9 +297,7 @@ def cosface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.0,
 
     Defaults ``scale=64, margin=0.35`` are the CosFace paper's.  ``margin`` in [0, 1].
     """
-    s = _in_range(scale, "scale", 0.0, math.inf, low_open=True, high_open=True)
-    m = _in_range(margin, "margin", 0.0, 1.0)
-    return _run({"kind": "cosface", "scale": s, "m3": m}, x, labels, weight,
+    return _run(_cosface_head(scale, margin), x, labels, weight,
                 class_weight=class_weight, reduction=reduction, grad=grad,
                 weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)
 
@@ -269,12 +319,7 @@ def arcface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.0, margi
     the margin under ``no_grad``: the forward value is the same, but the gradient is that of
     ``scale * cos theta`` (dz/dcos = scale), not the margin's exact derivative.
     """
-    s = _in_range(scale, "scale", 0.0, math.inf, low_open=True, high_open=True)
-    m = _in_range(margin, "margin", 0.0, math.pi, high_open=True)
-    return _run({"kind": "arcface", "scale": s, "m2": m,
-                 "easy_margin": check.flag(easy_margin, "easy_margin"),
-                 "straight_through": check.flag(straight_through, "straight_through")},
-                x, labels, weight, class_weight=class_weight, reduction=reduction, grad=grad,
+    return _run(_arcface_head(scale, margin, easy_margin, straight_through), x, labels, weight, class_weight=class_weight, reduction=reduction, grad=grad,
                 weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)
 
 
@@ -293,13 +338,7 @@ def combined_margin_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.
     psi), which keeps it continuous and decreasing in theta.  ``straight_through`` as in
     :func:`arcface_loss`.
     """
-    s = _in_range(scale, "scale", 0.0, math.inf, low_open=True, high_open=True)
-    v1 = _in_range(m1, "m1", 0.0, 64.0, low_open=True)
-    v2 = _in_range(m2, "m2", 0.0, math.pi, high_open=True)
-    v3 = _in_range(m3, "m3", 0.0, 1.0)
-    return _run({"kind": "combined", "scale": s, "m1": v1, "m2": v2, "m3": v3,
-                 "straight_through": check.flag(straight_through, "straight_through")},
-                x, labels, weight, class_weight=class_weight, reduction=reduction, grad=grad,
+    return _run(_combined_head(scale, m1, m2, m3, straight_through), x, labels, weight, class_weight=class_weight, reduction=reduction, grad=grad,
                 weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)
 
 
@@ -314,9 +353,7 @@ def sphereface_loss(x: Any, labels: Any, weight: Any, *, margin: int = 4, lambda
     caller schedules (the paper starts large and decays it towards a small floor; 0 applies
     the full margin).
     """
-    m = _integer_margin(margin)
-    lam = _in_range(lambda_, "lambda_", 0.0, math.inf, high_open=True)
-    return _run({"kind": "sphereface", "margin": m, "lambda_": lam}, x, labels, weight,
+    return _run(_sphereface_head(margin, lambda_), x, labels, weight,
                 class_weight=class_weight, reduction=reduction, grad=grad,
                 weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)
 
@@ -334,8 +371,6 @@ def large_margin_softmax_loss(x: Any, labels: Any, weight: Any, *, margin: int =
     (the paper trains with m in {2, 3, 4}); ``lambda_`` anneals as in
     :func:`sphereface_loss`.
     """
-    m = _integer_margin(margin)
-    lam = _in_range(lambda_, "lambda_", 0.0, math.inf, high_open=True)
-    return _run({"kind": "lsoftmax", "margin": m, "lambda_": lam}, x, labels, weight,
+    return _run(_lsoftmax_head(margin, lambda_), x, labels, weight,
                 class_weight=class_weight, reduction=reduction, grad=grad,
                 weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)
