@@ -46,16 +46,18 @@ def local_labels(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
 
 
 def statistics(head: dict, x: np.ndarray, labels: np.ndarray, weight: np.ndarray,
-               bias: np.ndarray | None) -> np.ndarray:
-    """(n, 4): this shard's log-sum-exp, target logit (0 where -1), best plain logit, its
-    row.  ``labels`` are rows of ``weight`` or -1; ``weight`` must have a row."""
-    return _core.softmax_head_shard(head, x, labels, weight, bias)
+               bias: np.ndarray | None, classes: np.ndarray) -> np.ndarray:
+    """(n, 4): this shard's log-sum-exp, target logit (0 where the label is -1), best plain
+    logit and its class id (``classes[row]``, as float64: exact below 2^53).  ``labels`` are
+    rows of ``weight`` or -1 (:func:`local_labels`); ``weight`` must have a row."""
+    table = _core.softmax_head_shard(head, x, labels, weight, bias)
+    table[:, 3] = classes[table[:, 3].astype(np.int64)]
+    return table
 
 
-def combine(table: np.ndarray, classes: list[np.ndarray], labels: np.ndarray,
-            class_weight: np.ndarray | None) -> Combined:
-    """``table`` (shards, n, 4) in shard order; ``classes[k]`` the class ids of shard k's
-    rows (ascending, shards in increasing class order); ``labels`` global class ids."""
+def combine(table: np.ndarray, labels: np.ndarray, class_weight: np.ndarray | None) -> Combined:
+    """``table`` (shards, n, 4) of :func:`statistics`, shards in increasing class order;
+    ``labels`` global class ids; ``class_weight`` (C,) or None."""
     lse_k = table[:, :, 0]
     top = lse_k.max(axis=0)
     lse = top + np.log(np.exp(lse_k - top).sum(axis=0))
@@ -63,10 +65,9 @@ def combine(table: np.ndarray, classes: list[np.ndarray], labels: np.ndarray,
     cw = np.ones(len(labels)) if class_weight is None else class_weight[labels]
     per_sample = cw * (lse - target)
     best = table[:, :, 2]
-    # The first shard reaching the max has the lowest class of it (shards in class order).
+    # The first shard reaching the max holds its lowest class (shards in class order).
     winner = np.argmax(best == best.max(axis=0), axis=0)
-    rows = table[winner, np.arange(len(labels)), 3].astype(np.int64)
-    best_class = np.array([classes[k][r] for k, r in zip(winner, rows)], dtype=np.int64)
+    best_class = table[winner, np.arange(len(labels)), 3].astype(np.int64)
     return Combined(lse, target, per_sample, best_class == labels)
 
 

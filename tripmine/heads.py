@@ -319,7 +319,8 @@ def arcface_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.0, margi
     the margin under ``no_grad``: the forward value is the same, but the gradient is that of
     ``scale * cos theta`` (dz/dcos = scale), not the margin's exact derivative.
     """
-    return _run(_arcface_head(scale, margin, easy_margin, straight_through), x, labels, weight, class_weight=class_weight, reduction=reduction, grad=grad,
+    return _run(_arcface_head(scale, margin, easy_margin, straight_through), x, labels, weight,
+                class_weight=class_weight, reduction=reduction, grad=grad,
                 weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)
 
 
@@ -338,7 +339,8 @@ def combined_margin_loss(x: Any, labels: Any, weight: Any, *, scale: float = 64.
     psi), which keeps it continuous and decreasing in theta.  ``straight_through`` as in
     :func:`arcface_loss`.
     """
-    return _run(_combined_head(scale, m1, m2, m3, straight_through), x, labels, weight, class_weight=class_weight, reduction=reduction, grad=grad,
+    return _run(_combined_head(scale, m1, m2, m3, straight_through), x, labels, weight,
+                class_weight=class_weight, reduction=reduction, grad=grad,
                 weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)
 
 

@@ -1,5 +1,8 @@
 """Distributed mining with ``torch.distributed``: N ranks train exactly as one process.
 
+(The class-sharded margin-softmax heads, :class:`ShardedMarginSoftmax`, live in
+:mod:`tripmine.torch.sharded` and are exported here.)
+
 :class:`DistributedLoss` wraps a tripmine loss (triplet or contrastive) so that
 each rank mines its own embeddings against the embeddings of *all* ranks and
 gets back the exact gradient of the loss one process would compute on the
@@ -90,6 +93,7 @@ from tripmine.miners import DEFAULT_CUTOFF, DEFAULT_NONZERO_LOSS_CUTOFF
 __all__ = [
     "DistributedLoss",
     "DistributedLossStats",
+    "ShardedMarginSoftmax",
     "distributed_contrastive_loss",
     "distributed_triplet_loss",
 ]
@@ -652,3 +656,6 @@ def distributed_contrastive_loss(embeddings: torch.Tensor, labels: Any, *, group
     flags = _check_wrapper_options(scale_for_ddp, gradient_collective)
     return _distributed_loss(embeddings, labels, _configure("contrastive", options), group,
                              *flags)[0]
+
+
+from .sharded import ShardedMarginSoftmax  # noqa: E402  (it uses this module's collectives)
