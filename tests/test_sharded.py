@@ -394,7 +394,8 @@ def test_initialisation_follows_the_head():
     assert 0.008 < float(arc.weight.detach().std()) < 0.012
     soft = distributed.ShardedMarginSoftmax("softmax", 1000, 64)
     bound = 1 / math.sqrt(64)
-    assert float(soft.weight.abs().max()) <= bound and float(soft.bias.abs().max()) <= bound
+    assert float(soft.weight.detach().abs().max()) <= bound
+    assert float(soft.bias.detach().abs().max()) <= bound
     assert distributed.ShardedMarginSoftmax("softmax", 10, 4, bias=False).bias is None
 
 
@@ -480,3 +481,65 @@ def test_bad_inputs_name_the_argument_and_change_nothing():
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         module(np.zeros((3, 4)), [0, 1, 2])
     assert torch.equal(module.weight, before) and module.weight.grad is None
+
+
+# ---- CUDA (skipped without a GPU) -----------------------------------------------------
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", ["arcface", "softmax", "sphereface"])
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_cuda_takes_the_cupy_path_and_matches_the_cpu(kind, sample_rate):
+    pytest.importorskip("cupy")
+    cls, options = HEADS[kind]
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((40, D))
+    labels = torch.from_numpy(rng.integers(0, C, 40))
+    weight, bias = rng.standard_normal((C, D)), rng.standard_normal(C)
+    runs = []
+    for device in ("cpu", "cuda"):
+        module = distributed.ShardedMarginSoftmax(cls, C, D, sample_rate=sample_rate, seed=2,
+                                                  **options).double()
+        _load(module, weight, bias)
+        module = module.to(device)
+        xt = torch.tensor(x, device=device, requires_grad=True)
+        loss = module(xt, labels.to(device))
+        loss.backward()
+        runs.append((loss.item(), xt.grad.cpu().numpy(), module.weight.grad.cpu().numpy()))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-10)
+    np.testing.assert_allclose(runs[1][1], runs[0][1], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(runs[1][2], runs[0][2], rtol=1e-9, atol=1e-12)
+
+
+def _nccl_worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=1, timeout=timedelta(seconds=60))
+    try:
+        results = {}
+        x, labels, weight, bias, _ = _problem("arcface-f64", 2)
+        module = _sharded_module("arcface-f64", 2).cuda()
+        _load(module, weight, bias)
+        xt = torch.tensor(x, device="cuda", requires_grad=True)
+        loss = module(xt, torch.from_numpy(labels).cuda())
+        loss.backward()
+        results = {"loss": loss.cpu().numpy(), "grad": xt.grad.cpu().numpy(),
+                   "weight_grad": module.weight.grad.cpu().numpy()}
+    finally:
+        dist.destroy_process_group()
+    np.savez(os.path.join(out_dir, "nccl.npz"), **results)
+
+
+@requires_cuda
+def test_nccl_with_one_rank_is_the_head(tmp_path):
+    pytest.importorskip("cupy")
+    if not dist.is_nccl_available():
+        pytest.skip("torch.distributed without NCCL")
+    torch.multiprocessing.spawn(_nccl_worker, args=(_free_port(), str(tmp_path)), nprocs=1,
+                                join=True)
+    got = dict(np.load(tmp_path / "nccl.npz"))
+    loss, grad, weight_grad, _, _ = _single_process("arcface-f64", 2)
+    assert float(got["loss"]) == pytest.approx(loss, rel=1e-10)
+    np.testing.assert_allclose(got["grad"], grad, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got["weight_grad"], weight_grad, rtol=1e-9, atol=1e-12)

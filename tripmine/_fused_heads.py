@@ -101,12 +101,20 @@ def _scatter_add(xp, target, index, values) -> None:
 
 
 def fused_head(xp, head: dict, x, labels, weight, bias, class_weight, reduction: str,
-               want_grad: bool, want_wgrad: bool, upstream=None, block: int = 4096):
+               want_grad: bool, want_wgrad: bool, upstream=None, block: int = 4096, *,
+               shard: bool = False, lse_in=None):
     """(loss, per_sample, n_correct, grad, weight_grad, bias_grad) as tm_softmax_head.
 
     ``x`` (N, D) and ``weight`` (C, D) of one float dtype, ``labels`` int64 in [0, C),
     ``bias`` (C,) or None (softmax only), ``class_weight`` float64 (C,) or None, ``upstream``
-    float64 (N,) or None (reduction "none" only); all on ``xp``'s device, validated."""
+    float64 (N,) or None (reduction "none" only); all on ``xp``'s device, validated.
+
+    ``shard=True`` is tm_softmax_head_shard (tripmine._sharded): labels may be -1 (the
+    target lies in another shard), class_weight None, reduction "none".  Without
+    ``lse_in`` it returns the (N, 4) float64 statistics (this shard's log-sum-exp, target
+    logit or 0, best plain logit, its row); with ``lse_in`` (N,), the log-sum-exp over every
+    shard, and ``upstream`` the rows' gains, the gradients of this shard (the forward walk
+    is skipped: the log-sum-exp is known)."""
     n, d = x.shape
     c = weight.shape[0]
     dtype = x.dtype
@@ -129,6 +137,9 @@ def fused_head(xp, head: dict, x, labels, weight, bias, class_weight, reduction:
     inx = xp.where(nx > 0, 1 / xp.where(nx > 0, nx, 1.0), 0.0)
     inw = xp.where(nw > 0, 1 / xp.where(nw > 0, nw, 1.0), 0.0)
     rows = xp.arange(n)
+    has = labels >= 0  # every row, except a shard's rows whose target lies elsewhere
+    if shard:
+        labels = xp.where(has, labels, 0)
     wy64 = w64[labels]
     if kind == "softmax":
         u, v = x64, wy64
@@ -139,6 +150,8 @@ def fused_head(xp, head: dict, x, labels, weight, bias, class_weight, reduction:
         cos = (u * v).sum(1)
         ok = (nx > 0) & (nw[labels] > 0)
     z_y, coef = _target(xp, head, cos, ok, nx, nw[labels])
+    if shard:
+        z_y = xp.where(has, z_y, 0.0)
     z_y = z_y.astype(dtype)  # the target logit as the tile holds it
     xu = (x64 * inx[:, None]).astype(dtype) if norm_x else x
 
@@ -152,30 +165,35 @@ def fused_head(xp, head: dict, x, labels, weight, bias, class_weight, reduction:
             t = t + bias[j0:j1]
         return t, wbu
 
-    m = xp.full(n, -xp.inf, dtype=f64)
-    total = xp.zeros(n, dtype=f64)
-    best = xp.full(n, -xp.inf, dtype=dtype)
-    best_j = xp.zeros(n, dtype=xp.int64)
-    for j0 in range(0, c, block):
-        j1 = min(c, j0 + block)
-        t, _ = logits(j0, j1)
-        block_best = t.max(1)
-        better = block_best > best
-        best_j = xp.where(better, t.argmax(1) + j0, best_j)
-        best = xp.where(better, block_best, best)
-        inside = (labels >= j0) & (labels < j1)
-        t[rows[inside], labels[inside] - j0] = z_y[inside]
-        new_m = xp.maximum(m, t.max(1).astype(f64))
-        total = total * xp.exp(m - new_m) + xp.exp(t.astype(f64) - new_m[:, None]).sum(1)
-        m = new_m
-    lse = m + xp.log(total)
-    per_sample = cw * (lse - z_y.astype(f64))
-    loss = float(per_sample.sum()) * red
-    correct = int((best_j == labels).sum())
+    if lse_in is None:
+        m = xp.full(n, -xp.inf, dtype=f64)
+        total = xp.zeros(n, dtype=f64)
+        best = xp.full(n, -xp.inf, dtype=dtype)
+        best_j = xp.zeros(n, dtype=xp.int64)
+        for j0 in range(0, c, block):
+            j1 = min(c, j0 + block)
+            t, _ = logits(j0, j1)
+            block_best = t.max(1)
+            better = block_best > best
+            best_j = xp.where(better, t.argmax(1) + j0, best_j)
+            best = xp.where(better, block_best, best)
+            inside = has & (labels >= j0) & (labels < j1)
+            t[rows[inside], labels[inside] - j0] = z_y[inside]
+            new_m = xp.maximum(m, t.max(1).astype(f64))
+            total = total * xp.exp(m - new_m) + xp.exp(t.astype(f64) - new_m[:, None]).sum(1)
+            m = new_m
+        lse = m + xp.log(total)
+        if shard:
+            return xp.stack([lse, z_y.astype(f64), best.astype(f64), best_j.astype(f64)], 1)
+        per_sample = cw * (lse - z_y.astype(f64))
+        loss = float(per_sample.sum()) * red
+        correct = int((best_j == labels).sum())
+    else:
+        lse, loss, per_sample, correct = lse_in, 0.0, None, 0
     grad = weight_grad = bias_grad = None
     if want_grad or want_wgrad:
         g = cw * red * (upstream if upstream is not None else 1.0)
-        gy = g * (xp.exp(z_y.astype(f64) - lse) - 1)
+        gy = xp.where(has, g * (xp.exp(z_y.astype(f64) - lse) - 1), 0.0)
         acc = xp.zeros((n, d), dtype=f64) if want_grad else None
         if want_wgrad:
             weight_grad = xp.empty_like(weight)
@@ -185,7 +203,7 @@ def fused_head(xp, head: dict, x, labels, weight, bias, class_weight, reduction:
             j1 = min(c, j0 + block)
             t, wbu = logits(j0, j1)
             G = (g[:, None] * xp.exp(t.astype(f64) - lse[:, None])).astype(dtype)
-            inside = (labels >= j0) & (labels < j1)
+            inside = has & (labels >= j0) & (labels < j1)
             G[rows[inside], labels[inside] - j0] = 0
             if want_grad:
                 acc += (G @ wbu).astype(f64)

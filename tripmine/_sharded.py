@@ -11,9 +11,11 @@ Partial FC a sorted subset of that range), the log-sum-exp splits too::
                              lowest class, as tripmine.heads does)
     shard k, second call  -> its part of dL/dx (the parts add up to dL/dx) and dL/dW_k
 
-Both calls run in tripmine's C core (``tm_softmax_head_shard``): the N x C_k logits of a
-shard are never stored either.  Nothing here communicates; the caller moves the
-statistics (4 float64 per sample per shard) and the gradient parts.
+Both calls run in tripmine's C core (``tm_softmax_head_shard``) for host arrays, or in
+the heads' array-module walk (:func:`tripmine._fused_heads.fused_head`, ``shard=True``) for
+CuPy arrays: the N x C_k logits of a shard are never stored either.  Nothing here
+communicates; the caller moves the statistics (4 float64 per sample per shard, always a
+host array) and the gradient parts (on the inputs' device).
 """
 
 from __future__ import annotations
@@ -23,6 +25,26 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core
+from ._dispatch import is_cupy
+
+
+def _on_device(head, x, labels, weight, bias, lse=None, gain=None, want_grad=False,
+               want_wgrad=False):
+    """The CuPy path of both calls (the heads' class-block walk, cuBLAS products)."""
+    import cupy as cp
+
+    from . import _fused_heads
+    from ._gpu import chunk_bytes
+
+    n, c = x.shape[0], weight.shape[0]
+    block = int(max(1, min(c, chunk_bytes() // max(1, 12 * n))))
+    out = _fused_heads.fused_head(
+        cp, head, x, cp.asarray(labels), weight, bias, None, "none", want_grad, want_wgrad,
+        None if gain is None else cp.asarray(gain), block, shard=True,
+        lse_in=None if lse is None else cp.asarray(lse))
+    if lse is None:
+        return cp.asnumpy(out)
+    return out[3], out[4], out[5]
 
 
 @dataclass(frozen=True)
@@ -50,7 +72,10 @@ def statistics(head: dict, x: np.ndarray, labels: np.ndarray, weight: np.ndarray
     """(n, 4): this shard's log-sum-exp, target logit (0 where the label is -1), best plain
     logit and its class id (``classes[row]``, as float64: exact below 2^53).  ``labels`` are
     rows of ``weight`` or -1 (:func:`local_labels`); ``weight`` must have a row."""
-    table = _core.softmax_head_shard(head, x, labels, weight, bias)
+    if is_cupy(x):
+        table = _on_device(head, x, labels, weight, bias)
+    else:
+        table = _core.softmax_head_shard(head, x, labels, weight, bias)
     table[:, 3] = classes[table[:, 3].astype(np.int64)]
     return table
 
@@ -75,5 +100,7 @@ def gradients(head: dict, x: np.ndarray, labels: np.ndarray, weight: np.ndarray,
               bias: np.ndarray | None, lse: np.ndarray, gain: np.ndarray, want_grad: bool,
               want_wgrad: bool):
     """This shard's (grad part, weight_grad, bias_grad) for ``gain`` = dL/dloss_i."""
+    if is_cupy(x):
+        return _on_device(head, x, labels, weight, bias, lse, gain, want_grad, want_wgrad)
     return _core.softmax_head_shard(head, x, labels, weight, bias, lse=lse, gain=gain,
                                     want_grad=want_grad, want_wgrad=want_wgrad)

@@ -72,6 +72,7 @@ from tripmine import _sharded
 from tripmine import heads as _heads
 
 from . import heads as _torch_heads
+from ._bridge import Backend
 from .distributed import _DTYPES, _check_wrapper_options, _Group, _raise_if_any_failed
 
 __all__ = ["ShardedMarginSoftmax"]
@@ -202,7 +203,7 @@ class ShardedMarginSoftmax(torch.nn.Module):
     def _fingerprint(self) -> int:
         """What must agree on every rank, hashed (a mismatch raises on every rank).  Not the
         seed: each rank draws from its own range, and its draw includes the rank anyway."""
-        cw = b"" if self.class_weight is None else self.class_weight.numpy().tobytes()
+        cw = b"" if self.class_weight is None else self.class_weight.cpu().numpy().tobytes()
         text = repr((self.kind, sorted(self._head.items()), self.reduction, self.num_classes,
                      self.embedding_dim, self.sample_rate, self.bias is not None,
                      self.scale_for_ddp, zlib.crc32(cw)))
@@ -232,9 +233,9 @@ class ShardedMarginSoftmax(torch.nn.Module):
             raise ValueError(f"x must be (n, {self.embedding_dim}), got {tuple(x.shape)}")
         if x.dtype not in _DTYPES:
             raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-        if x.device.type != "cpu" or self.weight.device.type != "cpu":
-            raise ValueError("the sharded head computes on the CPU: x and the module must be "
-                             "CPU tensors (its CUDA path is not built yet)")
+        if x.device != self.weight.device:
+            raise ValueError(f"x is on {x.device} but the module's weight is on "
+                             f"{self.weight.device}: move one of them (module.to(x.device))")
         if isinstance(labels, torch.Tensor):
             labels = labels.detach().cpu().numpy()
         codes = _heads.class_labels(np.asarray(labels), int(x.shape[0]), self.num_classes,
@@ -260,7 +261,7 @@ class ShardedMarginSoftmax(torch.nn.Module):
 
     def _step(self, x: torch.Tensor, labels: Any, weight: torch.Tensor,
               bias: torch.Tensor | None, sampling: bool, wants_grad: bool):
-        group = self._group
+        group, device = self._group, x.device
         n = int(x.shape[0]) if x.ndim else 0
         local_error: BaseException | None = None
         codes = np.empty(0, dtype=np.int64)
@@ -272,8 +273,8 @@ class ShardedMarginSoftmax(torch.nn.Module):
         width = int(x.shape[1]) if x.ndim == 2 else -1
         header = torch.tensor([n, width, dtype_code, int(wants_grad), self._fingerprint(),
                                int(self.sample_step) if sampling else -1, int(sampling),
-                               local_error is not None], dtype=torch.int64)
-        headers = group.all_gather(header).numpy()
+                               local_error is not None], dtype=torch.int64, device=device)
+        headers = group.all_gather(header).cpu().numpy()
         _raise_if_any_failed(headers[:, 7], local_error, "input validation")
         names = {1: "the embedding width", 2: "the embeddings' dtype",
                  3: "whether a gradient is wanted (requires_grad and grad mode)",
@@ -291,31 +292,35 @@ class ShardedMarginSoftmax(torch.nn.Module):
         compute = torch.float64 if x.dtype == torch.float64 and \
             weight.dtype == torch.float64 else torch.float32
         x_all = _gather_rows(group, x.detach().to(compute), sizes, n_max)
-        labels_all = _gather_rows(group, torch.from_numpy(codes), sizes, n_max).numpy()
+        labels_all = _gather_rows(group, torch.from_numpy(codes).to(device), sizes,
+                                  n_max).cpu().numpy()
         m = len(labels_all)
         classes = self._classes(labels_all, sampling)
         self._last_classes = classes
-        self.n_classes_used = int(group.all_gather(torch.tensor(len(classes))).sum())
+        self.n_classes_used = int(group.all_gather(
+            torch.tensor(len(classes), device=device)).sum())
         w_used = weight.detach().to(compute)
         b_used = None if bias is None else bias.detach().to(compute)
         if sampling:
-            rows = torch.from_numpy(classes - self.class_start)
+            rows = torch.from_numpy(classes - self.class_start).to(device)
             w_used = w_used[rows]
             b_used = None if b_used is None else b_used[rows]
-        x_np, w_np = x_all.contiguous().numpy(), w_used.contiguous().numpy()
-        b_np = None if b_used is None else b_used.contiguous().numpy()
+        backend = Backend(device)  # NumPy views on the CPU, CuPy arrays (DLPack) on CUDA
         local_labels = _sharded.local_labels(labels_all, classes)
         table = np.zeros((m, 4))
-        try:
-            if m:
-                table = _sharded.statistics(self._head, x_np, local_labels, w_np, b_np, classes)
-            local_error = None
-        except Exception as exc:  # re-raised below, once every rank knows
-            local_error = exc
+        with backend.stream():
+            x_a, w_a, b_a = (backend.array(t) for t in (x_all, w_used, b_used))
+            try:
+                if m:
+                    table = _sharded.statistics(self._head, x_a, local_labels, w_a, b_a,
+                                                classes)
+                local_error = None
+            except Exception as exc:  # re-raised below, once every rank knows
+                local_error = exc
         payload = np.concatenate([table.reshape(-1), [local_error is not None]])
-        tables = group.all_gather(torch.from_numpy(payload)).numpy()
+        tables = group.all_gather(torch.from_numpy(payload).to(device)).cpu().numpy()
         _raise_if_any_failed(tables[:, -1], local_error, "the tripmine call")
-        cw = None if self.class_weight is None else self.class_weight.numpy()
+        cw = None if self.class_weight is None else self.class_weight.cpu().numpy()
         if m == 0:
             return 0.0, None, None, None
         combined = _sharded.combine(tables[:, :-1].reshape(group.world, m, 4), labels_all, cw)
@@ -327,15 +332,18 @@ class ShardedMarginSoftmax(torch.nn.Module):
         if not wants_grad:
             return loss, None, None, None
         gain = red * (np.ones(m) if cw is None else cw[labels_all])
-        try:
-            parts = _sharded.gradients(self._head, x_np, local_labels, w_np, b_np, combined.lse,
-                                       gain, True, True)
-            local_error = None
-        except Exception as exc:
-            parts, local_error = None, exc
-        flags = group.all_gather(torch.tensor([local_error is not None])).numpy()
+        parts = (None, None, None)
+        with backend.stream():
+            try:
+                parts = _sharded.gradients(self._head, x_a, local_labels, w_a, b_a,
+                                           combined.lse, gain, True, True)
+                local_error = None
+            except Exception as exc:
+                local_error = exc
+            grad_part, wgrad, bgrad = (backend.tensor(a) for a in parts)
+        flags = group.all_gather(torch.tensor([local_error is not None],
+                                              device=device)).cpu().numpy()
         _raise_if_any_failed(flags, local_error, "the tripmine gradient call")
-        grad_part, wgrad, bgrad = (None if a is None else torch.from_numpy(a) for a in parts)
         padded = grad_part.new_zeros((group.world * n_max, grad_part.shape[1]))
         start = 0
         for r, size in enumerate(sizes):
@@ -345,12 +353,13 @@ class ShardedMarginSoftmax(torch.nn.Module):
         if self.scale_for_ddp:
             x_grad *= group.world
         if sampling:
+            rows = torch.from_numpy(classes - self.class_start).to(device)
             full = wgrad.new_zeros(tuple(weight.shape))
-            full[torch.from_numpy(classes - self.class_start)] = wgrad
+            full[rows] = wgrad
             wgrad = full
             if bgrad is not None:
                 full_b = bgrad.new_zeros(tuple(bias.shape))
-                full_b[torch.from_numpy(classes - self.class_start)] = bgrad
+                full_b[rows] = bgrad
                 bgrad = full_b
         return loss, x_grad, wgrad, bgrad
 
@@ -377,7 +386,7 @@ class _ShardedFunction(torch.autograd.Function):
         ctx.grads = (x_grad, wgrad, bgrad)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        return torch.tensor(loss, dtype=out_dtype)
+        return torch.tensor(loss, dtype=out_dtype, device=x.device)
 
     @staticmethod
     def backward(ctx, grad_output):
