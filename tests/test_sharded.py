@@ -543,3 +543,17 @@ def test_nccl_with_one_rank_is_the_head(tmp_path):
     assert float(got["loss"]) == pytest.approx(loss, rel=1e-10)
     np.testing.assert_allclose(got["grad"], grad, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(got["weight_grad"], weight_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_backward_hands_the_weight_gradient_over_and_refuses_a_second_pass():
+    module = distributed.ShardedMarginSoftmax("cosface", 9, 3)
+    x = torch.randn(5, 3, requires_grad=True)
+    loss = module(x, torch.arange(5))
+    (3.0 * loss).backward(retain_graph=True)
+    first = module.weight.grad.clone()
+    with pytest.raises(RuntimeError, match="ran twice"):
+        loss.backward()
+    module.weight.grad = None
+    x2 = x.detach().clone().requires_grad_(True)
+    module(x2, torch.arange(5)).backward()
+    torch.testing.assert_close(first, 3.0 * module.weight.grad)

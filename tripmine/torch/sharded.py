@@ -390,8 +390,20 @@ class _ShardedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        # The gradients are handed over, scaled in place: holding on to them would make
+        # autograd copy dL/dW (C/W x D) into weight.grad instead of taking it.
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("backward through ShardedMarginSoftmax ran twice: its gradients "
+                               "were handed over the first time; call the head again")
+        unit = bool(grad_output == 1)
         out = []
-        for g, need, dtype in zip(ctx.grads, ctx.needs_input_grad[:3], ctx.dtypes):
-            out.append(None if g is None or not need else
-                       (g * grad_output.to(g.dtype)).to(dtype))
+        for g, need, dtype in zip(grads, ctx.needs_input_grad[:3], ctx.dtypes):
+            if g is None or not need:
+                out.append(None)
+                continue
+            if not unit:
+                g.mul_(grad_output.to(g.dtype))
+            out.append(g.to(dtype))
+        del grads
         return (*out, None, None, None)
