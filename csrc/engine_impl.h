@@ -80,6 +80,19 @@ static double TM_FN(sqnorm)(const TM_REAL *a, int64_t d)
     return sum;
 }
 
+/* The squared norm in double; a nonzero row whose squares all underflow double gets the
+ * smallest subnormal instead of 0, so that the window check refuses it rather than
+ * taking it for a zero row. */
+static double TM_FN(checked_sqnorm)(const TM_REAL *a, int64_t d)
+{
+    const double sq = TM_FN(sqnorm)(a, d);
+    if (sq == 0.0)
+        for (int64_t p = 0; p < d; ++p)
+            if (a[p] != 0)
+                return 0x1p-1074;
+    return sq;
+}
+
 /* 1 - cos(a, b) as ||a/|a| - b/|b|||^2 / 2, which has no cancellation. */
 static double TM_FN(exact_cosine)(const TM_REAL *a, double norm_a,
                                   const TM_REAL *b, double norm_b, int64_t d)
@@ -146,7 +159,7 @@ static void TM_FN(prepare_group)(const TM_FN(prepare_side) *side, int64_t d, int
                 for (int64_t p = 0; p < d; ++p)
                     panel[p * width + i] = s[p];
                 if (side->norms != NULL) {
-                    const double sq = TM_FN(sqnorm)(s, d);
+                    const double sq = TM_FN(checked_sqnorm)(s, d);
                     side->norms[row] = metric == TM_METRIC_COSINE ? sqrt(sq) : sq;
                     side->real_norms[row] = (TM_REAL)side->norms[row];
                 }
@@ -167,6 +180,32 @@ static void TM_FN(prepare_range)(void *ctx, int participant, int64_t begin, int6
         TM_FN(prepare_group)(&job->side[second], job->d, job->metric,
                              second ? item - job->side[0].groups : item);
     }
+}
+
+/* Whether every nonzero row's squared norm lies where the working precision computes the
+ * Gram identity to its documented accuracy: above 2^-100 (float; 2^-960 double), so that
+ * eps times it is a normal number, and below 2^120 (2^1000), so that the sums cannot
+ * overflow.  norms are squared norms, or norms (cosine). */
+static int TM_FN(norms_in_window)(const double *norms, int64_t count, int metric)
+{
+    const double low = sizeof(TM_REAL) == 4 ? 0x1p-100 : 0x1p-960;
+    const double high = sizeof(TM_REAL) == 4 ? 0x1p120 : 0x1p1000;
+    int inside = 1;
+    for (int64_t i = 0; i < count; ++i) {
+        const double sq = metric == TM_METRIC_COSINE ? norms[i] * norms[i] : norms[i];
+        inside &= !(sq != 0.0 && (sq < low || sq > high)); /* NaN (unchecked input): in */
+    }
+    return inside;
+}
+
+int TM_FN(tm_rows_in_window)(const TM_REAL *a, int64_t rows, int64_t d)
+{
+    int inside = 1;
+    for (int64_t i = 0; i < rows && inside; ++i) {
+        const double sq = TM_FN(checked_sqnorm)(a + i * d, d);
+        inside = TM_FN(norms_in_window)(&sq, 1, TM_METRIC_EUCLIDEAN);
+    }
+    return inside;
 }
 
 static void TM_FN(set_groups)(TM_FN(prepare_side) *side, int64_t d)
@@ -412,6 +451,13 @@ int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
     TM_FN(set_groups)(&prep.side[1], d);
     tm_parallel_for(threads, prep.side[0].groups + prep.side[1].groups, 1,
                     TM_FN(prepare_range), &prep);
+    /* The Gram identity needs every nonzero squared norm inside the window of TM_REAL
+     * (tm_status TM_ERR_RANGE): one pass over the norms the packing took. */
+    if (!TM_FN(norms_in_window)(x_norms, n, metric) ||
+        (!self && !TM_FN(norms_in_window)(ref_norms, m, metric))) {
+        status = TM_ERR_RANGE;
+        goto done;
+    }
     plan.x_packed = x_packed;
     plan.ref_packed = ref_packed;
     plan.x_norms = x_norms;

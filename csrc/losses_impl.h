@@ -19,10 +19,17 @@ static double TM_FN(sigmoid)(double z)
 }
 
 /* Writes scale * acc (double) into out (TM_REAL). */
-static void TM_FN(store_scaled)(TM_REAL *out, const double *acc, size_t count, double scale)
+/* out = scale * acc in the working precision; 0 when a finite value overflowed it (a
+ * float32 gradient beyond float32: TM_ERR_RANGE, which the caller reruns in float64). */
+static int TM_FN(store_scaled)(TM_REAL *out, const double *acc, size_t count, double scale)
 {
-    for (size_t i = 0; i < count; ++i)
-        out[i] = (TM_REAL)(scale * acc[i]);
+    int fits = 1;
+    for (size_t i = 0; i < count; ++i) {
+        const double v = scale * acc[i];
+        out[i] = (TM_REAL)v;
+        fits &= !(isinf((double)out[i]) && isfinite(v));
+    }
+    return fits;
 }
 
 /* Stable counting sort of triplet numbers by the row that `rows_of` names:
@@ -234,6 +241,11 @@ static int TM_FN(given_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL 
             negative[i] < 0 || negative[i] >= m || (beta != NULL && !isfinite(beta[i])))
             return TM_ERR_INVALID;
     const TM_REAL *r = self ? x : ref;
+    /* Exact distances in double hold every float row; double rows need their squares
+     * inside double's window, as the engine's do. */
+    if (sizeof(TM_REAL) == 8 && (!TM_FN(tm_rows_in_window)(x, n, d) ||
+                                 (!self && !TM_FN(tm_rows_in_window)(ref, m, d))))
+        return TM_ERR_RANGE;
 
     size_t z_bytes, g_bytes, gx_bytes, gr_bytes;
     int status;
@@ -288,9 +300,11 @@ static int TM_FN(given_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL 
                                          margin, soft, scale, work, pair_g, self, gx,
                                          self || ref_grad == NULL ? NULL : gr);
         if (status == TM_OK) {
-            TM_FN(store_scaled)(grad, gx, (size_t)(n * d), 1.0);
+            int fits = TM_FN(store_scaled)(grad, gx, (size_t)(n * d), 1.0);
             if (!self && ref_grad != NULL)
-                TM_FN(store_scaled)(ref_grad, gr, (size_t)(m * d), 1.0);
+                fits &= TM_FN(store_scaled)(ref_grad, gr, (size_t)(m * d), 1.0);
+            if (!fits)
+                status = TM_ERR_RANGE;
         }
     }
     tm_free(work);

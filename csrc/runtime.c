@@ -22,6 +22,8 @@ const char *tm_strerror(int status)
         return "size too large";
     case TM_ERR_UNSUPPORTED:
         return "instruction set not supported by this build or CPU";
+    case TM_ERR_RANGE:
+        return "row norms outside the working precision's range";
     default:
         return "unknown tripmine status";
     }

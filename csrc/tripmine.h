@@ -49,7 +49,12 @@ typedef enum {
     TM_ERR_NOMEM = -1,       /* an allocation failed */
     TM_ERR_INVALID = -2,     /* a NULL pointer, a negative size, an unknown enum value */
     TM_ERR_TOO_LARGE = -3,   /* a size whose byte count overflows */
-    TM_ERR_UNSUPPORTED = -4  /* an instruction set this build or this CPU lacks */
+    TM_ERR_UNSUPPORTED = -4, /* an instruction set this build or this CPU lacks */
+    TM_ERR_RANGE = -5        /* rows whose squared norms leave the working precision's
+                              * window (below 2^-100 or above 2^120 for float, 2^-960 and
+                              * 2^1000 for double; zero rows are fine): the caller reruns
+                              * the call in a precision or a scale that holds them.  Nothing
+                              * has been written. */
 } tm_status;
 
 typedef enum {

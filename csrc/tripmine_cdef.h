@@ -7,6 +7,7 @@ typedef enum {
     TM_ERR_INVALID,
     TM_ERR_TOO_LARGE,
     TM_ERR_UNSUPPORTED,
+    TM_ERR_RANGE,
     ...
 } tm_status;
 

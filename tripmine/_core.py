@@ -14,9 +14,11 @@ import warnings
 
 import numpy as np
 
+from . import _range
 from ._native import ffi, lib
 
 _EXCEPTIONS = {
+    lib.TM_ERR_RANGE: _range.OutOfRange,  # caught by the dispatch wrapper: a rerun
     lib.TM_ERR_NOMEM: MemoryError,
     lib.TM_ERR_TOO_LARGE: MemoryError,
     lib.TM_ERR_INVALID: ValueError,

@@ -19,6 +19,8 @@ import functools
 import inspect
 from typing import Any, Callable
 
+from . import _range
+
 #: Arguments holding embeddings or outputs: these must all sit on one side.
 ARRAY_ARGUMENTS = ("x", "ref", "out", "mining")
 LABEL_ARGUMENTS = ("labels", "ref_labels")
@@ -85,16 +87,27 @@ def dispatch(func: Callable) -> Callable:
     names = tuple(inspect.signature(func).parameters)
     name = func.__name__
 
+    def on_cpu(args, kwargs):
+        try:
+            result, refused = func(*args, **kwargs), None
+        except _range.OutOfRange as exc:  # rows outside the C core's window: rerun
+            result, refused = None, exc
+        if refused is not None:  # outside the except block: no chained internal error
+            result = _range.rerun(func, names, args, kwargs, refused)
+        if hasattr(result, "loss"):
+            _range.check_loss(result, name, dict(zip(names, args)), kwargs)
+        return result
+
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         # The CPU fast path: no CuPy array anywhere (the common case costs a scan).
         if not (_any_cupy(args) or _any_cupy(kwargs.values())):
-            return func(*args, **kwargs)
+            return on_cpu(args, kwargs)
         bound = dict(zip(names, args))
         bound.update(kwargs)  # keywords the CPU signature does not know are kept too
         if backend(bound) == "gpu":
             return _gpu_function(name)(*args, **kwargs)
-        return func(*args, **kwargs)
+        return on_cpu(args, kwargs)
 
     wrapper.__wrapped_cpu__ = func  # the CPU implementation, for tests
     return wrapper

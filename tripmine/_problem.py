@@ -47,13 +47,33 @@ class Problem:
         return grad, ref_grad
 
 
+#: Row norms (in double) whose rows are divided in their own precision: the reciprocal and
+#: the quotient stay normal numbers there.  Others take a power-of-two route (below).
+_PLAIN_NORMS = {4: (2.0 ** -60, 2.0 ** 60), 8: (2.0 ** -480, 2.0 ** 480)}
+
+
 def _normalize(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows divided by their L2 norm (zero rows stay zero), and the norms."""
+    """Rows divided by their L2 norm (zero rows stay zero), and the norms (float64; inf where
+    a float64 row's norm passes the largest double, its unit row still exact)."""
     # Non-finite rows (possible only with check_finite=False) give NaN rows, silently.
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
         norms = np.sqrt(np.einsum("ij,ij->i", a, a, dtype=np.float64))
+        low, high = _PLAIN_NORMS.get(a.dtype.itemsize, (0.0, np.inf))
         safe = np.where(norms > 0, norms, 1.0)
-        return np.ascontiguousarray(a / safe[:, None].astype(a.dtype), dtype=a.dtype), norms
+        unit = np.ascontiguousarray(a / safe[:, None].astype(a.dtype), dtype=a.dtype)
+        odd = np.flatnonzero((norms < low) | (norms > high))  # zero rows among them
+        odd = odd[np.any(a[odd] != 0, axis=1)] if odd.size else odd
+        if odd.size:
+            # Squares that under- or overflowed: each row brought to magnitude ~1 by a
+            # power of two first (exact), its norm found there, then scaled back.
+            rows = a[odd].astype(np.float64)
+            top = np.max(np.abs(rows), axis=1)
+            exponent = np.floor(np.log2(top))
+            scaled = np.ldexp(rows, -exponent[:, None].astype(np.int64))
+            scaled_norms = np.sqrt(np.einsum("ij,ij->i", scaled, scaled))
+            unit[odd] = (scaled / scaled_norms[:, None]).astype(a.dtype)
+            norms[odd] = np.ldexp(scaled_norms, exponent.astype(np.int64))
+        return unit, norms
 
 
 def _normalize_backward(grad: np.ndarray, unit: np.ndarray, norms: np.ndarray,
@@ -74,6 +94,13 @@ def _normalize_backward(grad: np.ndarray, unit: np.ndarray, norms: np.ndarray,
             # float32 row below 2.9e-39 the reciprocal overflows float32 (0 * inf = NaN).
             safe = np.where(n > 0, n, 1.0)[:, None]
             g[:] = np.where(n[:, None] > 0, g / safe, 0.0)
+    # 1 / |x| beyond the dtype (rows of norm below ~1e-38 in float32): the true gradient
+    # does not fit, which must not come back as inf.  Checked only where such rows exist.
+    small = _PLAIN_NORMS.get(grad.dtype.itemsize, (0.0, 0.0))[0]
+    if norms.size and np.any((norms > 0) & (norms < small)) and not np.isfinite(grad).all():
+        raise FloatingPointError(
+            f"the gradient through normalize=True overflows {grad.dtype}: rows of norm "
+            f"{norms[norms > 0].min():.3g} scale it by 1/|x|; pass float64 embeddings")
     return grad
 
 
