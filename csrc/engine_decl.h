@@ -56,9 +56,12 @@ int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
 /* Exact distances by direct difference, accumulated in double: the values
  * that losses use and the engine's refinement of near pairs. */
 double TM_FN(tm_exact_sqeuclidean)(const TM_REAL *a, const TM_REAL *b, int64_t d);
-/* 1 when every nonzero row of a (rows x d) has its squared norm inside the window where
- * TM_REAL computes distances to the documented accuracy (tm_status TM_ERR_RANGE). */
-int TM_FN(tm_rows_in_window)(const TM_REAL *a, int64_t rows, int64_t d);
+/* tm_exact_distance for a caller without the engine's norms: *outside is set when double
+ * cannot hold the pair to its accuracy (a squared distance or, cosine, a squared norm
+ * outside [2^-960, 2^1000]; a zero distance between different rows): TM_ERR_RANGE.  Never
+ * for float rows, whose squares double always holds. */
+double TM_FN(tm_exact_distance_checked)(const TM_REAL *a, const TM_REAL *b, int64_t d,
+                                        int metric, int *outside);
 double TM_FN(tm_exact_distance)(const TM_REAL *a, const TM_REAL *b, int64_t d,
                                 int metric);
 

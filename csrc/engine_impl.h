@@ -198,14 +198,29 @@ static int TM_FN(norms_in_window)(const double *norms, int64_t count, int metric
     return inside;
 }
 
-int TM_FN(tm_rows_in_window)(const TM_REAL *a, int64_t rows, int64_t d)
+double TM_FN(tm_exact_distance_checked)(const TM_REAL *a, const TM_REAL *b, int64_t d,
+                                        int metric, int *outside)
 {
-    int inside = 1;
-    for (int64_t i = 0; i < rows && inside; ++i) {
-        const double sq = TM_FN(checked_sqnorm)(a + i * d, d);
-        inside = TM_FN(norms_in_window)(&sq, 1, TM_METRIC_EUCLIDEAN);
+    if (sizeof(TM_REAL) == 4)
+        return TM_FN(tm_exact_distance)(a, b, d, metric);
+    if (metric == TM_METRIC_COSINE) {
+        const double sa = TM_FN(checked_sqnorm)(a, d), sb = TM_FN(checked_sqnorm)(b, d);
+        if (!TM_FN(norms_in_window)(&sa, 1, TM_METRIC_EUCLIDEAN) ||
+            !TM_FN(norms_in_window)(&sb, 1, TM_METRIC_EUCLIDEAN))
+            *outside = 1;
+        return TM_FN(exact_cosine)(a, sqrt(sa), b, sqrt(sb), d);
     }
-    return inside;
+    const double sq = TM_FN(tm_exact_sqeuclidean)(a, b, d);
+    if (sq == 0.0) {
+        for (int64_t p = 0; p < d; ++p)
+            if (a[p] != b[p]) { /* different rows whose squares underflowed */
+                *outside = 1;
+                break;
+            }
+    } else if (!TM_FN(norms_in_window)(&sq, 1, TM_METRIC_EUCLIDEAN)) {
+        *outside = 1;
+    }
+    return metric == TM_METRIC_SQEUCLIDEAN ? sq : sqrt(sq);
 }
 
 static void TM_FN(set_groups)(TM_FN(prepare_side) *side, int64_t d)

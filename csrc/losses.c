@@ -1,6 +1,7 @@
 /* Losses, instantiated for float and double (losses_impl.h on top of the
  * miners' row machinery in mining_impl.h). */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 

@@ -19,17 +19,23 @@ static double TM_FN(sigmoid)(double z)
 }
 
 /* Writes scale * acc (double) into out (TM_REAL). */
-/* out = scale * acc in the working precision; 0 when a finite value overflowed it (a
- * float32 gradient beyond float32: TM_ERR_RANGE, which the caller reruns in float64). */
-static int TM_FN(store_scaled)(TM_REAL *out, const double *acc, size_t count, double scale)
+/* out = scale * acc in the working precision; 0 when a value overflowed it (a float
+ * gradient beyond float: TM_ERR_RANGE, which the caller reruns in double). */
+static int TM_FN(store_scaled)(TM_REAL *out, const double *acc, size_t count, double scale,
+                              int metric)
 {
-    int fits = 1;
-    for (size_t i = 0; i < count; ++i) {
-        const double v = scale * acc[i];
-        out[i] = (TM_REAL)v;
-        fits &= !(isinf((double)out[i]) && isfinite(v));
-    }
-    return fits;
+    for (size_t i = 0; i < count; ++i)
+        out[i] = (TM_REAL)(scale * acc[i]);
+    /* Double from double cannot overflow; nor can euclidean gradients, at most 2 per term
+     * (unit vectors). */
+    if (sizeof(TM_REAL) == 8 || metric == TM_METRIC_EUCLIDEAN)
+        return 1;
+    /* A second, branch-free pass (it vectorises): v - v is 0 unless v is inf (or NaN,
+     * which only unchecked NaN inputs produce). */
+    int beyond = 0;
+    for (size_t i = 0; i < count; ++i)
+        beyond |= (out[i] - out[i]) != 0;
+    return !beyond;
 }
 
 /* Stable counting sort of triplet numbers by the row that `rows_of` names:
@@ -200,24 +206,28 @@ typedef struct {
     double margin;
     int soft;
     double *work;
+    atomic_int outside; /* a pair double cannot hold (TM_ERR_RANGE) */
 } TM_FN(triplet_dist_job);
 
 static void TM_FN(triplet_dist_range)(void *ctx, int participant, int64_t begin, int64_t end)
 {
     (void)participant;
-    const TM_FN(triplet_dist_job) *job = ctx;
+    TM_FN(triplet_dist_job) *job = ctx;
     const int64_t d = job->d;
+    int outside = 0;
     for (int64_t i = begin; i < end; ++i) {
         const TM_REAL *xa = job->x + job->anchor[i] * d;
-        const double dap = TM_FN(tm_exact_distance)(xa, job->r + job->positive[i] * d, d,
-                                                    job->metric);
-        const double dan = TM_FN(tm_exact_distance)(xa, job->r + job->negative[i] * d, d,
-                                                    job->metric);
+        const double dap = TM_FN(tm_exact_distance_checked)(
+            xa, job->r + job->positive[i] * d, d, job->metric, &outside);
+        const double dan = TM_FN(tm_exact_distance_checked)(
+            xa, job->r + job->negative[i] * d, d, job->metric, &outside);
         const double z = dap - dan + job->margin;
         job->work[3 * i] = dap;
         job->work[3 * i + 1] = dan;
         job->work[3 * i + 2] = job->soft ? TM_FN(softplus)(z) : (z > 0.0 ? z : 0.0);
     }
+    if (outside)
+        atomic_store_explicit(&job->outside, 1, memory_order_relaxed);
 }
 
 /* The given-triplet reducer behind both entry points: beta == NULL is the
@@ -241,11 +251,6 @@ static int TM_FN(given_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL 
             negative[i] < 0 || negative[i] >= m || (beta != NULL && !isfinite(beta[i])))
             return TM_ERR_INVALID;
     const TM_REAL *r = self ? x : ref;
-    /* Exact distances in double hold every float row; double rows need their squares
-     * inside double's window, as the engine's do. */
-    if (sizeof(TM_REAL) == 8 && (!TM_FN(tm_rows_in_window)(x, n, d) ||
-                                 (!self && !TM_FN(tm_rows_in_window)(ref, m, d))))
-        return TM_ERR_RANGE;
 
     size_t z_bytes, g_bytes, gx_bytes, gr_bytes;
     int status;
@@ -268,8 +273,15 @@ static int TM_FN(given_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL 
     }
 
     TM_FN(triplet_dist_job) job = {x, r, d, metric, anchor, positive, negative, margin, soft,
-                                   work};
+                                   work, 0};
     tm_parallel_for(tm_threads_for(t / 256 + 1), t, 256, TM_FN(triplet_dist_range), &job);
+    if (atomic_load(&job.outside)) { /* double rows beyond its window: nothing written */
+        tm_free(work);
+        tm_free(pair_g);
+        tm_free(gx);
+        tm_free(gr);
+        return TM_ERR_RANGE;
+    }
     double total = 0.0;
     int64_t active = 0;
     for (int64_t i = 0; i < t; ++i) {
@@ -300,9 +312,9 @@ static int TM_FN(given_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL 
                                          margin, soft, scale, work, pair_g, self, gx,
                                          self || ref_grad == NULL ? NULL : gr);
         if (status == TM_OK) {
-            int fits = TM_FN(store_scaled)(grad, gx, (size_t)(n * d), 1.0);
+            int fits = TM_FN(store_scaled)(grad, gx, (size_t)(n * d), 1.0, metric);
             if (!self && ref_grad != NULL)
-                fits &= TM_FN(store_scaled)(ref_grad, gr, (size_t)(m * d), 1.0);
+                fits &= TM_FN(store_scaled)(ref_grad, gr, (size_t)(m * d), 1.0, metric);
             if (!fits)
                 status = TM_ERR_RANGE;
         }

@@ -95,7 +95,7 @@ def dispatch(func: Callable) -> Callable:
         if refused is not None:  # outside the except block: no chained internal error
             result = _range.rerun(func, names, args, kwargs, refused)
         if hasattr(result, "loss"):
-            _range.check_loss(result, name, dict(zip(names, args)), kwargs)
+            _range.check_loss(result, name, names, args, kwargs)
         return result
 
     @functools.wraps(func)

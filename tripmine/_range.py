@@ -45,7 +45,7 @@ class OutOfRange(Exception):
     caught by the dispatch wrapper, never seen by callers."""
 
 
-def check_loss(result: Any, name: str, positional: dict, keywords: dict) -> None:
+def check_loss(result: Any, name: str, names: tuple, args: tuple, keywords: dict) -> None:
     """The loss must fit the dtype the call computed in: an overflow (margins near the
     largest double, sums beyond it) or, for float32 inputs, a loss beyond float32's range
     raises instead of coming back as inf or as a number float32 cannot hold.  (NaN only
@@ -61,6 +61,7 @@ def check_loss(result: Any, name: str, positional: dict, keywords: dict) -> None
     if math.isinf(peak):
         raise FloatingPointError(f"the loss of {name} overflows float64 although its inputs "
                                  f"are finite: a margin or a sum of terms beyond 1.8e308")
+    positional = dict(zip(names, args))
     arrays = [v for n in ("x", "ref") for v in (positional.get(n, keywords.get(n)),)
               if v is not None]
     if not any(np.asarray(a).dtype.itemsize == 8 for a in arrays):
