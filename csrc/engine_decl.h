@@ -57,9 +57,9 @@ int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
  * that losses use and the engine's refinement of near pairs. */
 double TM_FN(tm_exact_sqeuclidean)(const TM_REAL *a, const TM_REAL *b, int64_t d);
 /* tm_exact_distance for a caller without the engine's norms: *outside is set when double
- * cannot hold the pair to its accuracy (a squared distance or, cosine, a squared norm
- * outside [2^-960, 2^1000]; a zero distance between different rows): TM_ERR_RANGE.  Never
- * for float rows, whose squares double always holds. */
+ * cannot hold the pair to its accuracy (a squared distance above 2^1000, tiny rows whose
+ * squared distance is below 2^-960, or for cosine a squared norm outside [2^-960, 2^1000]):
+ * TM_ERR_RANGE.  Never for float rows, whose squares double always holds. */
 double TM_FN(tm_exact_distance_checked)(const TM_REAL *a, const TM_REAL *b, int64_t d,
                                         int metric, int *outside);
 double TM_FN(tm_exact_distance)(const TM_REAL *a, const TM_REAL *b, int64_t d,

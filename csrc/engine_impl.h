@@ -211,14 +211,17 @@ double TM_FN(tm_exact_distance_checked)(const TM_REAL *a, const TM_REAL *b, int6
         return TM_FN(exact_cosine)(a, sqrt(sa), b, sqrt(sb), d);
     }
     const double sq = TM_FN(tm_exact_sqeuclidean)(a, b, d);
-    if (sq == 0.0) {
-        for (int64_t p = 0; p < d; ++p)
-            if (a[p] != b[p]) { /* different rows whose squares underflowed */
-                *outside = 1;
-                break;
-            }
-    } else if (!TM_FN(norms_in_window)(&sq, 1, TM_METRIC_EUCLIDEAN)) {
+    if (sq > 0x1p1000) { /* the sum may have overflowed */
         *outside = 1;
+    } else if (sq < 0x1p-960) {
+        /* A difference below double's squares: refused only for tiny rows (which a power
+         * of two brings in); between rows of ordinary size it is below the accuracy the
+         * distances have anyway (relative to the rows' norms), so 0 or a few ulps stand. */
+        double most = 0.0;
+        for (int64_t p = 0; p < d; ++p)
+            most = fmax(most, fmax(fabs((double)a[p]), fabs((double)b[p])));
+        if (most > 0.0 && most < 0x1p-470)
+            *outside = 1;
     }
     return metric == TM_METRIC_SQEUCLIDEAN ? sq : sqrt(sq);
 }

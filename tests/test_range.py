@@ -267,3 +267,18 @@ def test_an_overflowing_loss_raises():
     with pytest.raises(FloatingPointError, match="overflows float64"):
         tripmine.triplet_loss(x, [0, 0, 1], mining="batch_all", margin=1e308, reduction="sum",
                               soft=False)
+
+
+def test_center_loss_and_heads_check_their_loss():
+    x = _rows(1e25, np.float32)
+    centers = np.zeros((4, 5), dtype=np.float32)
+    before = centers.copy()
+    with pytest.raises(FloatingPointError, match="the loss of center_loss reaches"):
+        tripmine.center_loss(x, LABELS, centers, update=0.5)
+    np.testing.assert_array_equal(centers, before)  # refused before the update
+    assert np.isfinite(tripmine.center_loss(x.astype(np.float64), LABELS, centers).loss)
+    weight = _rows(1e20, np.float32, n=4)
+    with pytest.raises(FloatingPointError, match="the loss of the softmax head"):
+        tripmine.softmax_loss(x, LABELS, weight)
+    # Angular heads see unit vectors: any finite rows.
+    assert np.isfinite(tripmine.arcface_loss(x, LABELS, weight).loss)

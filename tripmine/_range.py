@@ -45,6 +45,19 @@ class OutOfRange(Exception):
     caught by the dispatch wrapper, never seen by callers."""
 
 
+def check_loss_fits(loss: Any, name: str, itemsize: int) -> None:
+    """``check_loss`` for a caller that knows its compute dtype (itemsize 4 or 8)."""
+    peak = abs(loss) if isinstance(loss, float) else (
+        float(np.max(np.abs(loss))) if np.size(loss) else 0.0)
+    if peak <= F32_MAX:
+        return
+    if not math.isfinite(peak):
+        raise FloatingPointError(f"the loss of {name} is {peak}: an intermediate overflowed "
+                                 f"(or the inputs held inf or NaN with check_finite=False)")
+    if itemsize == 4:
+        _fits_float32(loss, f"the loss of {name}")
+
+
 def check_loss(result: Any, name: str, names: tuple, args: tuple, keywords: dict) -> None:
     """The loss must fit the dtype the call computed in: an overflow (margins near the
     largest double, sums beyond it) or, for float32 inputs, a loss beyond float32's range

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
+from . import _core, _range
 from . import _validation as check
 from ._dispatch import is_cupy
 from .heads import REDUCTIONS, class_labels
@@ -165,6 +165,9 @@ def center_loss(x: Any, labels: Any, centers: Any, *, reduction: str = "mean",
     x_arr, c_arr = check.c_array(x_arr, dtype), check.c_array(c_arr, dtype)
     loss, per_sample, g, cg = _core.center_loss(x_arr, codes, c_arr, reduction, want_grad,
                                                 want_cgrad, upstream=up)
+    # Before the update: a refused loss leaves the centers as they were.
+    _range.check_loss_fits(per_sample if reduction == "none" else float(loss), "center_loss",
+                           dtype.itemsize)
     if alpha is not None:  # after the loss: c_arr may be centers itself
         _core.update_centers(centers, x_update, codes, alpha)
     return CenterLossResult(per_sample if reduction == "none" else float(loss), g, cg, n)

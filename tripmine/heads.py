@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
+from . import _core, _range
 from . import _validation as check
 from ._dispatch import is_cupy
 
@@ -255,6 +255,8 @@ def _run(head: dict, x: Any, labels: Any, weight: Any, *, bias: Any = None,
         up = _class_vector(upstream, "upstream", n, np.float64, True, "one entry per sample")
     loss, per_sample, correct, g, wg, bg = _core.softmax_head(
         head, x_arr, codes, w_arr, b_arr, cw, reduction, want_grad, want_wgrad, upstream=up)
+    _range.check_loss_fits(per_sample if reduction == "none" else float(loss),
+                           f"the {head['kind']} head", dtype.itemsize)
     return SoftmaxLossResult(per_sample if reduction == "none" else float(loss), g, wg, bg, n,
                              correct, correct / n if n else 0.0)
 
