@@ -147,6 +147,11 @@ HOMOGENEOUS = {
         x, LABELS, pos_margin=0.1 * u, neg_margin=2.0 * u, metric=m), 1),
     "contrastive_power2": (lambda x, u, m: tripmine.contrastive_loss(
         x, LABELS, neg_margin=2.0 * u, power=2, reduction="sum", metric=m), 2),
+    "margin_all": (lambda x, u, m: tripmine.margin_loss(
+        x, LABELS, mining="batch_all", margin=0.2 * u, beta=1.5 * u, nu=0.1, metric=m), 1),
+    "margin_per_class": (lambda x, u, m: tripmine.margin_loss(
+        x, LABELS, mining=tripmine.batch_hard(np.ldexp(x, 0), LABELS, metric=m),
+        margin=0.2 * u, beta=np.linspace(1.0, 2.0, 4) * u, metric=m, reduction="sum"), 1),
 }
 
 
@@ -227,13 +232,14 @@ def test_float64_cosine_calls_take_any_finite_rows(call):
                                atol=1e-300)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda x: tripmine.lifted_structured_loss(x, LABELS), "lifted_structured_loss"),
-    (lambda x: tripmine.triplet_loss(x, LABELS, soft=True), "soft=True"),
-    (lambda x: tripmine.margin_loss(x, LABELS, mining="batch_all"), "margin_loss"),
+@pytest.mark.parametrize("scale, call, match", [
+    (1e200, lambda x: tripmine.lifted_structured_loss(x, LABELS), "lifted_structured_loss"),
+    (1e200, lambda x: tripmine.triplet_loss(x, LABELS, soft=True), "soft=True"),
+    (1e-200, lambda x: tripmine.margin_loss(x, LABELS, mining="batch_all",
+                                            beta=np.full(4, 1e300)), "beta times the power"),
 ])
-def test_float64_calls_that_cannot_rescale_refuse(call, match):
-    x = _rows(1e200)
+def test_float64_calls_that_cannot_rescale_refuse(scale, call, match):
+    x = _rows(scale)
     before = x.copy()
     with pytest.raises(FloatingPointError, match=match):
         call(x)
@@ -278,7 +284,27 @@ def test_center_loss_and_heads_check_their_loss():
     np.testing.assert_array_equal(centers, before)  # refused before the update
     assert np.isfinite(tripmine.center_loss(x.astype(np.float64), LABELS, centers).loss)
     weight = _rows(1e20, np.float32, n=4)
-    with pytest.raises(FloatingPointError, match="the loss of the softmax head"):
+    # float32 logits W.x of 1e45 overflow: the head reruns in float64, where its loss (about
+    # 1e46) still does not fit float32.
+    with pytest.raises(FloatingPointError, match="the loss reaches .* beyond float32"):
         tripmine.softmax_loss(x, LABELS, weight)
     # Angular heads see unit vectors: any finite rows.
     assert np.isfinite(tripmine.arcface_loss(x, LABELS, weight).loss)
+
+
+def test_softmax_head_logits_beyond_float32_rerun_in_float64():
+    # Logits W.x of about 4e39 (beyond float32) that differ by about 1e36: the loss (a
+    # difference of logits, about 1e36) fits float32, so the float64 rerun's result stands,
+    # its gradients rounded to float32.
+    rng = np.random.default_rng(4)
+    x = np.abs(rng.standard_normal((12, 5))).astype(np.float32) * np.float32(1e20)
+    shared = np.full(5, 1e19, dtype=np.float32)
+    weight = (shared * (1 + 2.0 ** -10 * rng.standard_normal((4, 5)))).astype(np.float32)
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(x @ weight.T).all()  # float32 logits overflow
+    got = tripmine.softmax_loss(x, LABELS, weight)
+    want = tripmine.softmax_loss(x.astype(np.float64), LABELS, weight.astype(np.float64))
+    assert 1e30 < got.loss < 3e38 and got.loss == want.loss
+    assert got.grad.dtype == np.float32 and got.weight_grad.dtype == np.float32
+    np.testing.assert_array_equal(got.grad, want.grad.astype(np.float32))
+    np.testing.assert_array_equal(got.weight_grad, want.weight_grad.astype(np.float32))

@@ -14,13 +14,19 @@ call here:
   beyond it) raises ``FloatingPointError`` naming it.
 * **float64 inputs** are rescaled by powers of two, which is exact, where the function's
   result transforms simply: every function with ``metric="cosine"`` (each row by its own
-  power of two: cosine distances do not change, and a row's gradient scales by its power)
-  and :func:`pairwise_distances` (one power for x and ref: euclidean distances scale by
-  it, squared ones by its square).  A result beyond float64 raises ``FloatingPointError``.
-  Other float64 calls with such rows raise ``FloatingPointError`` naming the argument and
-  the window, instead of returning inf or NaN.
+  power of two: cosine distances do not change, and a row's gradient scales by its power);
+  with the euclidean metrics, one power 2^e for x and ref, distances scaling by 2^(e p)
+  (p = 1, or 2 squared), for the functions of ``_HOMOGENEOUS``: pairwise distances,
+  neighbours, retrieval metrics, miners, and the hinge triplet, contrastive and margin
+  losses, whose margins (and beta) scale with the distances, so that the loss scales by
+  2^(e p q) (q: contrastive's power) and the gradient by 2^(e (1 - p q)).  A result beyond
+  float64 raises ``FloatingPointError``; so do other float64 calls with such rows, naming
+  the argument and the window, instead of returning inf or NaN.
 
-The common case costs nothing: the check is a pass over n + m norms the engine computed.
+Heads and the center loss (tripmine.heads, tripmine.center) do not use the engine; they
+check their loss (``check_loss_fits``), and float32 heads whose logits overflow rerun here
+too.  The common case costs nothing: the check is a pass over n + m norms the engine
+computed anyway.
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ F32_MAX = float(np.finfo(np.float32).max)
 #: Result fields that hold gradients: arrays of the compute dtype.
 GRADIENT_FIELDS = ("grad", "ref_grad", "weight_grad", "bias_grad", "centers_grad")
 
-#: Arguments that may hold float arrays the C core reads.
-_ARRAYS = ("x", "ref", "out")
+#: Arguments that may hold float arrays the C core reads (a float64 rerun casts them).
+_ARRAYS = ("x", "ref", "weight", "bias", "out")
 
 
 class OutOfRange(Exception):
@@ -94,7 +100,7 @@ def rerun(func: Callable, names: tuple, args: tuple, kwargs: dict, exc: OutOfRan
         raise FloatingPointError(f"{func.__name__} was given inf or NaN with "
                                  f"check_finite=False: its result is undefined (README)")
     try:
-        if all(a.dtype.itemsize <= 4 for a in arrays.values()):
+        if all(a.dtype.itemsize <= 4 for n, a in arrays.items() if n != "bias"):
             return _in_float64(func, bound, arrays)
         return _rescaled(func, bound, arrays)
     except OutOfRange:  # rescaled rows refused again: only from a failure to rescale
@@ -159,8 +165,10 @@ _HOMOGENEOUS = {
     "semi_hard": (("margin",), None),
     "triplet_loss": (("margin",), None),
     "contrastive_loss": (("pos_margin", "neg_margin"), "power"),
+    # beta (a float or one per class) is a distance too; nu multiplies it, so stays
+    "margin_loss": (("margin", "beta"), None),
 }
-_DEFAULTS = {"margin": 0.2, "pos_margin": 0.0, "neg_margin": 1.0, "power": 1}
+_DEFAULTS = {"margin": 0.2, "pos_margin": 0.0, "neg_margin": 1.0, "power": 1, "beta": 1.2}
 
 
 def _window_exponent(magnitudes: np.ndarray, d: int) -> int | None:
@@ -220,16 +228,19 @@ def _rescaled(func: Callable, bound: dict, arrays: dict) -> Any:
         degree = p * int(bound.get(degree_option, _DEFAULTS.get(degree_option, 1))
                          if degree_option else 1)
         for option in options:
-            value = bound.get(option, _DEFAULTS[option])
-            if not isinstance(value, (int, float, np.integer, np.floating)) or \
-                    isinstance(value, bool):
+            value = bound.get(option, _DEFAULTS[option])  # margin: 0.2 in both losses
+            try:
+                number = np.asarray(value, dtype=np.float64)
+            except (TypeError, ValueError):
                 return func(**bound)  # let the function refuse it with its own message
+            if isinstance(value, (bool, str)) or not np.isfinite(number).all():
+                return func(**bound)
             with np.errstate(over="ignore"):
-                scaled = float(np.ldexp(float(value), exponent * p))
-            if not np.isfinite(scaled):
-                _refuse(name, metric, arrays, magnitudes, f": {option}={value:g} times the "
-                        f"power of two that brings the rows in overflows")
-            call[option] = scaled
+                scaled = np.ldexp(number, exponent * p)
+            if not np.isfinite(scaled).all():
+                _refuse(name, metric, arrays, magnitudes, f": {option} times the power of two "
+                        f"that brings the rows in overflows")
+            call[option] = float(scaled) if scaled.ndim == 0 else scaled
         loss_factor = (exponent, degree)  # true = scaled * 2^(-exponent * degree)
         grad_power = exponent * (1 - degree)  # dL/dx = 2^(e (1 - degree)) dL'/dx'
     for n, a in arrays.items():  # x 2^shift, exact (ldexp: no overflowing 2^shift itself)

@@ -227,6 +227,20 @@ def _run(head: dict, x: Any, labels: Any, weight: Any, *, bias: Any = None,
         return gpu_heads.run(head, x, labels, weight, bias=bias, class_weight=class_weight,
                              reduction=reduction, grad=grad, weight_grad=weight_grad,
                              upstream=upstream, check_finite=check_finite)
+    options = dict(bias=bias, class_weight=class_weight, reduction=reduction, grad=grad,
+                   weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)
+    try:
+        return _run_host(head, x, labels, weight, **options)
+    except _range.OutOfRange as exc:
+        refused = exc
+    return _range.rerun(_run_host, ("head", "x", "labels", "weight"),
+                        (head, x, labels, weight), options, refused)
+
+
+def _run_host(head: dict, x: Any, labels: Any, weight: Any, *, bias: Any, class_weight: Any,
+              reduction: str, grad: bool, weight_grad: bool, upstream: Any,
+              check_finite: bool) -> SoftmaxLossResult:
+    """The C core's run of one head (float32 logits that overflow raise OutOfRange)."""
     reduction = check.choice(reduction, "reduction", REDUCTIONS)
     want_grad = check.flag(grad, "grad")
     want_wgrad = check.flag(weight_grad, "weight_grad") and want_grad
@@ -255,8 +269,12 @@ def _run(head: dict, x: Any, labels: Any, weight: Any, *, bias: Any = None,
         up = _class_vector(upstream, "upstream", n, np.float64, True, "one entry per sample")
     loss, per_sample, correct, g, wg, bg = _core.softmax_head(
         head, x_arr, codes, w_arr, b_arr, cw, reduction, want_grad, want_wgrad, upstream=up)
-    _range.check_loss_fits(per_sample if reduction == "none" else float(loss),
-                           f"the {head['kind']} head", dtype.itemsize)
+    value = per_sample if reduction == "none" else float(loss)
+    if dtype.itemsize == 4 and not (np.isfinite(value).all() and
+                                    np.max(np.abs(value), initial=0.0) <= _range.F32_MAX):
+        # float32 logits W.x that overflowed (unnormalised heads): _run reruns in float64.
+        raise _range.OutOfRange(f"the {head['kind']} head")
+    _range.check_loss_fits(value, f"the {head['kind']} head", dtype.itemsize)
     return SoftmaxLossResult(per_sample if reduction == "none" else float(loss), g, wg, bg, n,
                              correct, correct / n if n else 0.0)
 
