@@ -9,12 +9,12 @@ without a GPU.
 from __future__ import annotations
 
 import os
-import socket
 import types
 from datetime import timedelta
 
 import numpy as np
 import pytest
+from gloo import spawn_ranks
 
 import tripmine
 
@@ -186,19 +186,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **results)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Both ranks' results, from one spawn of two gloo processes."""
-    out_dir = tmp_path_factory.mktemp("distributed")
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=2,
-                                join=True)
-    return [dict(np.load(out_dir / f"rank{r}.npz")) for r in range(2)]
+    return spawn_ranks(_worker, 2, tmp_path_factory.mktemp("distributed"))
 
 
 # ---- the parent's checks ---------------------------------------------------------

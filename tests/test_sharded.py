@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from datetime import timedelta
 
 import numpy as np
@@ -20,6 +19,8 @@ torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 distributed = pytest.importorskip("tripmine.torch.distributed")
 theads = pytest.importorskip("tripmine.torch.heads")
+
+from gloo import spawn_ranks  # noqa: E402
 
 import tripmine  # noqa: E402
 from tripmine.torch.sharded import _split  # noqa: E402
@@ -211,25 +212,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **results)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-_SPAWNED: dict = {}
-
-
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
 def ranks(request, tmp_path_factory):
     """Every rank's results (world, [rank 0, rank 1, ...]), one spawn per world size."""
     world = request.param
-    if world not in _SPAWNED:
-        out_dir = tmp_path_factory.mktemp(f"sharded{world}")
-        torch.multiprocessing.spawn(_worker, args=(world, _free_port(), str(out_dir)),
-                                    nprocs=world, join=True)
-        _SPAWNED[world] = [dict(np.load(out_dir / f"rank{r}.npz")) for r in range(world)]
-    return world, _SPAWNED[world]
+    return world, spawn_ranks(_worker, world, tmp_path_factory.mktemp(f"sharded{world}"),
+                              world)
 
 
 # ---- the parent's checks ------------------------------------------------------------
@@ -528,7 +516,7 @@ def _nccl_worker(rank: int, port: int, out_dir: str) -> None:
                    "weight_grad": module.weight.grad.cpu().numpy()}
     finally:
         dist.destroy_process_group()
-    np.savez(os.path.join(out_dir, "nccl.npz"), **results)
+    np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **results)
 
 
 @requires_cuda
@@ -536,9 +524,8 @@ def test_nccl_with_one_rank_is_the_head(tmp_path):
     pytest.importorskip("cupy")
     if not dist.is_nccl_available():
         pytest.skip("torch.distributed without NCCL")
-    torch.multiprocessing.spawn(_nccl_worker, args=(_free_port(), str(tmp_path)), nprocs=1,
-                                join=True)
-    got = dict(np.load(tmp_path / "nccl.npz"))
+    spawn_ranks(_nccl_worker, 1, tmp_path)
+    got = dict(np.load(tmp_path / "rank0.npz"))
     loss, grad, weight_grad, _, _ = _single_process("arcface-f64", 2)
     assert float(got["loss"]) == pytest.approx(loss, rel=1e-10)
     np.testing.assert_allclose(got["grad"], grad, rtol=1e-9, atol=1e-12)

@@ -1,0 +1,26 @@
+"""Spawning gloo process groups for the torch.distributed tests: a free port on localhost,
+one spawn of ``nprocs`` workers, and each rank's results read back from its ``.npz``."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def spawn_ranks(worker: Callable, nprocs: int, out_dir: Path, *leading) -> list[dict]:
+    """Runs ``worker(rank, *leading, port, str(out_dir))`` in ``nprocs`` processes; each
+    rank saves ``rank<r>.npz`` in ``out_dir``, returned here in rank order."""
+    import torch.multiprocessing
+
+    torch.multiprocessing.spawn(worker, args=(*leading, free_port(), str(out_dir)),
+                                nprocs=nprocs, join=True)
+    return [dict(np.load(Path(out_dir) / f"rank{r}.npz")) for r in range(nprocs)]
