@@ -51,10 +51,20 @@ class OutOfRange(Exception):
     caught by the dispatch wrapper, never seen by callers."""
 
 
+def _peak(value: Any) -> float:
+    """The largest magnitude in a loss (a float or a vector); NaN if it holds one."""
+    if isinstance(value, float):
+        return abs(value)
+    value = np.asarray(value)
+    return float(np.max(np.abs(value))) if value.size else 0.0
+
+
 def check_loss_fits(loss: Any, name: str, itemsize: int) -> None:
-    """``check_loss`` for a caller that knows its compute dtype (itemsize 4 or 8)."""
-    peak = abs(loss) if isinstance(loss, float) else (
-        float(np.max(np.abs(loss))) if np.size(loss) else 0.0)
+    """A loss must fit the dtype the call computed in (itemsize 4 or 8): an overflowed
+    intermediate (margins near the largest double, sums beyond it), or for float32 a loss
+    beyond float32's range, raises instead of coming back as inf, NaN or a number float32
+    cannot hold.  (NaN also comes from NaN inputs let in with ``check_finite=False``.)"""
+    peak = _peak(loss)
     if peak <= F32_MAX:
         return
     if not math.isfinite(peak):
@@ -65,26 +75,15 @@ def check_loss_fits(loss: Any, name: str, itemsize: int) -> None:
 
 
 def check_loss(result: Any, name: str, names: tuple, args: tuple, keywords: dict) -> None:
-    """The loss must fit the dtype the call computed in: an overflow (margins near the
-    largest double, sums beyond it) or, for float32 inputs, a loss beyond float32's range
-    raises instead of coming back as inf or as a number float32 cannot hold.  (NaN only
-    comes from NaN inputs let in with ``check_finite=False``: undefined, README.)"""
-    loss = result.loss
-    if isinstance(loss, float):
-        peak = abs(loss)
-    else:
-        finite = np.asarray(loss)
-        peak = float(np.max(np.abs(finite))) if finite.size else 0.0
-    if peak <= F32_MAX:
+    """:func:`check_loss_fits` for a public function's result; the compute dtype (float64
+    if x or ref is) is looked up only for a loss beyond float32's range."""
+    if _peak(result.loss) <= F32_MAX:
         return
-    if math.isinf(peak):
-        raise FloatingPointError(f"the loss of {name} overflows float64 although its inputs "
-                                 f"are finite: a margin or a sum of terms beyond 1.8e308")
     positional = dict(zip(names, args))
     arrays = [v for n in ("x", "ref") for v in (positional.get(n, keywords.get(n)),)
               if v is not None]
-    if not any(np.asarray(a).dtype.itemsize == 8 for a in arrays):
-        _fits_float32(loss, f"the loss of {name}")
+    wide = any(np.asarray(a).dtype.itemsize == 8 for a in arrays)
+    check_loss_fits(result.loss, name, 8 if wide else 4)
 
 
 def _float_arrays(bound: dict) -> list[str]:
