@@ -544,3 +544,13 @@ def test_backward_hands_the_weight_gradient_over_and_refuses_a_second_pass():
     x2 = x.detach().clone().requires_grad_(True)
     module(x2, torch.arange(5)).backward()
     torch.testing.assert_close(first, 3.0 * module.weight.grad)
+
+
+def test_a_loss_beyond_float32_raises():
+    module = distributed.ShardedMarginSoftmax("softmax", 4, 5, bias=False)
+    with torch.no_grad():
+        module.weight.fill_(1e19)
+        module.weight[0] = -1e19
+    x = torch.full((3, 5), 1e20)
+    with pytest.raises(FloatingPointError, match="the loss of the sharded softmax head"):
+        module(x, torch.tensor([0, 0, 0]))

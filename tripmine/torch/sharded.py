@@ -68,7 +68,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tripmine import _sharded
+from tripmine import _range, _sharded
 from tripmine import heads as _heads
 
 from . import heads as _torch_heads
@@ -327,6 +327,9 @@ class ShardedMarginSoftmax(torch.nn.Module):
         divisor = float(m if cw is None else cw[labels_all].sum())
         red = (1.0 / divisor if divisor > 0 else 0.0) if self.reduction == "mean" else 1.0
         loss = float(combined.per_sample.sum()) * red
+        # The same number on every rank, so every rank raises here alike (no hang).
+        _range.check_loss_fits(loss, f"the sharded {self.kind} head",
+                               8 if compute == torch.float64 else 4)
         self.n_correct = int(combined.correct.sum())
         self.accuracy = self.n_correct / m
         if not wants_grad:
