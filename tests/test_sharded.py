@@ -554,3 +554,22 @@ def test_a_loss_beyond_float32_raises():
     x = torch.full((3, 5), 1e20)
     with pytest.raises(FloatingPointError, match="the loss of the sharded softmax head"):
         module(x, torch.tensor([0, 0, 0]))
+
+
+def test_float32_embeddings_with_a_float64_head_compute_in_float64():
+    rng = np.random.default_rng(9)
+    x = torch.tensor(rng.standard_normal((10, D)), dtype=torch.float32, requires_grad=True)
+    labels = torch.from_numpy(rng.integers(0, C, 10))
+    sharded = distributed.ShardedMarginSoftmax("cosface", C, D, scale=8.0).double()
+    single = theads.CosFace(C, D, scale=8.0).double()
+    with torch.no_grad():
+        single.weight.copy_(sharded.weight)
+    got = sharded(x, labels)
+    got.backward()
+    grad, x.grad = x.grad.clone(), None
+    want = single(x, labels)
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad, x.grad)
+    torch.testing.assert_close(sharded.weight.grad, single.weight.grad, rtol=1e-11, atol=1e-14)

@@ -206,6 +206,7 @@ class ShardedMarginSoftmax(torch.nn.Module):
         cw = b"" if self.class_weight is None else self.class_weight.cpu().numpy().tobytes()
         text = repr((self.kind, sorted(self._head.items()), self.reduction, self.num_classes,
                      self.embedding_dim, self.sample_rate, self.bias is not None,
+                     str(self.weight.dtype),
                      self.scale_for_ddp, zlib.crc32(cw)))
         return zlib.crc32(text.encode())
 
@@ -279,7 +280,7 @@ class ShardedMarginSoftmax(torch.nn.Module):
         names = {1: "the embedding width", 2: "the embeddings' dtype",
                  3: "whether a gradient is wanted (requires_grad and grad mode)",
                  4: "the head's options (kind, margins, classes, sample_rate, "
-                    "class_weight)", 5: "the sampling step (sample_step)",
+                    "class_weight, weight dtype)", 5: "the sampling step (sample_step)",
                  6: "training or eval mode"}
         for column, name in names.items():
             values = headers[:, column]
@@ -289,8 +290,8 @@ class ShardedMarginSoftmax(torch.nn.Module):
                                  f"call the same head the same way")
         sizes = [int(s) for s in headers[:, 0]]
         n_max = max(sizes)
-        compute = torch.float64 if x.dtype == torch.float64 and \
-            weight.dtype == torch.float64 else torch.float32
+        # As the single-process heads: float64 if either side is, else float32.
+        compute = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
         x_all = _gather_rows(group, x.detach().to(compute), sizes, n_max)
         labels_all = _gather_rows(group, torch.from_numpy(codes).to(device), sizes,
                                   n_max).cpu().numpy()
@@ -388,7 +389,8 @@ class _ShardedFunction(torch.autograd.Function):
         loss, x_grad, wgrad, bgrad = module._step(x, labels, weight, bias, sampling, wants)
         ctx.grads = (x_grad, wgrad, bgrad)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        out_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        # The compute dtype, as the single-process heads return it.
+        out_dtype = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
         return torch.tensor(loss, dtype=out_dtype, device=x.device)
 
     @staticmethod
