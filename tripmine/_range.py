@@ -59,13 +59,14 @@ def _peak(value: Any) -> float:
     return float(np.max(np.abs(value))) if value.size else 0.0
 
 
-def check_loss_fits(loss: Any, name: str, itemsize: int) -> None:
+def check_loss_fits(loss: Any, name: str, itemsize: int, checked_inputs: bool = True) -> None:
     """A loss must fit the dtype the call computed in (itemsize 4 or 8): an overflowed
     intermediate (margins near the largest double, sums beyond it), or for float32 a loss
     beyond float32's range, raises instead of coming back as inf, NaN or a number float32
-    cannot hold.  (NaN also comes from NaN inputs let in with ``check_finite=False``.)"""
+    cannot hold.  With ``checked_inputs`` False (``check_finite=False``) a NaN loss is left
+    alone: it comes from NaN inputs, whose results are undefined (README)."""
     peak = _peak(loss)
-    if peak <= F32_MAX:
+    if peak <= F32_MAX or (math.isnan(peak) and not checked_inputs):
         return
     if not math.isfinite(peak):
         raise FloatingPointError(f"the loss of {name} is {peak}: an intermediate overflowed "
@@ -83,7 +84,8 @@ def check_loss(result: Any, name: str, names: tuple, args: tuple, keywords: dict
     arrays = [v for n in ("x", "ref") for v in (positional.get(n, keywords.get(n)),)
               if v is not None]
     wide = any(np.asarray(a).dtype.itemsize == 8 for a in arrays)
-    check_loss_fits(result.loss, name, 8 if wide else 4)
+    check_loss_fits(result.loss, name, 8 if wide else 4,
+                    bool(keywords.get("check_finite", True)))
 
 
 def _float_arrays(bound: dict) -> list[str]:

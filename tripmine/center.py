@@ -167,7 +167,7 @@ def center_loss(x: Any, labels: Any, centers: Any, *, reduction: str = "mean",
                                                 want_cgrad, upstream=up)
     # Before the update: a refused loss leaves the centers as they were.
     _range.check_loss_fits(per_sample if reduction == "none" else float(loss), "center_loss",
-                           dtype.itemsize)
+                           dtype.itemsize, check_finite or alpha is not None)
     if alpha is not None:  # after the loss: c_arr may be centers itself
         _core.update_centers(centers, x_update, codes, alpha)
     return CenterLossResult(per_sample if reduction == "none" else float(loss), g, cg, n)

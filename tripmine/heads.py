@@ -274,7 +274,7 @@ def _run_host(head: dict, x: Any, labels: Any, weight: Any, *, bias: Any, class_
                                     np.max(np.abs(value), initial=0.0) <= _range.F32_MAX):
         # float32 logits W.x that overflowed (unnormalised heads): _run reruns in float64.
         raise _range.OutOfRange(f"the {head['kind']} head")
-    _range.check_loss_fits(value, f"the {head['kind']} head", dtype.itemsize)
+    _range.check_loss_fits(value, f"the {head['kind']} head", dtype.itemsize, check_finite)
     return SoftmaxLossResult(per_sample if reduction == "none" else float(loss), g, wg, bg, n,
                              correct, correct / n if n else 0.0)
 
