@@ -65,6 +65,40 @@ static inline double TM_FN(reduction_scale)(int reduction, int64_t count, int64_
     }
 }
 
+/* Whether every entry is finite: a branch-free pass over values just written, on their
+ * bits.  The exponent field plus one carries into the sign bit only when it is all ones
+ * (inf or NaN), so the pass is adds, ands and ors, which vectorise on any x86-64 (a
+ * float compare, or a 64-bit one, does not on SSE2).  The losses run it over their
+ * gradients, so that an overflow (rows or margins near the top of the precision) is
+ * TM_ERR_RANGE, never an inf or NaN handed back. */
+static inline int TM_FN(all_finite)(const TM_REAL *v, size_t count)
+{
+#if TM_BITS == 32
+    typedef uint32_t bits_type;
+    const bits_type exponent = 0x7f800000u, one = 0x00800000u;
+#else
+    typedef uint64_t bits_type;
+    const bits_type exponent = 0x7ff0000000000000u, one = 0x0010000000000000u;
+#endif
+    bits_type carries = 0;
+    for (size_t i = 0; i < count; ++i) {
+        bits_type bits;
+        memcpy(&bits, v + i, sizeof(bits));
+        carries |= (bits & exponent) + one;
+    }
+    return !(carries >> (8 * sizeof(bits_type) - 1));
+}
+
+/* TM_OK, or TM_ERR_RANGE when grad (n x d) or ref_grad (m x d; either may be NULL) holds
+ * an entry beyond the precision (see all_finite). */
+static inline int TM_FN(check_gradients)(const TM_REAL *grad, int64_t n, const TM_REAL *ref_grad,
+                                         int64_t m, int64_t d)
+{
+    const int fits = (grad == NULL || TM_FN(all_finite)(grad, (size_t)(n * d))) &&
+                     (ref_grad == NULL || TM_FN(all_finite)(ref_grad, (size_t)(m * d)));
+    return fits ? TM_OK : TM_ERR_RANGE;
+}
+
 static inline int TM_FN(valid_reduction)(int reduction)
 {
     return reduction == TM_REDUCE_MEAN || reduction == TM_REDUCE_SUM ||
@@ -114,6 +148,7 @@ typedef struct {
     const TM_REAL *x, *r;
     int64_t n, d;
     int metric;
+    tm_row_scale scale;      /* rows given at 2^e times the caller's (dense_init) */
     const double *x_norms, *r_norms; /* cosine only */
     const tm_kernel_set *kernels;
     /* options */
@@ -237,15 +272,17 @@ static inline void TM_FN(dense_free)(TM_FN(dense_op) *s)
     tm_free(s->pos_hits);
 }
 
-/* Records pair (a, j) with gradient weight w: beta into the coefficient row,
- * alpha into *alpha_sum, gamma into the thread's per-reference sums. */
+/* Records pair (a, j) with gradient weight w = dL/dd at distance dist (both in
+ * the caller's units, see tm_row_scale): beta into the coefficient row, alpha
+ * into *alpha_sum, gamma into the thread's per-reference sums. */
 static inline void TM_FN(dense_pair)(const TM_FN(dense_op) *s, int thread, int part,
                                      int64_t a, int64_t j, double w, double dist,
                                      TM_REAL *coef_row, double *alpha_sum)
 {
     const double norm_a = s->x_norms != NULL ? s->x_norms[a] : 0.0;
     const double norm_j = s->r_norms != NULL ? s->r_norms[j] : 0.0;
-    const TM_FN(pair_coef) c = TM_FN(pair_coefficients)(s->metric, w, dist, norm_a, norm_j);
+    const TM_FN(pair_coef) c =
+        TM_FN(pair_coefficients)(s->metric, w * s->scale.coef, dist, norm_a, norm_j);
     coef_row[j] = (TM_REAL)c.beta;
     *alpha_sum += c.alpha;
     if (s->want_ref_side && j >= s->ref_lo && j < s->ref_hi)
@@ -318,13 +355,19 @@ static inline int TM_FN(dense_block)(void *op, int thread, int64_t row0, int64_t
 }
 
 
-/* Allocations shared by the two dense losses: per-anchor arrays and norms. */
+/* Allocations shared by the dense losses: per-anchor arrays and norms.  The
+ * row walks see their distances in the caller's units (the tile problem's
+ * row_exponent); the exact distances a loss takes itself go through
+ * dense_distance. */
 static inline int TM_FN(dense_init)(TM_FN(dense_op) *s, const TM_REAL *x, int64_t n,
                                     const TM_REAL *ref, int64_t m, int64_t d, int metric,
-                                    const int64_t *labels, const int64_t *ref_labels,
-                                    int64_t ref_offset, int parts)
+                                    int row_exponent, const int64_t *labels,
+                                    const int64_t *ref_labels, int64_t ref_offset, int parts)
 {
     memset(s, 0, sizeof(*s));
+    const int scale_status = tm_row_scale_init(metric, row_exponent, &s->scale);
+    if (scale_status != TM_OK)
+        return scale_status;
     TM_FN(row_common_init)(&s->c, labels, ref, ref_labels, m, ref_offset);
     s->x = x;
     s->r = ref == NULL ? x : ref;
@@ -361,6 +404,15 @@ static inline int TM_FN(dense_init)(TM_FN(dense_op) *s, const TM_REAL *x, int64_
         s->r_norms = norms + n;
     }
     return TM_OK;
+}
+
+/* The exact distance (direct difference) of rows a of x and j of the reference set, in
+ * the caller's units. */
+static inline double TM_FN(dense_distance)(const TM_FN(dense_op) *s, int64_t a, int64_t j)
+{
+    return tm_caller_distance(&s->scale, TM_FN(tm_exact_distance)(s->x + a * s->d,
+                                                                  s->r + j * s->d, s->d,
+                                                                  s->metric));
 }
 
 static inline void TM_FN(dense_release)(TM_FN(dense_op) *s)

@@ -57,7 +57,7 @@ int TM_FN(tm_pairwise_distances)(const TM_REAL *x, int64_t n, const TM_REAL *ref
     if (out == NULL && out_bytes > 0)
         return TM_ERR_INVALID;
     TM_FN(write_ctx) ctx = {out, m};
-    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
+    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric, 0};
     const TM_FN(tm_reducer) reducer = {&ctx, 0, 0, 0, NULL, NULL,
                                        ref == NULL ? TM_FN(write_tile_symmetric)
                                                    : TM_FN(write_tile),
@@ -177,7 +177,7 @@ int TM_FN(tm_nearest_neighbors)(const TM_REAL *x, int64_t n, const TM_REAL *ref,
     if (k < 1 || (n > 0 && (out_index == NULL || out_dist == NULL)))
         return TM_ERR_INVALID;
     TM_FN(knn_ctx) ctx = {out_index, out_dist, k, ref == NULL};
-    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
+    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric, 0};
     const TM_FN(tm_reducer) reducer = {&ctx, 1, 0, 0, NULL, TM_FN(knn_begin), TM_FN(knn_tile),
                                        TM_FN(knn_end), 0};
     if (m == 0) { /* the engine visits no tile: pad every row here */

@@ -40,7 +40,10 @@ typedef struct {
 } TM_FN(tm_reducer);
 
 /* x is n x d; ref is m x d, or NULL for self mode (ref = x, m = n, and the
- * diagonal distance is exactly 0). */
+ * diagonal distance is exactly 0).  row_exponent e (euclidean metrics; 0 for
+ * cosine): x and ref are the caller's rows times 2^e, and the tiles hold the
+ * caller's distances, 2^-e (2^-2e squared) times the given rows' (see
+ * tm_row_scale). */
 typedef struct {
     const TM_REAL *x;
     int64_t n;
@@ -48,6 +51,7 @@ typedef struct {
     int64_t m;
     int64_t d;
     int metric;
+    int row_exponent;
 } TM_FN(tm_tile_problem);
 
 int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,

@@ -247,7 +247,25 @@ typedef struct {
     TM_FN(tm_dot_kernel) dot;
     tm_gram_row_kernel gram_row; /* the kernel set's finishing of euclidean rows */
     tm_clamp_row_kernel clamp_row;
+    tm_row_scale scale; /* the problem's row_exponent: tiles in the caller's units */
+    atomic_int *beyond; /* set when such a distance overflows TM_REAL: TM_ERR_RANGE */
 } TM_FN(engine_plan);
+
+/* A row of a tile in the caller's units (the problem's row_exponent); an overflow
+ * flags the plan.  Out of line: the tile loop stays as it was for the usual call. */
+#if defined(__GNUC__)
+__attribute__((noinline, cold))
+#endif
+static void TM_FN(to_caller_units)(const TM_FN(engine_plan) *pl, TM_REAL *t, int64_t count)
+{
+    int beyond = 0;
+    for (int64_t j = 0; j < count; ++j) {
+        t[j] = (TM_REAL)tm_caller_distance(&pl->scale, (double)t[j]);
+        beyond |= isinf(t[j]) != 0;
+    }
+    if (beyond)
+        atomic_store_explicit(pl->beyond, 1, memory_order_relaxed);
+}
 
 /* Fills tile[i*nc + j] with d(row0 + i, col0 + j); with upper, only the
  * entries with col0 + j >= row0 + i (micro-tiles wholly below the diagonal
@@ -310,6 +328,8 @@ static void TM_FN(compute_tile)(const TM_FN(engine_plan) *pl, int64_t row0,
                         t[j] = (TM_REAL)TM_FN(tm_exact_sqeuclidean)(
                             xi, pl->ref + (first_col + j) * d, d);
             pl->clamp_row(t, wanted, pl->metric == TM_METRIC_EUCLIDEAN);
+            if (pl->scale.shift != 0) /* the rare rerun of rows of extreme magnitude */
+                TM_FN(to_caller_units)(pl, t, wanted);
         }
         if (pl->self && row >= first_col && row < col0 + ncols)
             t[row - first_col] = 0;
@@ -390,6 +410,9 @@ int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
 
     const tm_kernel_set *kernels = tm_active_kernels();
     TM_FN(engine_plan) plan;
+    const int scale_status = tm_row_scale_init(metric, problem->row_exponent, &plan.scale);
+    if (scale_status != TM_OK)
+        return scale_status;
     plan.x = problem->x;
     plan.ref = self ? problem->x : problem->ref;
     plan.n = n;
@@ -483,12 +506,18 @@ int TM_FN(tm_tile_engine)(const TM_FN(tm_tile_problem) *problem,
     plan.x_norms_real = real_norms;
     plan.ref_norms_real = self ? real_norms : real_norms + n;
 
+    atomic_int beyond = 0;
+    plan.beyond = &beyond;
     TM_FN(engine_job) job = {&plan, reducer, col_blocks, tiles, TM_OK};
     if (reducer->static_schedule)
         tm_parallel_slots(threads, units, TM_FN(run_unit), &job);
     else
         tm_parallel_for(threads, units, 1, TM_FN(run_units), &job);
     status = atomic_load(&job.status);
+    /* A distance in the caller's units beyond TM_REAL (row_exponent): the reducer has
+     * seen inf; its owner writes nothing on an error. */
+    if (status == TM_OK && atomic_load(&beyond))
+        status = TM_ERR_RANGE;
 
 done:
     tm_free(x_packed);

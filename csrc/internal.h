@@ -7,6 +7,7 @@
 
 #include <stddef.h>
 #include <float.h>
+#include <math.h>
 #include <stdint.h>
 
 #include "tripmine.h"
@@ -284,6 +285,42 @@ static inline void tm_flush_subnormals_end(unsigned previous)
 #define TM_GEMM_ROWS 64
 #define TM_GEMM_KC 256
 int64_t tm_gemm_scratch_elems(const tm_kernel_set *kernels);
+
+/* Rows given at 2^e times the caller's (a row_exponent e, which the float64 range
+ * rerun uses to bring rows of extreme magnitude into the engine's window; euclidean
+ * metrics only).  A distance of the given rows converts to the caller's by
+ * ldexp(d, shift), shift = -e (euclidean) or -2e (sqeuclidean), exact unless the
+ * result leaves double's normal range; a pair's gradient weight w = dL/dd (in the
+ * caller's units) enters the coefficients as w * coef, coef = 2^-e, so that
+ * products with the given rows are the gradient with respect to the caller's rows
+ * (euclidean: w 2^-e / d times 2^e (x - r); sqeuclidean: 2 w 2^-e times 2^e (x - r)). */
+#define TM_MAX_ROW_EXPONENT 1000
+typedef struct {
+    int shift;
+    double coef;
+} tm_row_scale;
+
+/* TM_ERR_INVALID for an exponent with the cosine metric (scale-free) or beyond
+ * +-TM_MAX_ROW_EXPONENT. */
+static inline int tm_row_scale_init(int metric, int row_exponent, tm_row_scale *out)
+{
+    out->shift = 0;
+    out->coef = 1.0;
+    if (row_exponent == 0)
+        return TM_OK;
+    if (metric == TM_METRIC_COSINE || row_exponent < -TM_MAX_ROW_EXPONENT ||
+        row_exponent > TM_MAX_ROW_EXPONENT)
+        return TM_ERR_INVALID;
+    out->shift = metric == TM_METRIC_SQEUCLIDEAN ? -2 * row_exponent : -row_exponent;
+    out->coef = ldexp(1.0, -row_exponent);
+    return TM_OK;
+}
+
+/* A distance of the given rows in the caller's units. */
+static inline double tm_caller_distance(const tm_row_scale *scale, double v)
+{
+    return scale->shift != 0 ? ldexp(v, scale->shift) : v;
+}
 
 #define TM_BITS 32
 #include "template.h"

@@ -67,11 +67,10 @@ static inline double TM_FN(lifted_exp)(double v)
 #endif
 }
 
-/* The exact distance of positive entry (i, j). */
+/* The exact distance of positive entry (i, j), in the caller's units. */
 static inline double TM_FN(lifted_pos_dist)(const TM_FN(lifted_op) *L, int64_t i, int64_t j)
 {
-    const TM_FN(dense_op) *s = &L->dense;
-    return TM_FN(tm_exact_distance)(s->x + i * s->d, s->r + j * s->d, s->d, s->metric);
+    return TM_FN(dense_distance)(&L->dense, i, j);
 }
 
 /* Song's hinge h_ij for the positive entry (i, j) at distance dist. */
@@ -242,8 +241,10 @@ static void TM_FN(negative_weights)(TM_FN(dense_op) *s, int thread, int64_t a, T
     const int64_t m = s->c.lv.m, label = s->c.lv.labels[a];
     const int64_t *ref_labels = s->c.lv.ref_labels;
     if (s->metric != TM_METRIC_COSINE) {
-        *alpha += TM_FN(kernel_lifted_beta)(s->kernels)(row, ref_labels, label, m, shift, tau,
-                                                        col_shift, col_tau,
+        /* The kernel's coefficients take the rows' scale through tau (col_tau has it
+         * from column_terms): w 2^-e / d, see tm_row_scale. */
+        *alpha += TM_FN(kernel_lifted_beta)(s->kernels)(row, ref_labels, label, m, shift,
+                                                        tau * s->scale.coef, col_shift, col_tau,
                                                         s->metric == TM_METRIC_SQEUCLIDEAN);
         if (s->want_ref_side) { /* euclidean metrics: gamma = alpha = -beta */
             double *gamma = s->gamma[0] + (size_t)thread * (size_t)s->span - s->ref_lo;
@@ -456,7 +457,7 @@ static int TM_FN(column_terms)(TM_FN(lifted_op) *L)
     L->col_tau_real = L->col_shift_real + m;
     for (int64_t j = 0; j < m; ++j) {
         L->col_shift_real[j] = (TM_REAL)(L->neg_margin - L->col_lse[j]);
-        L->col_tau_real[j] = (TM_REAL)L->col_tau[j];
+        L->col_tau_real[j] = (TM_REAL)(L->col_tau[j] * L->dense.scale.coef); /* cosine: 1 */
     }
     return TM_OK;
 }
@@ -517,7 +518,8 @@ static int TM_FN(generalized_prepare)(TM_FN(lifted_op) *L, const TM_FN(tm_tile_p
 }
 
 int TM_FN(tm_lifted_structured_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m,
-                                     int64_t d, int metric, const int64_t *labels,
+                                     int64_t d, int metric, int row_exponent,
+                                     const int64_t *labels,
                                      const int64_t *ref_labels, int64_t ref_offset,
                                      double neg_margin, double pos_margin, int generalized,
                                      int reduction, double *loss, int64_t *counts,
@@ -533,11 +535,12 @@ int TM_FN(tm_lifted_structured_loss)(const TM_REAL *x, int64_t n, const TM_REAL 
     TM_FN(lifted_op) L;
     memset(&L, 0, sizeof(L));
     TM_FN(dense_op) *s = &L.dense;
-    status = TM_FN(dense_init)(s, x, n, ref, m, d, metric, labels, ref_labels, ref_offset, 1);
+    status = TM_FN(dense_init)(s, x, n, ref, m, d, metric, row_exponent, labels, ref_labels,
+                               ref_offset, 1);
     L.neg_margin = neg_margin;
     L.pos_margin = pos_margin;
     L.generalized = generalized;
-    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
+    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric, row_exponent};
     if (status == TM_OK)
         status = tm_label_groups_build(s->c.lv.ref_labels, m, &L.ref_groups);
     /* Self mode's weights are symmetric (the generalized form's made so): the anchor
@@ -570,6 +573,7 @@ int TM_FN(tm_lifted_structured_loss)(const TM_REAL *x, int64_t n, const TM_REAL 
             if (per_anchor != NULL)
                 for (int64_t a = 0; a < n; ++a)
                     per_anchor[a] = s->loss[0][a];
+            status = TM_FN(check_gradients)(grad, n, ref != NULL ? ref_grad : NULL, m, d);
         }
     }
     TM_FN(lifted_release)(&L);

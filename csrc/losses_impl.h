@@ -18,24 +18,35 @@ static double TM_FN(sigmoid)(double z)
     return e / (1.0 + e);
 }
 
-/* Writes scale * acc (double) into out (TM_REAL). */
-/* out = scale * acc in the working precision; 0 when a value overflowed it (a float
- * gradient beyond float: TM_ERR_RANGE, which the caller reruns in double). */
+/* out = scale * acc in the working precision; 0 when a value is not finite there (an
+ * overflow: TM_ERR_RANGE, which the caller reruns in double, or for double reports).
+ * Euclidean gradients need no test: each term adds at most 2 (its weight, at most 1,
+ * times unit vectors), and infinite distances were refused before.  Elsewhere the test
+ * rides along the stores, on the bits as all_finite takes them. */
 static int TM_FN(store_scaled)(TM_REAL *out, const double *acc, size_t count, double scale,
-                              int metric)
+                               int metric)
 {
-    for (size_t i = 0; i < count; ++i)
-        out[i] = (TM_REAL)(scale * acc[i]);
-    /* Double from double cannot overflow; nor can euclidean gradients, at most 2 per term
-     * (unit vectors). */
-    if (sizeof(TM_REAL) == 8 || metric == TM_METRIC_EUCLIDEAN)
+    if (metric == TM_METRIC_EUCLIDEAN) {
+        for (size_t i = 0; i < count; ++i)
+            out[i] = (TM_REAL)(scale * acc[i]);
         return 1;
-    /* A second, branch-free pass (it vectorises): v - v is 0 unless v is inf (or NaN,
-     * which only unchecked NaN inputs produce). */
-    int beyond = 0;
-    for (size_t i = 0; i < count; ++i)
-        beyond |= (out[i] - out[i]) != 0;
-    return !beyond;
+    }
+#if TM_BITS == 32
+    typedef uint32_t bits_type;
+    const bits_type exponent = 0x7f800000u, one = 0x00800000u;
+#else
+    typedef uint64_t bits_type;
+    const bits_type exponent = 0x7ff0000000000000u, one = 0x0010000000000000u;
+#endif
+    bits_type carries = 0;
+    for (size_t i = 0; i < count; ++i) {
+        const TM_REAL value = (TM_REAL)(scale * acc[i]);
+        bits_type bits;
+        memcpy(&bits, &value, sizeof(bits));
+        carries |= (bits & exponent) + one;
+        out[i] = value;
+    }
+    return !(carries >> (8 * sizeof(bits_type) - 1));
 }
 
 /* Stable counting sort of triplet numbers by the row that `rows_of` names:
@@ -69,6 +80,7 @@ typedef struct {
     int offset;             /* 0 (positive) or 3 (negative) */
     double *target;         /* gradient rows of the role being written */
     const double *pair_g;   /* NULL, or per triplet dL/dd(a,p) and dL/dd(a,n) (margin loss) */
+    double row_coef;        /* the rows' scale (tm_row_scale): 1 unless rerun */
 } TM_FN(triplet_grad_job);
 
 static void TM_FN(triplet_coef_range)(void *ctx, int participant, int64_t begin, int64_t end)
@@ -88,6 +100,8 @@ static void TM_FN(triplet_coef_range)(void *ctx, int participant, int64_t begin,
             gp = job->scale * (job->soft ? TM_FN(sigmoid)(z) : (z > 0.0 ? 1.0 : 0.0));
             gn = -gp;
         }
+        gp *= job->row_coef;
+        gn *= job->row_coef;
         const TM_REAL *xa = job->x + job->anchor[i] * d;
         const double norm_a = cosine ? TM_FN(norm_of)(xa, d) : 0.0;
         const double norm_p = cosine ? TM_FN(norm_of)(job->r + job->positive[i] * d, d) : 0.0;
@@ -152,7 +166,8 @@ static int TM_FN(triplet_gradient)(const TM_REAL *x, int64_t n, const TM_REAL *r
                                    int64_t d, int metric, const int64_t *anchor,
                                    const int64_t *positive, const int64_t *negative, int64_t t,
                                    double margin, int soft, double scale, const double *dists,
-                                   const double *pair_g, int self, double *gx, double *gr)
+                                   const double *pair_g, double row_coef, int self, double *gx,
+                                   double *gr)
 {
     memset(gx, 0, (size_t)(n * d) * sizeof(double));
     if (!self && gr != NULL)
@@ -179,7 +194,7 @@ static int TM_FN(triplet_gradient)(const TM_REAL *x, int64_t n, const TM_REAL *r
     /* Chunks of about 64 rows' (or triplets') work each. */
     const int64_t row_grain = 64, coef_grain = 1 + 16384 / (d > 0 ? d : 1);
     TM_FN(triplet_grad_job) job = {x, r, d, metric, soft, anchor, positive, negative, margin,
-                                   scale, dists, coef, start, order, 0, gx, pair_g};
+                                   scale, dists, coef, start, order, 0, gx, pair_g, row_coef};
     tm_parallel_for(threads, t, coef_grain, TM_FN(triplet_coef_range), &job);
     TM_FN(order_by_row)(anchor, t, n, start, order);
     tm_parallel_for(threads, n, row_grain, TM_FN(triplet_anchor_rows), &job);
@@ -206,6 +221,7 @@ typedef struct {
     double margin;
     int soft;
     double *work;
+    tm_row_scale scale; /* distances in the caller's units */
     atomic_int outside; /* a pair double cannot hold (TM_ERR_RANGE) */
 } TM_FN(triplet_dist_job);
 
@@ -217,10 +233,11 @@ static void TM_FN(triplet_dist_range)(void *ctx, int participant, int64_t begin,
     int outside = 0;
     for (int64_t i = begin; i < end; ++i) {
         const TM_REAL *xa = job->x + job->anchor[i] * d;
-        const double dap = TM_FN(tm_exact_distance_checked)(
-            xa, job->r + job->positive[i] * d, d, job->metric, &outside);
-        const double dan = TM_FN(tm_exact_distance_checked)(
-            xa, job->r + job->negative[i] * d, d, job->metric, &outside);
+        const double dap = tm_caller_distance(&job->scale, TM_FN(tm_exact_distance_checked)(
+            xa, job->r + job->positive[i] * d, d, job->metric, &outside));
+        const double dan = tm_caller_distance(&job->scale, TM_FN(tm_exact_distance_checked)(
+            xa, job->r + job->negative[i] * d, d, job->metric, &outside));
+        outside |= isinf(dap) || isinf(dan); /* in the caller's units, beyond double */
         const double z = dap - dan + job->margin;
         job->work[3 * i] = dap;
         job->work[3 * i + 1] = dan;
@@ -235,11 +252,12 @@ static void TM_FN(triplet_dist_range)(void *ctx, int participant, int64_t begin,
  * beta array the margin loss of Wu et al. (two hinges, see tm_margin_loss).
  * Exact distances per triplet, then the gradient pass of triplet_gradient. */
 static int TM_FN(given_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref,
-                                     int64_t m, int64_t d, int metric, const int64_t *anchor,
-                                     const int64_t *positive, const int64_t *negative, int64_t t,
-                                     double margin, int soft, const double *beta, int reduction,
-                                     double *loss, int64_t *n_active, double *per_triplet,
-                                     double *beta_grad, TM_REAL *grad, TM_REAL *ref_grad)
+                                     int64_t m, int64_t d, int metric, int row_exponent,
+                                     const int64_t *anchor, const int64_t *positive,
+                                     const int64_t *negative, int64_t t, double margin, int soft,
+                                     const double *beta, int reduction, double *loss,
+                                     int64_t *n_active, double *per_triplet, double *beta_grad,
+                                     TM_REAL *grad, TM_REAL *ref_grad)
 {
     const int self = ref == NULL;
     if (n < 0 || m < 0 || d < 0 || t < 0 || (self && m != n) || loss == NULL ||
@@ -251,9 +269,12 @@ static int TM_FN(given_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL 
             negative[i] < 0 || negative[i] >= m || (beta != NULL && !isfinite(beta[i])))
             return TM_ERR_INVALID;
     const TM_REAL *r = self ? x : ref;
+    tm_row_scale row_scale;
+    int status = tm_row_scale_init(metric, row_exponent, &row_scale);
+    if (status != TM_OK)
+        return status;
 
     size_t z_bytes, g_bytes, gx_bytes, gr_bytes;
-    int status;
     if ((status = tm_bytes(t, 3, sizeof(double), &z_bytes)) != TM_OK ||
         (status = tm_bytes(beta != NULL ? t : 0, 2, sizeof(double), &g_bytes)) != TM_OK ||
         (status = tm_bytes(grad != NULL ? n : 0, d, sizeof(double), &gx_bytes)) != TM_OK ||
@@ -273,7 +294,7 @@ static int TM_FN(given_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL 
     }
 
     TM_FN(triplet_dist_job) job = {x, r, d, metric, anchor, positive, negative, margin, soft,
-                                   work, 0};
+                                   work, row_scale, 0};
     tm_parallel_for(tm_threads_for(t / 256 + 1), t, 256, TM_FN(triplet_dist_range), &job);
     if (atomic_load(&job.outside)) { /* double rows beyond its window: nothing written */
         tm_free(work);
@@ -309,8 +330,8 @@ static int TM_FN(given_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL 
 
     if (grad != NULL) {
         status = TM_FN(triplet_gradient)(x, n, r, m, d, metric, anchor, positive, negative, t,
-                                         margin, soft, scale, work, pair_g, self, gx,
-                                         self || ref_grad == NULL ? NULL : gr);
+                                         margin, soft, scale, work, pair_g, row_scale.coef, self,
+                                         gx, self || ref_grad == NULL ? NULL : gr);
         if (status == TM_OK) {
             int fits = TM_FN(store_scaled)(grad, gx, (size_t)(n * d), 1.0, metric);
             if (!self && ref_grad != NULL)
@@ -327,14 +348,15 @@ static int TM_FN(given_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL 
 }
 
 int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m, int64_t d,
-                           int metric, const int64_t *anchor, const int64_t *positive,
-                           const int64_t *negative, int64_t t, double margin, int soft,
-                           int reduction, double *loss, int64_t *n_active, double *per_triplet,
-                           TM_REAL *grad, TM_REAL *ref_grad)
+                           int metric, int row_exponent, const int64_t *anchor,
+                           const int64_t *positive, const int64_t *negative, int64_t t,
+                           double margin, int soft, int reduction, double *loss,
+                           int64_t *n_active, double *per_triplet, TM_REAL *grad,
+                           TM_REAL *ref_grad)
 {
-    return TM_FN(given_triplet_loss)(x, n, ref, m, d, metric, anchor, positive, negative, t,
-                                     margin, soft, NULL, reduction, loss, n_active, per_triplet,
-                                     NULL, grad, ref_grad);
+    return TM_FN(given_triplet_loss)(x, n, ref, m, d, metric, row_exponent, anchor, positive,
+                                     negative, t, margin, soft, NULL, reduction, loss, n_active,
+                                     per_triplet, NULL, grad, ref_grad);
 }
 
 /* ---- margin loss over given triplets (Wu et al. 2017) ------------------------
@@ -346,17 +368,19 @@ int TM_FN(tm_triplet_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int6
  * receives dL/dbeta_t = scale ([neg > 0] - [pos > 0]); the gradient flows
  * through each active hinge's own distance (pair_g). */
 int TM_FN(tm_margin_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m, int64_t d,
-                          int metric, const int64_t *anchor, const int64_t *positive,
-                          const int64_t *negative, int64_t t, const double *beta, double margin,
-                          int reduction, double *loss, int64_t *n_active, double *per_triplet,
-                          double *beta_grad, TM_REAL *grad, TM_REAL *ref_grad)
+                          int metric, int row_exponent, const int64_t *anchor,
+                          const int64_t *positive, const int64_t *negative, int64_t t,
+                          const double *beta, double margin, int reduction, double *loss,
+                          int64_t *n_active, double *per_triplet, double *beta_grad,
+                          TM_REAL *grad, TM_REAL *ref_grad)
 {
     if (!(margin >= 0.0) || !isfinite(margin) || (t > 0 && beta == NULL))
         return TM_ERR_INVALID;
     static const double no_beta = 0.0; /* t == 0: a non-NULL beta keeps the margin path */
-    return TM_FN(given_triplet_loss)(x, n, ref, m, d, metric, anchor, positive, negative, t,
-                                     margin, 0, beta != NULL ? beta : &no_beta, reduction, loss,
-                                     n_active, per_triplet, beta_grad, grad, ref_grad);
+    return TM_FN(given_triplet_loss)(x, n, ref, m, d, metric, row_exponent, anchor, positive,
+                                     negative, t, margin, 0, beta != NULL ? beta : &no_beta,
+                                     reduction, loss, n_active, per_triplet, beta_grad, grad,
+                                     ref_grad);
 }
 
 /* The distance of two rows as batch-all's few-positives rows take it for a
@@ -564,7 +588,7 @@ static int TM_FN(batch_all_row)(void *op, int thread, int64_t a, int64_t row_in_
     int64_t n_pos, n_neg;
     /* The row passes run in the working precision: a margin far beyond it (float32
      * max is 3.4e38) takes the double-precision path below instead. */
-    if (!s->soft && s->metric != TM_METRIC_COSINE &&
+    if (!s->soft && s->metric != TM_METRIC_COSINE && s->scale.shift == 0 &&
         fabs(s->margin) <= (TM_BITS == 32 ? 1e30 : 1e300)) {
         positives = TM_SCRATCH(&s->c.scratch, positives, thread);
         n_pos = TM_FN(gather_positives)(&s->c.lv, a, dist, positives, TM_LINEAR_POSITIVES + 1);
@@ -740,7 +764,7 @@ static void TM_FN(batch_all_finish)(TM_FN(dense_op) *s, void *ctx, double *scale
 }
 
 int TM_FN(tm_batch_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m,
-                             int64_t d, int metric, const int64_t *labels,
+                             int64_t d, int metric, int row_exponent, const int64_t *labels,
                              const int64_t *ref_labels, int64_t ref_offset, double margin,
                              int soft, int reduction, double *loss, int64_t *n_triplets,
                              int64_t *n_active, double *per_anchor, TM_REAL *grad,
@@ -753,7 +777,8 @@ int TM_FN(tm_batch_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, in
     if (n_triplets == NULL || n_active == NULL)
         return TM_ERR_INVALID;
     TM_FN(dense_op) s;
-    status = TM_FN(dense_init)(&s, x, n, ref, m, d, metric, labels, ref_labels, ref_offset, 1);
+    status = TM_FN(dense_init)(&s, x, n, ref, m, d, metric, row_exponent, labels, ref_labels,
+                               ref_offset, 1);
     if (status == TM_OK) {
         s.margin = margin;
         s.soft = soft;
@@ -761,7 +786,7 @@ int TM_FN(tm_batch_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, in
         s.want_ref_side = grad != NULL && (ref == NULL || ref_grad != NULL);
         s.anchor_grad[0] = grad; /* unscaled during the walk, scaled by finish */
         if (ref == NULL && grad != NULL && !soft && metric != TM_METRIC_COSINE &&
-            fabs(margin) <= (TM_BITS == 32 ? 1e30 : 1e300))
+            s.scale.shift == 0 && fabs(margin) <= (TM_BITS == 32 ? 1e30 : 1e300))
             status = TM_FN(two_sided_setup)(&s);
         if (s.two_sided)
             s.want_ref_side = 0; /* the rows' coefficients cover both sides */
@@ -771,7 +796,7 @@ int TM_FN(tm_batch_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, in
         /* In self mode x is also the reference set: both sides land in grad. */
         TM_FN(batch_all_out) out = {reduction, loss, n_triplets, n_active, per_anchor, grad};
         double scale[2];
-        const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
+        const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric, row_exponent};
         if (status == TM_OK)
             status = TM_FN(dense_run)(&s, &problem, TM_FN(batch_all_row),
                                       TM_FN(batch_all_finish), &out, scale,
@@ -779,6 +804,8 @@ int TM_FN(tm_batch_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, in
         if (status == TM_OK && s.two_sided)
             TM_FN(two_sided_positives)(&s, grad, scale[0]);
     }
+    if (status == TM_OK)
+        status = TM_FN(check_gradients)(grad, n, ref != NULL ? ref_grad : NULL, m, d);
     TM_FN(dense_release)(&s);
     return status;
 }
@@ -829,7 +856,7 @@ static void TM_FN(contrastive_finish)(TM_FN(dense_op) *s, void *ctx, double *sca
 }
 
 int TM_FN(tm_contrastive_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m,
-                               int64_t d, int metric, const int64_t *labels,
+                               int64_t d, int metric, int row_exponent, const int64_t *labels,
                                const int64_t *ref_labels, int64_t ref_offset, double pos_margin,
                                double neg_margin, int power, int reduction, double *loss,
                                int64_t *counts, double *per_anchor, TM_REAL *grad,
@@ -843,7 +870,8 @@ int TM_FN(tm_contrastive_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, 
         return TM_ERR_INVALID;
     TM_FN(dense_op) s;
     TM_REAL *anchor_neg = NULL;
-    status = TM_FN(dense_init)(&s, x, n, ref, m, d, metric, labels, ref_labels, ref_offset, 2);
+    status = TM_FN(dense_init)(&s, x, n, ref, m, d, metric, row_exponent, labels, ref_labels,
+                               ref_offset, 2);
     if (status == TM_OK) {
         s.pos_margin = pos_margin;
         s.neg_margin = neg_margin;
@@ -865,10 +893,12 @@ int TM_FN(tm_contrastive_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, 
             memset(ref_grad, 0, (size_t)(m * d) * sizeof(TM_REAL));
         TM_FN(contrastive_out) out = {reduction, ref == NULL, loss, counts, per_anchor, grad};
         double scale[2];
-        const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
+        const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric, row_exponent};
         status = TM_FN(dense_run)(&s, &problem, TM_FN(contrastive_row),
                                   TM_FN(contrastive_finish), &out, scale, ref_grad);
     }
+    if (status == TM_OK)
+        status = TM_FN(check_gradients)(grad, n, ref != NULL ? ref_grad : NULL, m, d);
     tm_free(anchor_neg);
     TM_FN(dense_release)(&s);
     return status;

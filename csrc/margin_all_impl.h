@@ -68,8 +68,7 @@ static int TM_FN(margin_all_row)(void *op, int thread, int64_t a, int64_t row_in
         const int64_t j = members[q];
         if (j == own)
             continue;
-        const double v = TM_FN(tm_exact_distance)(s->x + a * s->d, s->r + j * s->d, s->d,
-                                                  s->metric);
+        const double v = TM_FN(dense_distance)(s, a, j);
         const int on = counted && v > low;
         double w = on ? p_weight : 0.0;
         if (on) {
@@ -123,7 +122,7 @@ static void TM_FN(margin_all_finish)(TM_FN(dense_op) *s, void *ctx, double *scal
 }
 
 int TM_FN(tm_margin_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t m,
-                              int64_t d, int metric, const int64_t *labels,
+                              int64_t d, int metric, int row_exponent, const int64_t *labels,
                               const int64_t *ref_labels, int64_t ref_offset, double margin,
                               const double *beta, double nu, int reduction, double *loss,
                               int64_t *counts, double *per_anchor, double *beta_grad,
@@ -143,7 +142,8 @@ int TM_FN(tm_margin_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, i
     TM_FN(margin_all_op) M;
     memset(&M, 0, sizeof(M));
     TM_FN(dense_op) *s = &M.dense;
-    status = TM_FN(dense_init)(s, x, n, ref, m, d, metric, labels, ref_labels, ref_offset, 1);
+    status = TM_FN(dense_init)(s, x, n, ref, m, d, metric, row_exponent, labels, ref_labels,
+                               ref_offset, 1);
     M.margin = margin;
     M.nu = nu;
     M.beta = beta;
@@ -172,10 +172,12 @@ int TM_FN(tm_margin_all_loss)(const TM_REAL *x, int64_t n, const TM_REAL *ref, i
         TM_FN(dense_start)(s, grad, ref_grad);
         TM_FN(margin_all_out) out = {reduction, loss, counts, per_anchor, grad};
         double scale[2];
-        const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
+        const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric, row_exponent};
         status = TM_FN(dense_run)(s, &problem, TM_FN(margin_all_row), TM_FN(margin_all_finish),
                                   &out, scale, ref == NULL ? grad : ref_grad);
     }
+    if (status == TM_OK)
+        status = TM_FN(check_gradients)(grad, n, ref != NULL ? ref_grad : NULL, m, d);
     tm_free(M.ref_groups.label);
     tm_free(M.row_pos);
     TM_FN(dense_release)(s);

@@ -212,7 +212,7 @@ int TM_FN(tm_batch_hard)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_
     if (n > 0 && (positive == NULL || negative == NULL))
         return TM_ERR_INVALID;
     if (ref == NULL) {
-        const TM_FN(tm_tile_problem) problem = {x, n, NULL, n, d, metric};
+        const TM_FN(tm_tile_problem) problem = {x, n, NULL, n, d, metric, 0};
         return TM_FN(batch_hard_symmetric)(&problem, labels, positive, negative);
     }
     size_t bytes;
@@ -223,7 +223,7 @@ int TM_FN(tm_batch_hard)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_
         return TM_ERR_NOMEM;
     TM_FN(batch_hard_ctx) ctx = {{labels, ref_labels, 0, m, ref_offset},
                                  positive, negative, best, best + n};
-    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
+    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric, 0};
     const TM_FN(tm_reducer) reducer = {&ctx, 1, 0, 0, NULL, TM_FN(batch_hard_begin),
                                        TM_FN(batch_hard_tile), NULL, 0};
     status = TM_FN(tm_tile_engine)(&problem, &reducer);
@@ -414,7 +414,7 @@ int TM_FN(tm_semi_hard)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int64_t
     s.slots.pos_offsets = pos_offsets;
     s.slots.out_positive = out_positive;
     s.slots.out_negative = out_negative;
-    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
+    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric, 0};
     const TM_FN(tm_row_op) op = {&s, TM_FN(row_common_setup), TM_FN(semi_hard_row), NULL, 0};
     status = TM_FN(tm_run_rows)(&problem, &op);
     TM_FN(scratch_free)(&s.c.scratch);
@@ -526,7 +526,7 @@ int TM_FN(tm_semi_hard_all)(const TM_REAL *x, int64_t n, const TM_REAL *ref, int
     s.out_anchor = out_anchor;
     s.out_positive = out_positive;
     s.out_negative = out_negative;
-    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric};
+    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, metric, 0};
     const TM_FN(tm_row_op) op = {&s, TM_FN(row_common_setup), TM_FN(semi_hard_all_row), NULL,
                                  0};
     status = TM_FN(tm_run_rows)(&problem, &op);
@@ -618,7 +618,7 @@ int TM_FN(tm_distance_weighted)(const TM_REAL *x, int64_t n, const TM_REAL *ref,
     s.slots.pos_offsets = pos_offsets;
     s.slots.out_positive = out_positive;
     s.slots.out_negative = out_negative;
-    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, TM_METRIC_EUCLIDEAN};
+    const TM_FN(tm_tile_problem) problem = {x, n, ref, m, d, TM_METRIC_EUCLIDEAN, 0};
     const TM_FN(tm_row_op) op = {&s, TM_FN(row_common_setup), TM_FN(weighted_row), NULL, 0};
     status = TM_FN(tm_run_rows)(&problem, &op);
     TM_FN(scratch_free)(&s.c.scratch);

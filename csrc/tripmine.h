@@ -245,19 +245,28 @@ TM_PUBLIC int tm_distance_weighted_f64(const double *x, int64_t n, const double 
  * mode's gradient on X (for TM_REDUCE_SUM; other reductions scale each
  * slice by its own counts).  Gradients are analytic; at a hinge kink and at zero
  * euclidean distance the subgradient 0 is used.
+ *
+ * row_exponent is 0, or (euclidean metrics) an integer e with |e| <= 1000 saying
+ * that x and ref are the caller's rows times 2^e: what a caller does with double
+ * rows that TM_ERR_RANGE refuses, since multiplying by a power of two is exact.
+ * Every distance then enters the loss in the caller's units (2^-e, squared 2^-2e,
+ * times the given rows'), margins stay as given, and grad and ref_grad are
+ * dL/d(the caller's rows).  A distance beyond double's range comes out infinite, so
+ * a loss that depends on it is inf or NaN: check it.  Nonzero with
+ * TM_METRIC_COSINE (scale-free: scale each row instead) is TM_ERR_INVALID.
  */
 
 /* Triplet margin loss over given triplets: z = d(a,p) - d(a,q) + margin,
  * loss max(0, z) or, with soft, softplus(z).  Distances are recomputed
  * exactly by direct difference in double. per_triplet (t) may be NULL. */
-TM_PUBLIC int tm_triplet_loss_f32(const float *x, int64_t n, const float *ref, int64_t m,
-                                  int64_t d, int metric, const int64_t *anchor,
+TM_PUBLIC int tm_triplet_loss_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
+                                  int metric, int row_exponent, const int64_t *anchor,
                                   const int64_t *positive, const int64_t *negative, int64_t t,
                                   double margin, int soft, int reduction, double *loss,
                                   int64_t *n_active, double *per_triplet, float *grad,
                                   float *ref_grad);
 TM_PUBLIC int tm_triplet_loss_f64(const double *x, int64_t n, const double *ref, int64_t m,
-                                  int64_t d, int metric, const int64_t *anchor,
+                                  int64_t d, int metric, int row_exponent, const int64_t *anchor,
                                   const int64_t *positive, const int64_t *negative, int64_t t,
                                   double margin, int soft, int reduction, double *loss,
                                   int64_t *n_active, double *per_triplet, double *grad,
@@ -268,14 +277,14 @@ TM_PUBLIC int tm_triplet_loss_f64(const double *x, int64_t n, const double *ref,
  * margin), loss_i = pos + neg, beta one value per triplet.  *n_active counts the
  * nonzero hinges (TM_REDUCE_MEAN_NONZERO divides by it); beta_grad (t, or
  * NULL) receives dL/dbeta[i].  Distances exact, as for tm_triplet_loss. */
-TM_PUBLIC int tm_margin_loss_f32(const float *x, int64_t n, const float *ref, int64_t m,
-                                 int64_t d, int metric, const int64_t *anchor,
+TM_PUBLIC int tm_margin_loss_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
+                                 int metric, int row_exponent, const int64_t *anchor,
                                  const int64_t *positive, const int64_t *negative, int64_t t,
                                  const double *beta, double margin, int reduction, double *loss,
                                  int64_t *n_active, double *per_triplet, double *beta_grad,
                                  float *grad, float *ref_grad);
 TM_PUBLIC int tm_margin_loss_f64(const double *x, int64_t n, const double *ref, int64_t m,
-                                 int64_t d, int metric, const int64_t *anchor,
+                                 int64_t d, int metric, int row_exponent, const int64_t *anchor,
                                  const int64_t *positive, const int64_t *negative, int64_t t,
                                  const double *beta, double margin, int reduction, double *loss,
                                  int64_t *n_active, double *per_triplet, double *beta_grad,
@@ -285,13 +294,13 @@ TM_PUBLIC int tm_margin_loss_f64(const double *x, int64_t n, const double *ref, 
  * one sort of its positives, a binary search per negative).  per_anchor (n)
  * may be NULL. */
 TM_PUBLIC int tm_batch_all_loss_f32(const float *x, int64_t n, const float *ref, int64_t m,
-                                    int64_t d, int metric, const int64_t *labels,
+                                    int64_t d, int metric, int row_exponent, const int64_t *labels,
                                     const int64_t *ref_labels, int64_t ref_offset, double margin,
                                     int soft, int reduction, double *loss, int64_t *n_triplets,
                                     int64_t *n_active, double *per_anchor, float *grad,
                                     float *ref_grad);
 TM_PUBLIC int tm_batch_all_loss_f64(const double *x, int64_t n, const double *ref, int64_t m,
-                                    int64_t d, int metric, const int64_t *labels,
+                                    int64_t d, int metric, int row_exponent, const int64_t *labels,
                                     const int64_t *ref_labels, int64_t ref_offset, double margin,
                                     int soft, int reduction, double *loss, int64_t *n_triplets,
                                     int64_t *n_active, double *per_anchor, double *grad,
@@ -301,16 +310,16 @@ TM_PUBLIC int tm_batch_all_loss_f64(const double *x, int64_t n, const double *re
  * negative max(0, neg_margin - d)^power, power 1 or 2.  counts receives
  * {positive pairs, negative pairs, active positive, active negative}. */
 TM_PUBLIC int tm_contrastive_loss_f32(const float *x, int64_t n, const float *ref, int64_t m,
-                                      int64_t d, int metric, const int64_t *labels,
-                                      const int64_t *ref_labels, int64_t ref_offset,
-                                      double pos_margin, double neg_margin, int power,
-                                      int reduction, double *loss, int64_t *counts,
+                                      int64_t d, int metric, int row_exponent,
+                                      const int64_t *labels, const int64_t *ref_labels,
+                                      int64_t ref_offset, double pos_margin, double neg_margin,
+                                      int power, int reduction, double *loss, int64_t *counts,
                                       double *per_anchor, float *grad, float *ref_grad);
 TM_PUBLIC int tm_contrastive_loss_f64(const double *x, int64_t n, const double *ref, int64_t m,
-                                      int64_t d, int metric, const int64_t *labels,
-                                      const int64_t *ref_labels, int64_t ref_offset,
-                                      double pos_margin, double neg_margin, int power,
-                                      int reduction, double *loss, int64_t *counts,
+                                      int64_t d, int metric, int row_exponent,
+                                      const int64_t *labels, const int64_t *ref_labels,
+                                      int64_t ref_offset, double pos_margin, double neg_margin,
+                                      int power, int reduction, double *loss, int64_t *counts,
                                       double *per_anchor, double *grad, double *ref_grad);
 
 /* Lifted structured loss (pair_heads.c).  generalized = 0: Song et al.'s smooth
@@ -322,20 +331,20 @@ TM_PUBLIC int tm_contrastive_loss_f64(const double *x, int64_t n, const double *
  * negatives of (neg_margin - d)).  counts receives {terms, nonzero terms}:
  * positive entries (Song) or rows with a positive and a negative (generalized).
  * per_anchor (optional, n): each row's terms summed. */
-TM_PUBLIC int tm_lifted_structured_loss_f32(const float *x, int64_t n, const float *ref,
-                                             int64_t m, int64_t d, int metric,
-                                             const int64_t *labels, const int64_t *ref_labels,
-                                             int64_t ref_offset, double neg_margin,
-                                             double pos_margin, int generalized, int reduction,
-                                             double *loss, int64_t *counts, double *per_anchor,
-                                             float *grad, float *ref_grad);
+TM_PUBLIC int tm_lifted_structured_loss_f32(const float *x, int64_t n, const float *ref, int64_t m,
+                                            int64_t d, int metric, int row_exponent,
+                                            const int64_t *labels, const int64_t *ref_labels,
+                                            int64_t ref_offset, double neg_margin,
+                                            double pos_margin, int generalized, int reduction,
+                                            double *loss, int64_t *counts, double *per_anchor,
+                                            float *grad, float *ref_grad);
 TM_PUBLIC int tm_lifted_structured_loss_f64(const double *x, int64_t n, const double *ref,
-                                             int64_t m, int64_t d, int metric,
-                                             const int64_t *labels, const int64_t *ref_labels,
-                                             int64_t ref_offset, double neg_margin,
-                                             double pos_margin, int generalized, int reduction,
-                                             double *loss, int64_t *counts, double *per_anchor,
-                                             double *grad, double *ref_grad);
+                                            int64_t m, int64_t d, int metric, int row_exponent,
+                                            const int64_t *labels, const int64_t *ref_labels,
+                                            int64_t ref_offset, double neg_margin,
+                                            double pos_margin, int generalized, int reduction,
+                                            double *loss, int64_t *counts, double *per_anchor,
+                                            double *grad, double *ref_grad);
 
 /* The margin loss (Wu et al. 2017) over every valid triplet (batch-all), as
  * pair terms, never listing the triplets (pair_heads.c): per triplet
@@ -345,17 +354,17 @@ TM_PUBLIC int tm_lifted_structured_loss_f64(const double *x, int64_t n, const do
  * n: each anchor's triplets summed).  counts receives {triplets, nonzero hinge
  * terms}; beta_grad (n) dL/dbeta_a, scaled by the reduction. */
 TM_PUBLIC int tm_margin_all_loss_f32(const float *x, int64_t n, const float *ref, int64_t m,
-                                      int64_t d, int metric, const int64_t *labels,
-                                      const int64_t *ref_labels, int64_t ref_offset, double margin,
-                                      const double *beta, double nu, int reduction, double *loss,
-                                      int64_t *counts, double *per_anchor, double *beta_grad,
-                                      float *grad, float *ref_grad);
+                                     int64_t d, int metric, int row_exponent, const int64_t *labels,
+                                     const int64_t *ref_labels, int64_t ref_offset, double margin,
+                                     const double *beta, double nu, int reduction, double *loss,
+                                     int64_t *counts, double *per_anchor, double *beta_grad,
+                                     float *grad, float *ref_grad);
 TM_PUBLIC int tm_margin_all_loss_f64(const double *x, int64_t n, const double *ref, int64_t m,
-                                      int64_t d, int metric, const int64_t *labels,
-                                      const int64_t *ref_labels, int64_t ref_offset, double margin,
-                                      const double *beta, double nu, int reduction, double *loss,
-                                      int64_t *counts, double *per_anchor, double *beta_grad,
-                                      double *grad, double *ref_grad);
+                                     int64_t d, int metric, int row_exponent, const int64_t *labels,
+                                     const int64_t *ref_labels, int64_t ref_offset, double margin,
+                                     const double *beta, double nu, int reduction, double *loss,
+                                     int64_t *counts, double *per_anchor, double *beta_grad,
+                                     double *grad, double *ref_grad);
 
 /* ---- classification heads: the margin-softmax family (heads.c) ----------
  *

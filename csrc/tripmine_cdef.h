@@ -83,34 +83,34 @@ int tm_distance_weighted_f32(const float *x, int64_t n, const float *ref, int64_
                              const int64_t *pos_offsets, int64_t *out_positive,
                              int64_t *out_negative);
 int tm_triplet_loss_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
-                        int metric, const int64_t *anchor, const int64_t *positive,
-                        const int64_t *negative, int64_t t, double margin, int soft,
-                        int reduction, double *loss, int64_t *n_active, double *per_triplet,
-                        float *grad, float *ref_grad);
+                        int metric, int row_exponent, const int64_t *anchor,
+                        const int64_t *positive, const int64_t *negative, int64_t t, double margin,
+                        int soft, int reduction, double *loss, int64_t *n_active,
+                        double *per_triplet, float *grad, float *ref_grad);
 int tm_batch_all_loss_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
-                          int metric, const int64_t *labels, const int64_t *ref_labels,
-                          int64_t ref_offset, double margin, int soft, int reduction, double *loss,
-                          int64_t *n_triplets, int64_t *n_active, double *per_anchor, float *grad,
-                          float *ref_grad);
+                          int metric, int row_exponent, const int64_t *labels,
+                          const int64_t *ref_labels, int64_t ref_offset, double margin, int soft,
+                          int reduction, double *loss, int64_t *n_triplets, int64_t *n_active,
+                          double *per_anchor, float *grad, float *ref_grad);
 int tm_contrastive_loss_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
-                            int metric, const int64_t *labels, const int64_t *ref_labels,
-                            int64_t ref_offset, double pos_margin, double neg_margin, int power,
-                            int reduction, double *loss, int64_t *counts, double *per_anchor,
-                            float *grad, float *ref_grad);
+                            int metric, int row_exponent, const int64_t *labels,
+                            const int64_t *ref_labels, int64_t ref_offset, double pos_margin,
+                            double neg_margin, int power, int reduction, double *loss,
+                            int64_t *counts, double *per_anchor, float *grad, float *ref_grad);
 
-int tm_lifted_structured_loss_f32(const float *x, int64_t n, const float *ref, int64_t m,
-                                   int64_t d, int metric, const int64_t *labels,
-                                   const int64_t *ref_labels, int64_t ref_offset,
-                                   double neg_margin, double pos_margin, int generalized,
-                                   int reduction, double *loss, int64_t *counts,
-                                   double *per_anchor, float *grad, float *ref_grad);
+int tm_lifted_structured_loss_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
+                                  int metric, int row_exponent, const int64_t *labels,
+                                  const int64_t *ref_labels, int64_t ref_offset, double neg_margin,
+                                  double pos_margin, int generalized, int reduction, double *loss,
+                                  int64_t *counts, double *per_anchor, float *grad,
+                                  float *ref_grad);
 
-int tm_margin_all_loss_f32(const float *x, int64_t n, const float *ref, int64_t m,
-                            int64_t d, int metric, const int64_t *labels,
-                            const int64_t *ref_labels, int64_t ref_offset, double margin,
-                            const double *beta, double nu, int reduction, double *loss,
-                            int64_t *counts, double *per_anchor, double *beta_grad,
-                            float *grad, float *ref_grad);
+int tm_margin_all_loss_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
+                           int metric, int row_exponent, const int64_t *labels,
+                           const int64_t *ref_labels, int64_t ref_offset, double margin,
+                           const double *beta, double nu, int reduction, double *loss,
+                           int64_t *counts, double *per_anchor, double *beta_grad, float *grad,
+                           float *ref_grad);
 
 int tm_batch_hard_f64(const double *x, int64_t n, const double *ref, int64_t m, int64_t d,
                       int metric, const int64_t *labels, const int64_t *ref_labels,
@@ -130,34 +130,34 @@ int tm_distance_weighted_f64(const double *x, int64_t n, const double *ref, int6
                              const int64_t *pos_offsets, int64_t *out_positive,
                              int64_t *out_negative);
 int tm_triplet_loss_f64(const double *x, int64_t n, const double *ref, int64_t m, int64_t d,
-                        int metric, const int64_t *anchor, const int64_t *positive,
-                        const int64_t *negative, int64_t t, double margin, int soft,
-                        int reduction, double *loss, int64_t *n_active, double *per_triplet,
-                        double *grad, double *ref_grad);
+                        int metric, int row_exponent, const int64_t *anchor,
+                        const int64_t *positive, const int64_t *negative, int64_t t, double margin,
+                        int soft, int reduction, double *loss, int64_t *n_active,
+                        double *per_triplet, double *grad, double *ref_grad);
 int tm_batch_all_loss_f64(const double *x, int64_t n, const double *ref, int64_t m, int64_t d,
-                          int metric, const int64_t *labels, const int64_t *ref_labels,
-                          int64_t ref_offset, double margin, int soft, int reduction, double *loss,
-                          int64_t *n_triplets, int64_t *n_active, double *per_anchor, double *grad,
-                          double *ref_grad);
+                          int metric, int row_exponent, const int64_t *labels,
+                          const int64_t *ref_labels, int64_t ref_offset, double margin, int soft,
+                          int reduction, double *loss, int64_t *n_triplets, int64_t *n_active,
+                          double *per_anchor, double *grad, double *ref_grad);
 int tm_contrastive_loss_f64(const double *x, int64_t n, const double *ref, int64_t m, int64_t d,
-                            int metric, const int64_t *labels, const int64_t *ref_labels,
-                            int64_t ref_offset, double pos_margin, double neg_margin, int power,
-                            int reduction, double *loss, int64_t *counts, double *per_anchor,
-                            double *grad, double *ref_grad);
+                            int metric, int row_exponent, const int64_t *labels,
+                            const int64_t *ref_labels, int64_t ref_offset, double pos_margin,
+                            double neg_margin, int power, int reduction, double *loss,
+                            int64_t *counts, double *per_anchor, double *grad, double *ref_grad);
 
 int tm_lifted_structured_loss_f64(const double *x, int64_t n, const double *ref, int64_t m,
-                                   int64_t d, int metric, const int64_t *labels,
-                                   const int64_t *ref_labels, int64_t ref_offset,
-                                   double neg_margin, double pos_margin, int generalized,
-                                   int reduction, double *loss, int64_t *counts,
-                                   double *per_anchor, double *grad, double *ref_grad);
+                                  int64_t d, int metric, int row_exponent, const int64_t *labels,
+                                  const int64_t *ref_labels, int64_t ref_offset, double neg_margin,
+                                  double pos_margin, int generalized, int reduction, double *loss,
+                                  int64_t *counts, double *per_anchor, double *grad,
+                                  double *ref_grad);
 
-int tm_margin_all_loss_f64(const double *x, int64_t n, const double *ref, int64_t m,
-                            int64_t d, int metric, const int64_t *labels,
-                            const int64_t *ref_labels, int64_t ref_offset, double margin,
-                            const double *beta, double nu, int reduction, double *loss,
-                            int64_t *counts, double *per_anchor, double *beta_grad,
-                            double *grad, double *ref_grad);
+int tm_margin_all_loss_f64(const double *x, int64_t n, const double *ref, int64_t m, int64_t d,
+                           int metric, int row_exponent, const int64_t *labels,
+                           const int64_t *ref_labels, int64_t ref_offset, double margin,
+                           const double *beta, double nu, int reduction, double *loss,
+                           int64_t *counts, double *per_anchor, double *beta_grad, double *grad,
+                           double *ref_grad);
 
 double tm_uniform(uint64_t seed, int64_t anchor, int64_t draw);
 
@@ -205,12 +205,12 @@ int tm_softmax_head_shard_f64(const tm_head *head, const double *x, int64_t n, i
                               double *bias_grad);
 
 int tm_margin_loss_f32(const float *x, int64_t n, const float *ref, int64_t m, int64_t d,
-                       int metric, const int64_t *anchor, const int64_t *positive,
+                       int metric, int row_exponent, const int64_t *anchor, const int64_t *positive,
                        const int64_t *negative, int64_t t, const double *beta, double margin,
                        int reduction, double *loss, int64_t *n_active, double *per_triplet,
                        double *beta_grad, float *grad, float *ref_grad);
 int tm_margin_loss_f64(const double *x, int64_t n, const double *ref, int64_t m, int64_t d,
-                       int metric, const int64_t *anchor, const int64_t *positive,
+                       int metric, int row_exponent, const int64_t *anchor, const int64_t *positive,
                        const int64_t *negative, int64_t t, const double *beta, double margin,
                        int reduction, double *loss, int64_t *n_active, double *per_triplet,
                        double *beta_grad, double *grad, double *ref_grad);

@@ -105,8 +105,9 @@ def _dense_loss(lib, name, x, labels, extra):
     else:  # contrastive: pos_margin 0, neg_margin extra, power 2, mean
         args = [ctypes.c_double(0.0), ctypes.c_double(extra), ctypes.c_int(2), ctypes.c_int(0),
                 ctypes.byref(loss), _ptr(counts)]
-    status = fn(_ptr(x), I64(n), None, I64(n), I64(d), ctypes.c_int(0), _ptr(labels), None,
-                I64(-1), *args, None, _ptr(grad), None)
+    # metric euclidean, row_exponent 0
+    status = fn(_ptr(x), I64(n), None, I64(n), I64(d), ctypes.c_int(0), ctypes.c_int(0),
+                _ptr(labels), None, I64(-1), *args, None, _ptr(grad), None)
     assert status == 0
     return loss.value, counts, grad
 

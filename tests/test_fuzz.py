@@ -33,9 +33,9 @@ normalize=True, 4 max‖row‖ for sqeuclidean, the margin for power=2) a decade
 dtype's maximum.  float32 rows beyond the engine's window compute in float64
 (``tripmine._range``), so for them the domain is what float32 can hold: a float32
 distance is in it while the true distance is below float32's maximum.  float64 rows
-outside the engine's window (squared norms beyond [2^-960, 2^1000]) are in it only with the
-cosine metric (or ``normalize=True``): the other metrics are rescaled by some functions and
-refused with ``FloatingPointError`` by others.
+outside the engine's window (squared norms beyond [2^-960, 2^1000]) are rerun at a power of
+two that brings them in, so they are in it unless, with a euclidean metric, their norms span
+more than the window (about 2^900), where ``FloatingPointError`` is the answer.
 Outside the domain (NaN/inf with ``check_finite=False``; results beyond the dtype, e.g.
 float32 squared distances above 3.4e38) the call may return or raise an allowed exception
 (``FloatingPointError`` where a result overflows), a result must still have the
@@ -590,10 +590,13 @@ def budget(problem: Problem, *, metric: str = "euclidean", normalize: bool = Fal
              "cosine": math.log10(2)}[metric]
     # float32 rows outside the engine's window compute in float64 (tripmine._range), so a
     # float32 distance is finite wherever float32 holds it.  float64 rows outside the window
-    # are rescaled by some functions and refused (FloatingPointError) by others: outside
-    # the domain, except with the cosine metric, which every function rescales.
+    # are rerun at a power of two that brings them all in (the cosine metric: each row its
+    # own): in the domain unless their norms span more than the window (about 2^920,
+    # less sqrt(d) for the norm of a row against its largest entry), which no one power
+    # brings in (FloatingPointError).
+    log_dim = math.log10(max(problem.arrays[0].shape[1], 1))
     window64 = problem.dtype != np.float64 or metric == "cosine" or normalize or \
-        (2 * hi + math.log10(16) < math.log10(2.0 ** 1000) and 2 * lo > -940 * math.log10(2))
+        raw_hi - raw_lo + log_dim < 900 * math.log10(2)
     values = window64 and log_d < top - 1
     log_term = _log_sum(log_d, math.log10(margin) if margin > 0 else -math.inf)
     log_terms = math.log10(terms + 1)

@@ -731,9 +731,14 @@ def test_bad_input_table(case):
 
 
 def test_check_finite_false_skips_the_check():
-    """check_finite=False lets non-finite values through instead of raising."""
+    """check_finite=False lets non-finite values through instead of raising ValueError; the
+    results are then undefined: NaN values, or FloatingPointError for a gradient that
+    carries them (the C core scans every gradient it returns)."""
     tripmine.triplet_loss(_nan(X), LABELS, check_finite=False)
-    tripmine.contrastive_loss(_nan(X), LABELS, check_finite=False)
+    with pytest.raises(FloatingPointError, match="check_finite=False"):
+        tripmine.contrastive_loss(_nan(X), LABELS, check_finite=False)
+    assert tripmine.contrastive_loss(_nan(X), LABELS, check_finite=False,
+                                     grad=False).n_pairs == 12  # the loss alone: no scan
     tripmine.batch_hard(_nan(X), LABELS, check_finite=False)
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import reference
 import tripmine
-from tripmine import metrics
+from tripmine import _core, _range, metrics
 
 LABELS = np.repeat(np.arange(4), 3)
 
@@ -232,18 +233,163 @@ def test_float64_cosine_calls_take_any_finite_rows(call):
                                atol=1e-300)
 
 
-@pytest.mark.parametrize("scale, call, match", [
-    (1e200, lambda x: tripmine.lifted_structured_loss(x, LABELS), "lifted_structured_loss"),
-    (1e200, lambda x: tripmine.triplet_loss(x, LABELS, soft=True), "soft=True"),
-    (1e-200, lambda x: tripmine.margin_loss(x, LABELS, mining="batch_all",
-                                            beta=np.full(4, 1e300)), "beta times the power"),
-])
-def test_float64_calls_that_cannot_rescale_refuse(scale, call, match):
-    x = _rows(scale)
+def _mined(result, x, metric, soft=False):
+    triplets = (result.triplets.anchor, result.triplets.positive, result.triplets.negative)
+    return float(np.mean(reference.triplet_losses(x, triplets, soft=soft, metric=metric)[1]))
+
+
+#: Losses whose result does not scale with the rows (soft margins, log-sum-exps, margins
+#: and beta in the caller's units): name -> (call(x, metric), reference loss(x, metric),
+#: the slow loops of tests/reference.py on the same float64 rows).
+CALLER_UNITS = {
+    "lifted": (lambda x, m: tripmine.lifted_structured_loss(x, LABELS, metric=m),
+               lambda x, m, r: reference.lifted_structured_loss(x, LABELS, metric=m).loss),
+    "generalized": (
+        lambda x, m: tripmine.lifted_structured_loss(x, LABELS, generalized=True, metric=m),
+        lambda x, m, r: reference.lifted_structured_loss(x, LABELS, generalized=True,
+                                                         metric=m).loss),
+    "soft_batch_hard": (lambda x, m: tripmine.triplet_loss(x, LABELS, soft=True, metric=m),
+                        lambda x, m, r: _mined(r, x, m, soft=True)),
+    "soft_batch_all": (
+        lambda x, m: tripmine.triplet_loss(x, LABELS, soft=True, mining="batch_all",
+                                           reduction="sum", metric=m),
+        lambda x, m, r: reference.batch_all_loss(x, LABELS, soft=True, reduction="sum",
+                                                 metric=m).loss),
+    "batch_all": (
+        lambda x, m: tripmine.triplet_loss(x, LABELS, mining="batch_all", metric=m),
+        lambda x, m, r: reference.batch_all_loss(x, LABELS, metric=m).loss),
+    "semi_hard": (lambda x, m: tripmine.triplet_loss(x, LABELS, mining="semi_hard", metric=m),
+                  lambda x, m, r: _mined(r, x, m)),
+    "contrastive": (
+        lambda x, m: tripmine.contrastive_loss(x, LABELS, reduction="sum", metric=m),
+        lambda x, m, r: reference.contrastive_loss(x, LABELS, reduction="sum",
+                                                   metric=m).loss),
+    "margin_all": (
+        lambda x, m: tripmine.margin_loss(x, LABELS, mining="batch_all", reduction="sum",
+                                          metric=m),
+        lambda x, m, r: float(np.sum(reference.margin_losses(
+            x, reference.batch_all_triplets(LABELS), lambda a: 1.2, metric=m)[0]))),
+    "margin_huge_beta": (
+        lambda x, m: tripmine.margin_loss(x, LABELS, mining="batch_all", beta=1e300,
+                                          metric=m),
+        lambda x, m, r: float(np.mean(reference.margin_losses(
+            x, reference.batch_all_triplets(LABELS), lambda a: 1e300, metric=m)[0]))),
+}
+
+
+@pytest.mark.parametrize("metric, exponent", [
+    ("euclidean", -500), ("euclidean", 500), ("sqeuclidean", -500), ("sqeuclidean", 250),
+    ("sqeuclidean", 500)])
+@pytest.mark.parametrize("name", list(CALLER_UNITS))
+def test_float64_losses_of_rows_beyond_the_window(name, metric, exponent):
+    # Rows at 2^e times normal ones, beyond the engine's window yet with squares double
+    # holds, so the slow loops compute the same loss directly: the rerun computes in the
+    # caller's units (the C core's row_exponent) and must agree, or raise where the loss
+    # does not fit double; its gradient must agree with central differences.
+    call, want = CALLER_UNITS[name]
+    x = np.ldexp(_rows(1.0), exponent)
     before = x.copy()
-    with pytest.raises(FloatingPointError, match=match):
-        call(x)
+    try:
+        got = call(x, metric)
+    except FloatingPointError as exc:
+        assert "overflows float64" in str(exc)
+        np.testing.assert_array_equal(x, before)
+        with np.errstate(over="ignore"):
+            assert not np.isfinite(want(x, metric, None))  # it truly overflows
+        return
     np.testing.assert_array_equal(x, before)
+    assert np.isfinite(got.loss) and np.isfinite(got.grad).all()
+    np.testing.assert_allclose(got.loss, want(x, metric, got), rtol=1e-9)
+    if np.abs(got.grad).max() * 1e-6 * np.abs(x).max() < 1e-8 * abs(got.loss):
+        # A loss the margins dominate (rows of 2^-500, beta of 1e300) moves by less than
+        # its last bits: no finite difference resolves the gradient there;
+        # test_row_exponent_is_the_callers_problem checks it.
+        return
+    rng = np.random.default_rng(1)
+    for i, j in zip(rng.integers(0, x.shape[0], 6), rng.integers(0, x.shape[1], 6)):
+        step = 1e-6 * abs(x[i, j])
+        up, down = x.copy(), x.copy()
+        up[i, j] += step
+        down[i, j] -= step
+        slope = (call(up, metric).loss - call(down, metric).loss) / (up[i, j] - down[i, j])
+        scale = np.abs(got.grad).max()
+        assert abs(slope - got.grad[i, j]) <= 1e-5 * scale, (i, j, slope, got.grad[i, j])
+
+
+REF_LABELS = np.arange(10) % 4
+#: Reference mode (x against a bank): the reference side of the gradient too.
+REFERENCE_MODE = {
+    "lifted_ref": lambda x, r, m: tripmine.lifted_structured_loss(
+        x, LABELS, ref=r, ref_labels=REF_LABELS, metric=m),
+    "generalized_ref": lambda x, r, m: tripmine.lifted_structured_loss(
+        x, LABELS, ref=r, ref_labels=REF_LABELS, generalized=True, metric=m),
+    "soft_batch_all_ref": lambda x, r, m: tripmine.triplet_loss(
+        x, LABELS, ref=r, ref_labels=REF_LABELS, mining="batch_all", soft=True, metric=m),
+    "semi_hard_ref": lambda x, r, m: tripmine.triplet_loss(
+        x, LABELS, ref=r, ref_labels=REF_LABELS, mining="semi_hard", soft=True, metric=m),
+    "contrastive_ref": lambda x, r, m: tripmine.contrastive_loss(
+        x, LABELS, ref=r, ref_labels=REF_LABELS, power=2, metric=m),
+    "margin_all_ref": lambda x, r, m: tripmine.margin_loss(
+        x, LABELS, ref=r, ref_labels=REF_LABELS, mining="batch_all", metric=m),
+}
+
+
+def _self_mode(call):
+    return lambda x, r, m: call(x, m)
+
+
+REFERENCE_MODE.update({name: _self_mode(call) for name, (call, _) in CALLER_UNITS.items()})
+
+
+@pytest.mark.parametrize("exponent", [-40, 37])
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+@pytest.mark.parametrize("name", list(REFERENCE_MODE))
+def test_row_exponent_is_the_callers_problem(name, metric, exponent):
+    # The C core's row_exponent e (what the rerun passes): rows 2^e x with e give x's loss
+    # and x's gradients, which the rest of the suite checks against the slow loops and
+    # finite differences.  Rows inside the window both ways, so both calls run directly.
+    call = REFERENCE_MODE[name]
+    x, bank = _rows(1.0), _rows(1.0, n=10, seed=5)
+    want = call(x, bank, metric)
+    token = _range._ROW_EXPONENT.set(exponent)
+    try:
+        got = call(np.ldexp(x, exponent), np.ldexp(bank, exponent), metric)
+    finally:
+        _range._ROW_EXPONENT.reset(token)
+    np.testing.assert_allclose(got.loss, want.loss, rtol=1e-12)
+    for field in ("grad", "ref_grad"):
+        value = getattr(want, field)
+        if value is not None:
+            np.testing.assert_allclose(getattr(got, field), value, rtol=1e-9,
+                                       atol=1e-12 * np.abs(value).max())
+    assert got.n_active == want.n_active
+
+
+@pytest.mark.parametrize("metric, exponent", [("cosine", 3), ("euclidean", 1001),
+                                              ("sqeuclidean", -1001)])
+def test_the_c_core_refuses_a_row_exponent_it_cannot_apply(metric, exponent):
+    # Cosine is scale-free (each row gets its own power instead); beyond +-1000 the
+    # conversion factors leave double.  A status, never a crash.
+    token = _range._ROW_EXPONENT.set(exponent)
+    try:
+        with pytest.raises(ValueError, match="please report it"):
+            tripmine.contrastive_loss(_rows(1.0), LABELS, metric=metric)
+    finally:
+        _range._ROW_EXPONENT.reset(token)
+
+
+def test_float64_distances_beyond_double_raise():
+    x = np.ldexp(_rows(1.0), 600)  # squared distances about 2^1200
+    before = x.copy()
+    for call in (lambda: tripmine.triplet_loss(x, LABELS, soft=True, metric="sqeuclidean"),
+                 lambda: tripmine.triplet_loss(x, LABELS, mining="batch_all",
+                                               metric="sqeuclidean"),
+                 lambda: tripmine.lifted_structured_loss(x, LABELS, metric="sqeuclidean")):
+        with pytest.raises(FloatingPointError, match="sqeuclidean distance .* overflows"):
+            call()
+    np.testing.assert_array_equal(x, before)
+    # The same rows with the euclidean metric: distances about 2^600 fit.
+    assert np.isfinite(tripmine.triplet_loss(x, LABELS, soft=True).loss)
 
 
 def test_a_batch_spanning_more_than_the_window_is_refused():
@@ -270,9 +416,44 @@ def test_normalize_takes_any_finite_rows():
 
 def test_an_overflowing_loss_raises():
     x = np.zeros((3, 2))
-    with pytest.raises(FloatingPointError, match="is inf: an intermediate overflowed"):
+    with pytest.raises(FloatingPointError, match="overflows float64 \\(it came out inf"):
         tripmine.triplet_loss(x, [0, 0, 1], mining="batch_all", margin=1e308, reduction="sum",
                               soft=False)
+
+
+def test_an_overflowing_gradient_raises():
+    # A float64 row of 1e-306 among 200: the cosine gradient of its ~10^4 batch-all terms,
+    # each about 1/|x| = 1e306, is beyond double while the loss (at most 2 + margin per
+    # term) is not.
+    x = np.random.default_rng(0).standard_normal((200, 4))
+    x[0] *= 1e-306
+    before = x.copy()
+    with pytest.raises(FloatingPointError, match="the gradient grad of triplet_loss overflows"):
+        tripmine.triplet_loss(x, np.arange(200) % 2, mining="batch_all", metric="cosine",
+                              reduction="sum", margin=1.0)
+    np.testing.assert_array_equal(x, before)
+    result = tripmine.triplet_loss(x, np.arange(200) % 2, mining="batch_all",
+                                   metric="cosine", reduction="sum", margin=1.0, grad=False)
+    assert np.isfinite(result.loss)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, codes: _core.contrastive_loss(x, None, 1, codes, None, 0.0, 1.0, 2, "sum", True,
+                                            False),
+    lambda x, codes: _core.lifted_structured_loss(x, None, 1, codes, None, 1.0, 0.0, False,
+                                                  "sum", True, False),
+])
+def test_the_c_core_scans_the_gradients_it_returns(call):
+    # float32 rows of 1e15 (inside float32's window) with squared distances of 1e30:
+    # gradients of h * 2 (x - r), about 1e45, beyond float32, while the losses (sums in
+    # double) are finite.  The scan makes that TM_ERR_RANGE, the float64 rerun's result
+    # then does not fit float32: FloatingPointError, never an inf.
+    x = _rows(1e15, np.float32)
+    codes = np.asarray(LABELS, dtype=np.int64)
+    with pytest.raises(_range.OutOfRange):
+        call(x, codes)
+    with pytest.raises(FloatingPointError, match="beyond float32"):
+        tripmine.contrastive_loss(x, LABELS, metric="sqeuclidean", power=2)
 
 
 def test_center_loss_and_heads_check_their_loss():

@@ -194,6 +194,19 @@ REDUCTIONS = {
 }
 
 
+def _engine_margin(margin: float, metric: int) -> float:
+    """The semi-hard margin in the units of the rows the C core is given: the range
+    rerun's rows are 2^e times the caller's (tripmine._range), so the margin is too.  One
+    beyond double is as good as the largest double: every finite distance is within it."""
+    exponent = _range.row_exponent()
+    if exponent == 0:
+        return margin
+    power = 2 if metric == lib.TM_METRIC_SQEUCLIDEAN else 1
+    with np.errstate(over="ignore"):
+        scaled = float(np.ldexp(margin, exponent * power))
+    return min(scaled, float(np.finfo(np.float64).max))
+
+
 def batch_hard(x, ref, metric, codes, ref_codes, ref_offset=None):
     n = x.shape[0]
     positive = np.empty(n, dtype=np.int64)
@@ -210,9 +223,9 @@ def semi_hard(x, ref, metric, codes, ref_codes, margin, select, seed, offsets, r
     positive = np.empty(total, dtype=np.int64)
     negative = np.empty(total, dtype=np.int64)
     check(_typed("tm_semi_hard", x.dtype)(*_problem_args(x, ref), metric,
-                                          *_labels_args(codes, ref_codes, ref_offset), margin,
-                                          SELECTS[select], seed, _ptr(offsets), _ptr(positive),
-                                          _ptr(negative)),
+                                          *_labels_args(codes, ref_codes, ref_offset),
+                                          _engine_margin(margin, metric), SELECTS[select],
+                                          seed, _ptr(offsets), _ptr(positive), _ptr(negative)),
           "semi_hard")
     return positive, negative
 
@@ -221,8 +234,9 @@ def semi_hard_all_counts(x, ref, metric, codes, ref_codes, margin, ref_offset=No
     counts = np.empty(x.shape[0], dtype=np.int64)
     check(_typed("tm_semi_hard_all", x.dtype)(*_problem_args(x, ref), metric,
                                               *_labels_args(codes, ref_codes, ref_offset),
-                                              margin, _ptr(counts), ffi.NULL, ffi.NULL, 0,
-                                              ffi.NULL, ffi.NULL, ffi.NULL),
+                                              _engine_margin(margin, metric), _ptr(counts),
+                                              ffi.NULL, ffi.NULL, 0, ffi.NULL, ffi.NULL,
+                                              ffi.NULL),
           "semi_hard")
     return counts
 
@@ -233,7 +247,8 @@ def semi_hard_all_write(x, ref, metric, codes, ref_codes, margin, offsets, keep,
     out = [np.empty(size, dtype=np.int64) for _ in range(3)]
     check(_typed("tm_semi_hard_all", x.dtype)(*_problem_args(x, ref), metric,
                                               *_labels_args(codes, ref_codes, ref_offset),
-                                              margin, ffi.NULL, _ptr(offsets),
+                                              _engine_margin(margin, metric), ffi.NULL,
+                                              _ptr(offsets),
                                               _ptr(keep), 0 if keep is None else keep.shape[0],
                                               *(_ptr(o) for o in out)),
           "semi_hard")
@@ -268,7 +283,8 @@ def triplet_loss(x, ref, metric, anchor, positive, negative, margin, soft, reduc
     active = ffi.new("int64_t *")
     per_triplet = np.empty(anchor.shape[0]) if per_item else None
     grad, ref_grad = _gradient_buffers(x, ref, want_grad)
-    check(_typed("tm_triplet_loss", x.dtype)(*_problem_args(x, ref), metric, _ptr(anchor),
+    check(_typed("tm_triplet_loss", x.dtype)(*_problem_args(x, ref), metric,
+                                             _range.row_exponent(), _ptr(anchor),
                                              _ptr(positive), _ptr(negative), anchor.shape[0],
                                              margin, int(soft), REDUCTIONS[reduction], loss,
                                              active, _ptr(per_triplet), _ptr(grad),
@@ -285,6 +301,7 @@ def batch_all_loss(x, ref, metric, codes, ref_codes, margin, soft, reduction, wa
     per_anchor = np.empty(x.shape[0]) if per_item else None
     grad, ref_grad = _gradient_buffers(x, ref, want_grad)
     check(_typed("tm_batch_all_loss", x.dtype)(*_problem_args(x, ref), metric,
+                                               _range.row_exponent(),
                                                *_labels_args(codes, ref_codes, ref_offset),
                                                margin, int(soft), REDUCTIONS[reduction], loss,
                                                triplets, active, _ptr(per_anchor), _ptr(grad),
@@ -300,6 +317,7 @@ def contrastive_loss(x, ref, metric, codes, ref_codes, pos_margin, neg_margin, p
     per_anchor = np.empty(x.shape[0]) if per_item else None
     grad, ref_grad = _gradient_buffers(x, ref, want_grad)
     check(_typed("tm_contrastive_loss", x.dtype)(*_problem_args(x, ref), metric,
+                                                 _range.row_exponent(),
                                                  *_labels_args(codes, ref_codes, ref_offset),
                                                  pos_margin, neg_margin, power,
                                                  REDUCTIONS[reduction], loss, _ptr(counts),
@@ -315,9 +333,10 @@ def lifted_structured_loss(x, ref, metric, codes, ref_codes, neg_margin, pos_mar
     per_anchor = np.empty(x.shape[0]) if per_item else None
     grad, ref_grad = _gradient_buffers(x, ref, want_grad)
     check(_typed("tm_lifted_structured_loss", x.dtype)(
-        *_problem_args(x, ref), metric, *_labels_args(codes, ref_codes, ref_offset), neg_margin,
-        pos_margin, int(generalized), REDUCTIONS[reduction], loss, _ptr(counts),
-        _ptr(per_anchor), _ptr(grad), _ptr(ref_grad)), "lifted_structured_loss")
+        *_problem_args(x, ref), metric, _range.row_exponent(),
+        *_labels_args(codes, ref_codes, ref_offset), neg_margin, pos_margin, int(generalized),
+        REDUCTIONS[reduction], loss, _ptr(counts), _ptr(per_anchor), _ptr(grad),
+        _ptr(ref_grad)), "lifted_structured_loss")
     return loss[0], [int(c) for c in counts], per_anchor, grad, ref_grad
 
 
@@ -331,9 +350,10 @@ def margin_all_loss(x, ref, metric, codes, ref_codes, ref_offset, beta, margin, 
     beta_grad = np.empty(x.shape[0])
     grad, ref_grad = _gradient_buffers(x, ref, want_grad)
     check(_typed("tm_margin_all_loss", x.dtype)(
-        *_problem_args(x, ref), metric, *_labels_args(codes, ref_codes, ref_offset), margin,
-        _ptr(beta), nu, REDUCTIONS[reduction], loss, _ptr(counts), _ptr(per_anchor),
-        _ptr(beta_grad), _ptr(grad), _ptr(ref_grad)), "margin_loss")
+        *_problem_args(x, ref), metric, _range.row_exponent(),
+        *_labels_args(codes, ref_codes, ref_offset), margin, _ptr(beta), nu,
+        REDUCTIONS[reduction], loss, _ptr(counts), _ptr(per_anchor), _ptr(beta_grad),
+        _ptr(grad), _ptr(ref_grad)), "margin_loss")
     return loss[0], [int(c) for c in counts], per_anchor, beta_grad, grad, ref_grad
 
 
@@ -447,7 +467,8 @@ def margin_loss(x, ref, metric, anchor, positive, negative, beta, margin, reduct
     per_triplet = np.empty(t) if per_item else None
     beta_grad = np.empty(t)
     grad, ref_grad = _gradient_buffers(x, ref, want_grad)
-    check(_typed("tm_margin_loss", x.dtype)(*_problem_args(x, ref), metric, _ptr(anchor),
+    check(_typed("tm_margin_loss", x.dtype)(*_problem_args(x, ref), metric,
+                                            _range.row_exponent(), _ptr(anchor),
                                             _ptr(positive), _ptr(negative), t, _ptr(beta),
                                             margin, REDUCTIONS[reduction], loss, active,
                                             _ptr(per_triplet), _ptr(beta_grad), _ptr(grad),

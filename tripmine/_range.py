@@ -12,25 +12,30 @@ call here:
   is a normal number: the results are then rounded to the float32 they would have had.  A
   result that float32 cannot hold (a squared distance or a gradient above 3.4e38, a loss
   beyond it) raises ``FloatingPointError`` naming it.
-* **float64 inputs** are rescaled by powers of two, which is exact, where the function's
-  result transforms simply: every function with ``metric="cosine"`` (each row by its own
-  power of two: cosine distances do not change, and a row's gradient scales by its power);
-  with the euclidean metrics, one power 2^e for x and ref, distances scaling by 2^(e p)
-  (p = 1, or 2 squared), for the functions of ``_HOMOGENEOUS``: pairwise distances,
-  neighbours, retrieval metrics, miners, and the hinge triplet, contrastive and margin
-  losses, whose margins (and beta) scale with the distances, so that the loss scales by
-  2^(e p q) (q: contrastive's power) and the gradient by 2^(e (1 - p q)).  A result beyond
-  float64 raises ``FloatingPointError``; so do other float64 calls with such rows, naming
-  the argument and the window, instead of returning inf or NaN.
+* **float64 inputs** are rerun at a power of two, which is exact.  With
+  ``metric="cosine"`` each row gets its own (cosine distances do not change, and a row's
+  gradient scales back by its power).  With the euclidean metrics x and ref get one 2^e,
+  the one nearest 1 that brings every row in (``_window_exponent``), and the call runs
+  with ``row_exponent()`` = e in this context: the C core's losses take it and compute every
+  distance in the caller's units (2^-e, squared 2^-2e, times the given rows'), so margins,
+  beta, soft margins and the lifted loss's exponentials stay as given and the gradients are
+  with respect to the caller's rows; the semi-hard margin follows the rows
+  (``_core._engine_margin``); miners and retrieval metrics return indices, and distances
+  scale back here.  Rows whose magnitudes span more than the window (no one power brings
+  them in), and a loss that needs a distance beyond float64 (``TM_ERR_RANGE`` from the
+  rerun), raise ``FloatingPointError`` naming the rows' range, instead of returning inf
+  or NaN.
 
 Heads and the center loss (tripmine.heads, tripmine.center) do not use the engine; they
 check their loss (``check_loss_fits``), and float32 heads whose logits overflow rerun here
-too.  The common case costs nothing: the check is a pass over n + m norms the engine
-computed anyway.
+too.  Every loss and gradient a public function returns is checked (``check_loss``: an
+overflow raises).  The common case costs nothing measurable: the window check is a pass
+over n + m norms the engine computed anyway, the gradient check one summing pass.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 from typing import Any, Callable
@@ -69,15 +74,37 @@ def check_loss_fits(loss: Any, name: str, itemsize: int, checked_inputs: bool = 
     if peak <= F32_MAX or (math.isnan(peak) and not checked_inputs):
         return
     if not math.isfinite(peak):
-        raise FloatingPointError(f"the loss of {name} is {peak}: an intermediate overflowed "
-                                 f"(or the inputs held inf or NaN with check_finite=False)")
+        raise FloatingPointError(f"the loss of {name} overflows float64 (it came out {peak}: "
+                                 f"an intermediate beyond the range; or the inputs held inf "
+                                 f"or NaN with check_finite=False)")
     if itemsize == 4:
         _fits_float32(loss, f"the loss of {name}")
 
 
+def check_gradients(result: Any, name: str, checked_inputs: bool = True) -> None:
+    """A gradient of a result must be finite: an overflow raises instead of coming back as
+    inf or NaN.  For the gradients scaled here (the cosine rerun's per-row powers); the C
+    core scans those it returns.  One summing pass per gradient, which inf or NaN anywhere
+    makes non-finite; a second only then.  With ``checked_inputs`` False a NaN is left
+    alone, as for the loss."""
+    for field in GRADIENT_FIELDS:
+        value = getattr(result, field, None)
+        if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or not value.size:
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(np.add.reduce(value, axis=None)):
+                continue
+        finite = np.isfinite(value)
+        if finite.all() or (not checked_inputs and np.isnan(value[~finite]).any()):
+            continue  # the sum overflowed, not an entry; or unchecked NaN inputs
+        raise FloatingPointError(f"the gradient {field} of {name} overflows "
+                                 f"{value.dtype.name}: an intermediate beyond its range")
+
+
 def check_loss(result: Any, name: str, names: tuple, args: tuple, keywords: dict) -> None:
-    """:func:`check_loss_fits` for a public function's result; the compute dtype (float64
-    if x or ref is) is looked up only for a loss beyond float32's range."""
+    """:func:`check_loss_fits` for a public function's result (its gradients the C core
+    scans: an overflow there is ``TM_ERR_RANGE``); the compute dtype (float64 if x or ref
+    is) is looked up only for a loss beyond float32's range."""
     if _peak(result.loss) <= F32_MAX:
         return
     positional = dict(zip(names, args))
@@ -154,22 +181,25 @@ def _narrow(value: np.ndarray, what: str) -> np.ndarray:
     return value.astype(np.float32)
 
 
-#: float64 functions rescaled with one power of two s for x and ref (euclidean metrics):
-#: name -> the options in distance units (scaled by s^p, p = 1 euclidean, 2 sqeuclidean)
-#: and the option giving the loss's degree in the distances (1 where None).
-_HOMOGENEOUS = {
-    "pairwise_distances": ((), None),
-    "nearest_neighbors": ((), None),
-    "recall_at_k": ((), None),
-    "mean_average_precision_at_r": ((), None),
-    "batch_hard": ((), None),
-    "semi_hard": (("margin",), None),
-    "triplet_loss": (("margin",), None),
-    "contrastive_loss": (("pos_margin", "neg_margin"), "power"),
-    # beta (a float or one per class) is a distance too; nu multiplies it, so stays
-    "margin_loss": (("margin", "beta"), None),
-}
-_DEFAULTS = {"margin": 0.2, "pos_margin": 0.0, "neg_margin": 1.0, "power": 1, "beta": 1.2}
+#: The float64 range rerun's row exponent e (the rows the C core is given are 2^e times
+#: the caller's): 0 outside a rerun.  The loss entry points of the C core take it
+#: (row_exponent) and compute in the caller's units; the semi-hard margin follows it
+#: (_core._engine_margin).  A context variable, so concurrent calls never see another's.
+_ROW_EXPONENT: contextvars.ContextVar[int] = contextvars.ContextVar("tripmine_row_exponent",
+                                                                   default=0)
+
+
+def row_exponent() -> int:
+    """The row exponent of the rerun in progress in this context (0 outside one)."""
+    return _ROW_EXPONENT.get()
+
+
+#: Functions whose float64 euclidean rows are rerun at 2^e: the losses and miners take e
+#: (their results are the caller's); these return distances, scaled back here.
+_RESCALED = ("pairwise_distances", "nearest_neighbors", "recall_at_k",
+             "mean_average_precision_at_r", "batch_hard", "semi_hard", "triplet_loss",
+             "contrastive_loss", "margin_loss", "lifted_structured_loss")
+_DISTANCES = ("pairwise_distances", "nearest_neighbors")
 
 
 def _window_exponent(magnitudes: np.ndarray, d: int) -> int | None:
@@ -199,64 +229,60 @@ def _refuse(name: str, metric: str, arrays: dict, magnitudes: dict, why: str) ->
 
 
 def _rescaled(func: Callable, bound: dict, arrays: dict) -> Any:
-    """float64 rows outside the window: exact power-of-two rescaling, where it applies."""
+    """float64 rows outside the window: exact power-of-two rescaling."""
     name = func.__name__
     metric = bound.get("metric", "euclidean")
     magnitudes = {n: np.max(np.abs(a), axis=1) if a.size else np.zeros(len(a))
                   for n, a in arrays.items()}
     call = dict(bound)
+    both = np.concatenate(list(magnitudes.values()))
+    nonzero = both[both > 0]
+    d = next(iter(arrays.values())).shape[1]
+    exponent = _window_exponent(nonzero, d)
+    if exponent == 0:
+        # The rows are inside the window already: what the C core refused is a result
+        # beyond float64, a gradient its scan found (TM_ERR_RANGE).
+        peak = float(nonzero.max()) if nonzero.size else 0.0
+        raise FloatingPointError(
+            f"{name}: a gradient overflows float64 (rows of magnitude up to {peak:.3g}; "
+            f"margins or terms near the top of the range)")
     if metric == "cosine":
         # Each row its own power of two: cosine distances ignore it, so the call is the
         # same problem; a row's gradient scales by its power (f(s x) = f(x)).
         shifts = {n: -np.floor(np.log2(np.where(m > 0, m, 1.0))).astype(np.int64)
                   for n, m in magnitudes.items()}
-        loss_factor, grad_power = None, None
     else:
-        if name not in _HOMOGENEOUS:
+        if name not in _RESCALED:
             _refuse(name, metric, arrays, magnitudes, "")
-        if bound.get("soft"):
-            _refuse(name, metric, arrays, magnitudes, " and soft=True")
-        both = np.concatenate(list(magnitudes.values()))
-        nonzero = both[both > 0]
-        peak = float(nonzero.max()) if nonzero.size else 1.0
-        exponent = _window_exponent(nonzero, next(iter(arrays.values())).shape[1])
         if exponent is None:
             _refuse(name, metric, arrays, magnitudes, ": their magnitudes span more than the "
                     "window, so no one power of two brings them all in")
         shifts = {n: np.full(len(m), exponent, dtype=np.int64) for n, m in magnitudes.items()}
-        p = 2 if metric == "sqeuclidean" else 1
-        options, degree_option = _HOMOGENEOUS[name]
-        degree = p * int(bound.get(degree_option, _DEFAULTS.get(degree_option, 1))
-                         if degree_option else 1)
-        for option in options:
-            value = bound.get(option, _DEFAULTS[option])  # margin: 0.2 in both losses
-            try:
-                number = np.asarray(value, dtype=np.float64)
-            except (TypeError, ValueError):
-                return func(**bound)  # let the function refuse it with its own message
-            if isinstance(value, (bool, str)) or not np.isfinite(number).all():
-                return func(**bound)
-            with np.errstate(over="ignore"):
-                scaled = np.ldexp(number, exponent * p)
-            if not np.isfinite(scaled).all():
-                _refuse(name, metric, arrays, magnitudes, f": {option} times the power of two "
-                        f"that brings the rows in overflows")
-            call[option] = float(scaled) if scaled.ndim == 0 else scaled
-        loss_factor = (exponent, degree)  # true = scaled * 2^(-exponent * degree)
-        grad_power = exponent * (1 - degree)  # dL/dx = 2^(e (1 - degree)) dL'/dx'
     for n, a in arrays.items():  # x 2^shift, exact (ldexp: no overflowing 2^shift itself)
         call[n] = np.ldexp(a.astype(np.float64), shifts[n][:, None])
     out = bound.get("out")
     if out is not None:
         call["out"] = None
-    result = func(**call)
-    if name in ("pairwise_distances", "nearest_neighbors"):
+    token = _ROW_EXPONENT.set(0 if metric == "cosine" else exponent)
+    try:
+        result = func(**call)
+    except OutOfRange:  # the rows are inside now: a result beyond float64 (C core)
+        peak = float(nonzero.max())
+        raise FloatingPointError(
+            f"{name}: a {metric} distance between rows of magnitude up to {peak:.3g}, which "
+            f"the loss needs, or a gradient overflows float64; pass smaller rows"
+            f"{' or metric=' + repr('euclidean') if metric == 'sqeuclidean' else ''}") from None
+    finally:
+        _ROW_EXPONENT.reset(token)
+    if name in _DISTANCES:
         distances = result if name == "pairwise_distances" else result[1]
         if metric != "cosine":
-            with np.errstate(over="ignore"):
+            p = 2 if metric == "sqeuclidean" else 1
+            finite = np.isfinite(distances)  # inf marks a missing neighbour
+            with np.errstate(over="ignore", under="ignore"):
                 distances = np.ldexp(distances, -exponent * p)
-            if not np.isfinite(distances[np.isfinite(result if name == "pairwise_distances"
-                                                     else result[1])]).all():
+            if not np.isfinite(distances[finite]).all():
+                peak = float(np.concatenate(list(magnitudes.values())).max())
                 raise FloatingPointError(
                     f"a {metric} distance overflows float64 (rows of magnitude up to "
                     f"{peak:.3g}): pass metric='euclidean' or smaller rows")
@@ -266,26 +292,14 @@ def _rescaled(func: Callable, bound: dict, arrays: dict) -> Any:
             np.copyto(out, distances)
             return out
         return distances
-    if not dataclasses.is_dataclass(result):
-        return result  # Triplets, retrieval metrics: unchanged by the rescaling
+    if not dataclasses.is_dataclass(result) or metric != "cosine":
+        return result  # indices, metrics, or a loss and gradient in the caller's units
     changes = {}
-    if metric != "cosine":
-        exponent, degree = loss_factor
-        with np.errstate(over="ignore"):
-            loss = np.ldexp(np.asarray(result.loss, dtype=np.float64), -exponent * degree)
-        if not np.isfinite(loss).all():
-            raise FloatingPointError(f"the loss of {name} overflows float64 (rows of "
-                                     f"magnitude up to {peak:.3g})")
-        changes["loss"] = loss if np.ndim(result.loss) else float(loss)
     for field, n in (("grad", "x"), ("ref_grad", "ref")):
         value = getattr(result, field, None)
         if isinstance(value, np.ndarray) and n in shifts:
             with np.errstate(over="ignore", under="ignore"):
-                if metric == "cosine":
-                    value = np.ldexp(value, shifts[n][:, None])
-                else:
-                    value = np.ldexp(value, grad_power)
-            if not np.isfinite(value).all():
-                raise FloatingPointError(f"the gradient {field} of {name} overflows float64")
-            changes[field] = value
-    return dataclasses.replace(result, **changes) if changes else result
+                changes[field] = np.ldexp(value, shifts[n][:, None])
+    result = dataclasses.replace(result, **changes) if changes else result
+    check_gradients(result, name)
+    return result
