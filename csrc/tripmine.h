@@ -53,8 +53,11 @@ typedef enum {
     TM_ERR_RANGE = -5        /* rows whose squared norms leave the working precision's
                               * window (below 2^-100 or above 2^120 for float, 2^-960 and
                               * 2^1000 for double; zero rows are fine): the caller reruns
-                              * the call in a precision or a scale that holds them.  Nothing
-                              * has been written. */
+                              * the call in a precision or a scale that holds them, and
+                              * nothing has been written.  From a loss, also: a gradient
+                              * entry beyond the working precision (each is scanned), or
+                              * with row_exponent a distance beyond it that the loss needs;
+                              * the outputs then hold partial values. */
 } tm_status;
 
 typedef enum {
