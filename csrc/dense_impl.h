@@ -65,28 +65,40 @@ static inline double TM_FN(reduction_scale)(int reduction, int64_t count, int64_
     }
 }
 
-/* Whether every entry is finite: a branch-free pass over values just written, on their
- * bits.  The exponent field plus one carries into the sign bit only when it is all ones
- * (inf or NaN), so the pass is adds, ands and ors, which vectorise on any x86-64 (a
- * float compare, or a 64-bit one, does not on SSE2).  The losses run it over their
- * gradients, so that an overflow (rows or margins near the top of the precision) is
- * TM_ERR_RANGE, never an inf or NaN handed back. */
+/* A value's bits, for a branch-free finiteness test: the exponent field plus one carries
+ * into the sign bit only when it is all ones (inf or NaN), so OR-ing exponent_carry over
+ * values and testing the top bit (carry_beyond) is adds, ands and ors, which vectorise on
+ * any x86-64 (a float compare, or a 64-bit one, does not on SSE2). */
+#if TM_BITS == 32
+typedef uint32_t TM_FN(real_bits);
+#else
+typedef uint64_t TM_FN(real_bits);
+#endif
+
+static inline TM_FN(real_bits) TM_FN(exponent_carry)(TM_REAL value)
+{
+    const int mantissa = TM_BITS == 32 ? 23 : 52;
+    const TM_FN(real_bits) one = (TM_FN(real_bits))1 << mantissa;
+    const TM_FN(real_bits) exponent = ((TM_FN(real_bits))1 << (TM_BITS - 1)) - one;
+    TM_FN(real_bits) bits;
+    memcpy(&bits, &value, sizeof(bits));
+    return (bits & exponent) + one;
+}
+
+static inline int TM_FN(carry_beyond)(TM_FN(real_bits) carries)
+{
+    return (int)(carries >> (TM_BITS - 1));
+}
+
+/* Whether every entry is finite: one pass over values just written.  The losses run it
+ * over their gradients, so that an overflow (rows or margins near the top of the
+ * precision) is TM_ERR_RANGE, never an inf or NaN handed back. */
 static inline int TM_FN(all_finite)(const TM_REAL *v, size_t count)
 {
-#if TM_BITS == 32
-    typedef uint32_t bits_type;
-    const bits_type exponent = 0x7f800000u, one = 0x00800000u;
-#else
-    typedef uint64_t bits_type;
-    const bits_type exponent = 0x7ff0000000000000u, one = 0x0010000000000000u;
-#endif
-    bits_type carries = 0;
-    for (size_t i = 0; i < count; ++i) {
-        bits_type bits;
-        memcpy(&bits, v + i, sizeof(bits));
-        carries |= (bits & exponent) + one;
-    }
-    return !(carries >> (8 * sizeof(bits_type) - 1));
+    TM_FN(real_bits) carries = 0;
+    for (size_t i = 0; i < count; ++i)
+        carries |= TM_FN(exponent_carry)(v[i]);
+    return !TM_FN(carry_beyond)(carries);
 }
 
 /* TM_OK, or TM_ERR_RANGE when grad (n x d) or ref_grad (m x d; either may be NULL) holds

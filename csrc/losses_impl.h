@@ -31,22 +31,13 @@ static int TM_FN(store_scaled)(TM_REAL *out, const double *acc, size_t count, do
             out[i] = (TM_REAL)(scale * acc[i]);
         return 1;
     }
-#if TM_BITS == 32
-    typedef uint32_t bits_type;
-    const bits_type exponent = 0x7f800000u, one = 0x00800000u;
-#else
-    typedef uint64_t bits_type;
-    const bits_type exponent = 0x7ff0000000000000u, one = 0x0010000000000000u;
-#endif
-    bits_type carries = 0;
+    TM_FN(real_bits) carries = 0;
     for (size_t i = 0; i < count; ++i) {
         const TM_REAL value = (TM_REAL)(scale * acc[i]);
-        bits_type bits;
-        memcpy(&bits, &value, sizeof(bits));
-        carries |= (bits & exponent) + one;
+        carries |= TM_FN(exponent_carry)(value);
         out[i] = value;
     }
-    return !(carries >> (8 * sizeof(bits_type) - 1));
+    return !TM_FN(carry_beyond)(carries);
 }
 
 /* Stable counting sort of triplet numbers by the row that `rows_of` names:
