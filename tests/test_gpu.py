@@ -506,3 +506,47 @@ def test_lifted_large_batch_stays_below_the_pair_matrix():
         cp.cuda.Device().synchronize()
         assert np.isfinite(result.loss) and result.n_terms > 0
         assert pool.total_bytes() < 2**30
+
+
+# ---- the floating-point range (issue 17) ---------------------------------------------------
+
+RANGE_CALLS = {
+    "pairwise": lambda x, y: tripmine.pairwise_distances(x),
+    "batch_hard": lambda x, y: tripmine.triplet_loss(x, y),
+    "batch_all": lambda x, y: tripmine.triplet_loss(x, y, mining="batch_all"),
+    "soft": lambda x, y: tripmine.triplet_loss(x, y, soft=True),
+    "contrastive": lambda x, y: tripmine.contrastive_loss(x, y, neg_margin=0.0),
+    "lifted_cosine": lambda x, y: tripmine.lifted_structured_loss(x, y, metric="cosine"),
+    "margin_all": lambda x, y: tripmine.margin_loss(x, y, mining="batch_all", normalize=True),
+}
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-25])
+@pytest.mark.parametrize("name", sorted(RANGE_CALLS))
+def test_float32_rows_beyond_the_window_rerun_in_float64(name, scale):
+    """float32 rows whose squared norms leave float32's window: the GPU path refuses them
+    (the C engine's check) and the dispatcher reruns them in float64, rounding back, as
+    the CPU path does: the same results to float32 rounding."""
+    x, y = batch(3, n=48, d=8)
+    x = (x * scale).astype(np.float32)
+    before = x.copy()
+    got, want = RANGE_CALLS[name](cp.asarray(x), y), RANGE_CALLS[name](x, y)
+    np.testing.assert_array_equal(x, before)
+    if isinstance(want, np.ndarray):
+        assert got.dtype == np.float32 and bool(cp.isfinite(got).all())
+        np.testing.assert_allclose(host(got), want, rtol=1e-5)
+        return
+    np.testing.assert_allclose(got.loss, want.loss, rtol=1e-5)
+    assert got.grad.dtype == np.float32 and bool(cp.isfinite(got.grad).all())
+    np.testing.assert_allclose(host(got.grad), want.grad, rtol=1e-4,
+                               atol=1e-6 * float(np.abs(want.grad).max()))
+
+
+def test_float64_rows_beyond_the_window_raise_on_the_gpu():
+    """The CUDA kernels take no row exponent (the CPU path's float64 rerun): a clear error,
+    never an inf."""
+    x, y = batch(3, n=48, d=8)
+    with pytest.raises(FloatingPointError, match="GPU path's float64 window"):
+        tripmine.triplet_loss(cp.asarray(x * 1e200), y)
+    with pytest.raises(FloatingPointError, match="GPU path's float64 window"):
+        tripmine.pairwise_distances(cp.asarray(x * 1e-200))

@@ -179,3 +179,53 @@ def test_wheel_build_ships_the_cuda_sources(tmp_path):
     shipped = tmp_path / "tripmine" / "_gpu"
     for name in ("__init__.py", "_kernels.py", "cuda/kernels.cu", "cuda/row_logic.cuh"):
         assert (shipped / name).is_file(), name
+
+
+class FakeDeviceMatrix(FakeDeviceArray):
+    """A device array with a dtype and astype, holding host values (for the rerun)."""
+
+    __module__ = "cupy._core.core"
+    __cuda_array_interface__ = {}  # the rerun tells device arrays by this attribute
+
+    def __init__(self, values):
+        super().__init__(values.shape)
+        self.values = values
+        self.dtype = values.dtype
+
+    def astype(self, dtype):
+        return FakeDeviceMatrix(self.values.astype(dtype))
+
+
+def test_gpu_rows_outside_the_window_rerun_in_float64(monkeypatch):
+    """The GPU path raises OutOfRange from the C engine's norm check (tripmine._gpu);
+    the dispatcher reruns float32 calls in float64 and rounds back (or raises where
+    float32 cannot hold the result), and refuses float64 rows, which the CUDA kernels take
+    no row exponent for.  Checked here with a stand-in GPU function."""
+    from tripmine import _range
+
+    seen = []
+
+    def gpu_pairwise(x, ref=None, *, metric="euclidean", out=None, check_finite=True):
+        seen.append(x.dtype)
+        if x.dtype == np.float32:
+            raise _range.OutOfRange("rows outside the GPU engine's window")
+        rows = x.values
+        return np.sqrt(((rows[:, None, :] - rows[None, :, :]) ** 2).sum(-1))
+
+    monkeypatch.setattr(_dispatch, "_gpu_function", lambda fn: gpu_pairwise)
+    rows = np.random.default_rng(0).standard_normal((4, 3))
+    got = tripmine.pairwise_distances(FakeDeviceMatrix((rows * 1e30).astype(np.float32)))
+    assert seen == [np.float32, np.float64]
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    np.testing.assert_allclose(got, tripmine.pairwise_distances(rows) * 1e30, rtol=1e-6)
+    with pytest.raises(FloatingPointError, match="beyond float32"):
+        # entries up to 3e38, float32's; distances up to about 1e39, beyond it
+        big = (rows / np.abs(rows).max() * 3e38).astype(np.float32)
+        tripmine.pairwise_distances(FakeDeviceMatrix(big))
+
+    def gpu_refuses(x, ref=None, *, metric="euclidean", out=None, check_finite=True):
+        raise _range.OutOfRange("rows outside the GPU engine's window")
+
+    monkeypatch.setattr(_dispatch, "_gpu_function", lambda fn: gpu_refuses)
+    with pytest.raises(FloatingPointError, match="GPU path's float64 window"):
+        tripmine.pairwise_distances(FakeDeviceMatrix(rows * 1e200))

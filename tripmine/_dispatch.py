@@ -106,7 +106,12 @@ def dispatch(func: Callable) -> Callable:
         bound = dict(zip(names, args))
         bound.update(kwargs)  # keywords the CPU signature does not know are kept too
         if backend(bound) == "gpu":
-            return _gpu_function(name)(*args, **kwargs)
+            gpu = _gpu_function(name)
+            try:
+                return gpu(*args, **kwargs)
+            except _range.OutOfRange:  # rows outside the GPU engine's window
+                pass
+            return _range.rerun_device(gpu, names, args, kwargs)
         return on_cpu(args, kwargs)
 
     wrapper.__wrapped_cpu__ = func  # the CPU implementation, for tests

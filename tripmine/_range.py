@@ -51,6 +51,13 @@ GRADIENT_FIELDS = ("grad", "ref_grad", "weight_grad", "bias_grad", "centers_grad
 _ARRAYS = ("x", "ref", "weight", "bias", "out")
 
 
+def window(dtype: Any) -> tuple[float, float]:
+    """The squared row norms the tile engine computes the Gram identity in, for a dtype
+    (the C core's norms_in_window; the GPU path checks the same)."""
+    return (2.0 ** -100, 2.0 ** 120) if np.dtype(dtype).itemsize <= 4 else \
+        (2.0 ** -960, 2.0 ** 1000)
+
+
 class OutOfRange(Exception):
     """A row's squared norm outside the working precision's window (``TM_ERR_RANGE``);
     caught by the dispatch wrapper, never seen by callers."""
@@ -136,6 +143,30 @@ def rerun(func: Callable, names: tuple, args: tuple, kwargs: dict, exc: OutOfRan
                                  f"in, which no power of two brought in") from None
 
 
+def _is_array(value: Any) -> bool:
+    """A NumPy or a device (CuPy) array: the reruns below use only methods both have."""
+    return isinstance(value, np.ndarray) or hasattr(value, "__cuda_array_interface__")
+
+
+def rerun_device(func: Callable, names: tuple, args: tuple, kwargs: dict) -> Any:
+    """The GPU path's rerun (tripmine._gpu raised OutOfRange from the same norm check as
+    the C engine): float32 (and float16) calls compute in float64 on the device and come
+    back rounded to float32, or raise, as on the CPU.  float64 rows outside the window
+    raise: the CUDA kernels take no row exponent yet (the CPU path does)."""
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    arrays = {n: bound[n] for n in _float_arrays(bound) if _is_array(bound[n])}
+    if all(a.dtype.itemsize <= 4 for n, a in arrays.items() if n != "bias"):
+        try:
+            return _in_float64(func, bound, arrays)
+        except OutOfRange:
+            pass
+    raise FloatingPointError(
+        f"{func.__name__}: rows beyond the GPU path's float64 window (squared norms within "
+        f"[2^-960, 2^1000], row norms about 1e-144 .. 1e150); the CPU path (NumPy arrays) "
+        f"takes any finite rows")
+
+
 def _in_float64(func: Callable, bound: dict, arrays: dict) -> Any:
     out = bound.get("out")
     call = dict(bound)
@@ -144,14 +175,14 @@ def _in_float64(func: Callable, bound: dict, arrays: dict) -> Any:
     if out is not None:
         call["out"] = None
     result = func(**call)
-    if isinstance(result, np.ndarray):  # pairwise_distances
+    if _is_array(result):  # pairwise_distances
         value = _narrow(result, "a distance")
         if out is not None:
-            np.copyto(out, value)
+            out[...] = value
             return out
         return value
     if isinstance(result, tuple):  # nearest_neighbors' (indices, distances); Triplets
-        items = [_narrow(v, "a distance") if isinstance(v, np.ndarray) and
+        items = [_narrow(v, "a distance") if _is_array(v) and
                  v.dtype == np.float64 else v for v in result]
         return type(result)(*items) if hasattr(result, "_fields") else tuple(items)
     if not dataclasses.is_dataclass(result):
@@ -159,7 +190,7 @@ def _in_float64(func: Callable, bound: dict, arrays: dict) -> Any:
     changes = {}
     for field in dataclasses.fields(result):
         value = getattr(result, field.name)
-        if field.name in GRADIENT_FIELDS and isinstance(value, np.ndarray):
+        if field.name in GRADIENT_FIELDS and _is_array(value):
             changes[field.name] = _narrow(value, f"the gradient {field.name}")
         elif field.name == "loss":
             _fits_float32(value, "the loss")
@@ -167,7 +198,7 @@ def _in_float64(func: Callable, bound: dict, arrays: dict) -> Any:
 
 
 def _fits_float32(value: Any, what: str) -> None:
-    value = np.asarray(value)
+    value = value if _is_array(value) else np.asarray(value)
     finite = value[np.isfinite(value)]  # inf marks a missing neighbour, not an overflow
     peak = float(np.max(np.abs(finite))) if finite.size else 0.0
     if peak > F32_MAX:

@@ -37,6 +37,7 @@ import cupy as cp
 import numpy as np
 
 from .. import _problem as cpu_problem
+from .. import _range as cpu_range
 from .. import _validation as check
 from .. import losses as cpu_losses
 from .. import masks as cpu_masks
@@ -217,6 +218,9 @@ def prepare(x, labels, ref=None, ref_labels=None, *, metric="euclidean", normali
     offset = check.ref_offset(ref_offset, x_arr.shape[0], None if ref_arr is None else m,
                               host_codes, host_ref_codes)
     problem = Problem(x_arr, ref_arr, codes, ref_codes, metric_id, offset)
+    # The raw rows, before any normalisation (whose norms would overflow too): one check
+    # for every call that prepares a problem, the fused losses included.
+    _check_window(x_arr.dtype, sqnorms(x_arr), None if ref_arr is None else sqnorms(ref_arr))
     if check.flag(normalize, "normalize"):
         problem.x, problem.x_norms = _normalize(x_arr)
         if ref_arr is not None:
@@ -227,14 +231,26 @@ def prepare(x, labels, ref=None, ref_labels=None, *, metric="euclidean", normali
 # ---- distance tiles ------------------------------------------------------------
 
 
+def _check_window(dtype, *squared_norms) -> None:
+    """OutOfRange (the dispatcher's rerun) when a nonzero squared norm leaves the dtype's
+    window, the C engine's norms_in_window: the Gram identity's accuracy needs it."""
+    low, high = cpu_range.window(dtype)
+    for s in squared_norms:
+        if s is not None and bool(((s != 0) & ((s < low) | (s > high))).any()):
+            raise cpu_range.OutOfRange("rows outside the GPU engine's window")
+
+
 class _Norms:
     """What finish_tile needs: norms in double (squared, or plain for cosine)
-    and squared norms rounded to the working dtype."""
+    and squared norms rounded to the working dtype.  Rows whose squared norms leave the
+    dtype's window (the C engine's: tripmine._range.window) raise OutOfRange, as
+    TM_ERR_RANGE does on the CPU: the dispatcher reruns float32 calls in float64."""
 
     def __init__(self, problem: Problem):
         dtype = problem.x.dtype
         xs = sqnorms(problem.x)
         rs = xs if problem.ref is None else sqnorms(problem.ref)
+        _check_window(dtype, xs, rs)
         self.cosine = problem.metric == METRIC_CODES["cosine"]
         self.x = cp.sqrt(xs) if self.cosine else xs
         self.r = cp.sqrt(rs) if self.cosine else rs
