@@ -550,3 +550,30 @@ def test_float64_rows_beyond_the_window_raise_on_the_gpu():
         tripmine.triplet_loss(cp.asarray(x * 1e200), y)
     with pytest.raises(FloatingPointError, match="GPU path's float64 window"):
         tripmine.pairwise_distances(cp.asarray(x * 1e-200))
+
+
+def test_softmax_head_float32_logits_beyond_float32_rerun_in_float64():
+    """The CPU test of the same name, on the device: logits W.x of about 4e39 (beyond
+    float32) rerun in float64 and the gradients come back in float32, as on the CPU."""
+    rng = np.random.default_rng(4)
+    x = np.abs(rng.standard_normal((12, 5))).astype(np.float32) * np.float32(1e20)
+    shared = np.full(5, 1e19, dtype=np.float32)
+    weight = (shared * (1 + 2.0 ** -10 * rng.standard_normal((4, 5)))).astype(np.float32)
+    labels = np.repeat(np.arange(4), 3)
+    got = tripmine.softmax_loss(cp.asarray(x), labels, cp.asarray(weight))
+    want = tripmine.softmax_loss(x, labels, weight)
+    np.testing.assert_allclose(got.loss, want.loss, rtol=1e-6)
+    assert got.grad.dtype == np.float32 and got.weight_grad.dtype == np.float32
+    np.testing.assert_allclose(host(got.grad), want.grad, rtol=1e-5)
+    np.testing.assert_allclose(host(got.weight_grad), want.weight_grad, rtol=1e-5)
+
+
+def test_center_loss_beyond_float32_raises_before_the_update():
+    """As on the CPU: a float32 center loss beyond 3.4e38 raises, and update= moves no
+    center."""
+    rng = np.random.default_rng(0)
+    x = cp.asarray((rng.standard_normal((12, 5)) * 1e25).astype(np.float32))
+    centers = cp.zeros((4, 5), dtype=cp.float32)
+    with pytest.raises(FloatingPointError, match="the loss of center_loss reaches"):
+        tripmine.center_loss(x, np.repeat(np.arange(4), 3), centers, update=0.5)
+    assert not bool(centers.any())

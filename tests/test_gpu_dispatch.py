@@ -229,3 +229,36 @@ def test_gpu_rows_outside_the_window_rerun_in_float64(monkeypatch):
     monkeypatch.setattr(_dispatch, "_gpu_function", lambda fn: gpu_refuses)
     with pytest.raises(FloatingPointError, match="GPU path's float64 window"):
         tripmine.pairwise_distances(FakeDeviceMatrix(rows * 1e200))
+
+
+def test_gpu_heads_whose_float32_logits_overflow_rerun_in_float64(monkeypatch):
+    """tripmine._gpu.heads raises OutOfRange where float32 logits overflow, as the C core's
+    heads do; tripmine.heads reruns the call in float64 and rounds the gradients back.
+    Checked with a stand-in GPU module."""
+    import types
+
+    from tripmine import _range
+    from tripmine.heads import SoftmaxLossResult
+
+    seen = []
+
+    def run(head, x, labels, weight, *, bias=None, class_weight=None, reduction="mean",
+            grad=True, weight_grad=True, upstream=None, check_finite=True):
+        seen.append((x.dtype, weight.dtype))
+        if x.dtype == np.float32:
+            raise _range.OutOfRange("the softmax head")
+        g = np.full(x.shape, 0.5)
+        wg = np.full(weight.shape, 1e39)  # beyond float32: must be refused, not rounded
+        return SoftmaxLossResult(1.25, g, wg if weight_grad else None, None, x.shape[0], 0,
+                                 0.0)
+
+    package = types.ModuleType("tripmine._gpu")
+    package.heads = types.SimpleNamespace(run=run)
+    monkeypatch.setitem(sys.modules, "tripmine._gpu", package)
+    x = FakeDeviceMatrix(np.ones((4, 3), np.float32))
+    w = FakeDeviceMatrix(np.ones((5, 3), np.float32))
+    got = tripmine.softmax_loss(x, [0, 1, 2, 3], w, weight_grad=False)
+    assert seen == [(np.float32, np.float32), (np.float64, np.float64)]
+    assert got.loss == 1.25 and got.grad.dtype == np.float32
+    with pytest.raises(FloatingPointError, match="weight_grad reaches 1e\\+39"):
+        tripmine.softmax_loss(x, [0, 1, 2, 3], w)

@@ -224,11 +224,15 @@ def _run(head: dict, x: Any, labels: Any, weight: Any, *, bias: Any = None,
         except ImportError as exc:
             raise ImportError(f"the heads were given CuPy arrays, but the GPU backend could "
                               f"not load: {exc}") from exc
-        return gpu_heads.run(head, x, labels, weight, bias=bias, class_weight=class_weight,
-                             reduction=reduction, grad=grad, weight_grad=weight_grad,
-                             upstream=upstream, check_finite=check_finite)
     options = dict(bias=bias, class_weight=class_weight, reduction=reduction, grad=grad,
                    weight_grad=weight_grad, upstream=upstream, check_finite=check_finite)
+    if on_gpu:
+        try:
+            return gpu_heads.run(head, x, labels, weight, **options)
+        except _range.OutOfRange:  # float32 logits beyond float32: in float64 on the device
+            pass
+        return _range.rerun_device(gpu_heads.run, ("head", "x", "labels", "weight"),
+                                   (head, x, labels, weight), options)
     try:
         return _run_host(head, x, labels, weight, **options)
     except _range.OutOfRange as exc:

@@ -12,6 +12,7 @@ import cupy as cp
 import numpy as np
 
 from .. import _fused_center
+from .. import _range as cpu_range
 from .. import _validation as check
 from .. import center as cpu_center
 from ..heads import REDUCTIONS, class_labels
@@ -54,6 +55,10 @@ def center_loss(x, labels, centers, *, reduction="mean", grad=True, centers_grad
     centers = cp.ascontiguousarray(centers, dtype=dtype)
     loss, per, g, cg = _fused_center.center_loss(cp, x, codes, centers, reduction, want_grad,
                                                  want_cgrad, up)
+    # As on the CPU: a loss beyond the compute dtype raises (before any update of the
+    # centers, which tripmine.center makes after this returns).
+    peak = float(cp.max(cp.abs(per))) if reduction == "none" and n else abs(float(loss))
+    cpu_range.check_loss_fits(peak, "center_loss", dtype.itemsize, check_finite)
     return cpu_center.CenterLossResult(per if reduction == "none" else loss, g, cg, n)
 
 

@@ -17,6 +17,7 @@ import cupy as cp
 import numpy as np
 
 from .. import _fused_heads
+from .. import _range as cpu_range
 from .. import _validation as check
 from .. import heads as cpu_heads
 from ..heads import REDUCTIONS, SoftmaxLossResult
@@ -86,5 +87,11 @@ def run(head: dict, x, labels, weight, *, bias=None, class_weight=None, reductio
     block = int(max(1, min(c, chunk_bytes() // max(1, 12 * n))))
     loss, per, correct, g, wg, bg = _fused_heads.fused_head(
         cp, head, x, codes, weight, b, cw, reduction, want_grad, want_wgrad, up, block)
+    # As on the CPU: float32 logits W.x that overflowed raise OutOfRange (tripmine.heads
+    # reruns the call in float64); a loss beyond the compute dtype raises.
+    peak = float(cp.max(cp.abs(per))) if reduction == "none" and n else abs(float(loss))
+    if dtype.itemsize == 4 and not peak <= cpu_range.F32_MAX:
+        raise cpu_range.OutOfRange(f"the {head['kind']} head")
+    cpu_range.check_loss_fits(peak, f"the {head['kind']} head", dtype.itemsize, check_finite)
     return SoftmaxLossResult(per if reduction == "none" else float(loss), g, wg, bg, n, correct,
                              correct / n if n else 0.0)
