@@ -28,9 +28,13 @@ call here:
 
 Heads and the center loss (tripmine.heads, tripmine.center) do not use the engine; they
 check their loss (``check_loss_fits``), and float32 heads whose logits overflow rerun here
-too.  Every loss and gradient a public function returns is checked (``check_loss``: an
-overflow raises).  The common case costs nothing measurable: the window check is a pass
-over n + m norms the engine computed anyway, the gradient check one summing pass.
+too.  Every loss a public function returns is checked (``check_loss``), and the C core
+scans the gradients it returns (an overflow is ``TM_ERR_RANGE``; rows already inside the
+window then raise here).  The common case costs nothing measurable: the window check is a
+pass over n + m norms the engine computed anyway, the gradient scan one vectorised pass.
+
+The GPU path (tripmine._gpu) checks the same window on its norms; ``rerun_device`` reruns
+its float32 calls in float64 on the device.
 """
 
 from __future__ import annotations
