@@ -207,6 +207,12 @@ def test_float64_distances_and_neighbours_of_any_finite_rows(metric, exponent):
     for a, b in zip(tripmine.batch_hard(x, LABELS, metric=metric),
                     tripmine.batch_hard(base, LABELS, metric=metric)):
         np.testing.assert_array_equal(a, b)
+    # semi-hard: the margin in the rows' units (the rerun scales it with the rows)
+    unit = 1.0 if p == 0 else min(float(np.ldexp(1.0, exponent * p)), 1e300)
+    if 0 < unit < 1e300:
+        for a, b in zip(tripmine.semi_hard(x, LABELS, margin=0.7 * unit, metric=metric),
+                        tripmine.semi_hard(base, LABELS, margin=0.7, metric=metric)):
+            np.testing.assert_array_equal(a, b)
 
 
 class _no_error:
