@@ -285,3 +285,29 @@ def test_threadpoolctl_skips_other_libraries_named_like_the_extension(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ("1" if hasattr(__import__("threadpoolctl"), "register")
                                      else "0")
+
+
+@pytest.mark.parametrize("environ, cpus, expected", [
+    ({}, 2, "set OPENBLAS_THREAD_TIMEOUT=4"),
+    ({"OPENBLAS_THREAD_TIMEOUT": "4"}, 2, "OPENBLAS_THREAD_TIMEOUT=4"),
+    ({"OPENBLAS_NUM_THREADS": "1"}, 8, "OPENBLAS_NUM_THREADS=1 (one thread"),
+    ({"OMP_NUM_THREADS": "1"}, 8, "OMP_NUM_THREADS=1 (one thread"),
+    ({"OPENBLAS_NUM_THREADS": "4", "OMP_NUM_THREADS": "1"}, 8, "set OPENBLAS_THREAD_TIMEOUT"),
+    ({}, 1, "one CPU"),
+])
+def test_info_advises_on_openblas_spinning(environ, cpus, expected):
+    """`python -m tripmine info` names NumPy's BLAS and, for an OpenBLAS whose workers will
+    spin beside tripmine's threads, the environment variable that stops them."""
+    from tripmine.__main__ import blas_advice
+
+    openblas = {"name": "scipy-openblas", "version": "0.3.31"}
+    assert expected in blas_advice(environ, openblas, cpus)
+    assert blas_advice(environ, {"name": "accelerate", "version": "14"}, cpus) == \
+        "accelerate 14"
+
+
+def test_info_prints_the_blas_line():
+    result = subprocess.run([sys.executable, "-m", "tripmine", "info"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^  numpy BLAS    \S", result.stdout, re.MULTILINE)

@@ -6,6 +6,43 @@ import argparse
 import sys
 import time
 
+#: Variables OpenBLAS takes its thread count from (one thread: no spinning worker).
+_BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def blas_advice(environ=None, blas=None, cpus=None) -> str:
+    """One line on NumPy's BLAS beside tripmine: an OpenBLAS with several threads whose
+    workers spin after each product (OPENBLAS_THREAD_TIMEOUT unset) takes a core from
+    tripmine's threads when a trainer alternates the two (benchmarks/spin_threads.py)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    if blas is None:
+        try:
+            import numpy as np
+
+            blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        except Exception:  # older NumPy, or another build layout
+            return "unknown"
+    name = f"{blas.get('name', 'unknown')} {blas.get('version', '')}".strip()
+    if "openblas" not in name.lower():
+        return name
+    if environ.get("OPENBLAS_THREAD_TIMEOUT"):
+        return f"{name}, OPENBLAS_THREAD_TIMEOUT={environ['OPENBLAS_THREAD_TIMEOUT']}"
+    for variable in _BLAS_THREAD_VARIABLES:
+        if environ.get(variable):
+            if environ[variable].strip() == "1":
+                return f"{name}, {variable}=1 (one thread: no spinning worker)"
+            break  # OpenBLAS takes the first one set
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+    if cpus <= 1:
+        return f"{name}, one CPU (one thread: no spinning worker)"
+    return (f"{name}: its workers spin about 0.1 s after each product and take a core from "
+            f"tripmine's threads; set OPENBLAS_THREAD_TIMEOUT=4 before Python starts "
+            f"(README, \"Inside a trainer\")")
+
 
 def _info() -> int:
     import tripmine
@@ -18,6 +55,7 @@ def _info() -> int:
     print(f"  ISA in use    {facts['isa']}  (usable: {', '.join(facts['isas_usable'])}; "
           f"compiled: {', '.join(facts['isas_compiled'])})")
     print(f"  threads       {facts['num_threads']}")
+    print(f"  numpy BLAS    {blas_advice()}")
     if facts["sanitizers"]:
         print(f"  sanitizers    {facts['sanitizers']} (a checking build, not for speed)")
     start = time.perf_counter()
