@@ -24,3 +24,15 @@ def spawn_ranks(worker: Callable, nprocs: int, out_dir: Path, *leading) -> list[
     torch.multiprocessing.spawn(worker, args=(*leading, free_port(), str(out_dir)),
                                 nprocs=nprocs, join=True)
     return [dict(np.load(Path(out_dir) / f"rank{r}.npz")) for r in range(nprocs)]
+
+
+def assert_ddp_step(results: list[dict], loss: float, weight_grad: np.ndarray,
+                    bias_grad: np.ndarray, rtol: float) -> None:
+    """Every rank's DDP step ("ddp/loss", "ddp/weight", "ddp/bias" in its results) equals the
+    single-process one: the loss to 1e-12, the backbone's gradients to ``rtol``."""
+    import pytest
+
+    for result in results:
+        assert float(result["ddp/loss"]) == pytest.approx(loss, rel=1e-12)
+        np.testing.assert_allclose(result["ddp/weight"], weight_grad, rtol=rtol, atol=1e-13)
+        np.testing.assert_allclose(result["ddp/bias"], bias_grad, rtol=rtol, atol=1e-13)

@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from gloo import spawn_ranks
+from gloo import assert_ddp_step, spawn_ranks
 
 import tripmine
 
@@ -242,13 +242,9 @@ def test_ddp_trains_as_one_process(ranks):
     expected = tripmine.triplet_loss(embeddings.detach().numpy(), labels, mining="batch_all",
                                      normalize=True)
     embeddings.backward(torch.from_numpy(expected.grad))
-    for rank in range(2):
-        assert float(ranks[rank]["ddp/loss"]) == pytest.approx(expected.loss, rel=1e-12)
-        # DDP averaged the ranks' gradients; scale_for_ddp made that the single-process one.
-        np.testing.assert_allclose(ranks[rank]["ddp/weight"], model.weight.grad.numpy(),
-                                   rtol=1e-11, atol=1e-13)
-        np.testing.assert_allclose(ranks[rank]["ddp/bias"], model.bias.grad.numpy(),
-                                   rtol=1e-11, atol=1e-13)
+    # DDP averaged the ranks' gradients; scale_for_ddp made that the single-process one.
+    assert_ddp_step([ranks[rank] for rank in range(2)], expected.loss,
+                    model.weight.grad.numpy(), model.bias.grad.numpy(), rtol=1e-11)
 
 
 @requires_gloo

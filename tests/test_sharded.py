@@ -20,7 +20,7 @@ dist = pytest.importorskip("torch.distributed")
 distributed = pytest.importorskip("tripmine.torch.distributed")
 theads = pytest.importorskip("tripmine.torch.heads")
 
-from gloo import spawn_ranks  # noqa: E402
+from gloo import assert_ddp_step, spawn_ranks  # noqa: E402
 
 import tripmine  # noqa: E402
 from tripmine.torch.sharded import _split  # noqa: E402
@@ -328,12 +328,8 @@ def test_ddp_backbone_beside_the_sharded_head(ranks):
     loss.backward()
     got_head = np.concatenate([results[r]["ddp/head"] for r in range(world)])
     np.testing.assert_allclose(got_head, head.weight.grad.numpy(), rtol=1e-11, atol=1e-13)
-    for r in range(world):
-        assert float(results[r]["ddp/loss"]) == pytest.approx(loss.item(), rel=1e-12)
-        np.testing.assert_allclose(results[r]["ddp/weight"], backbone.weight.grad.numpy(),
-                                   rtol=1e-10, atol=1e-13)
-        np.testing.assert_allclose(results[r]["ddp/bias"], backbone.bias.grad.numpy(),
-                                   rtol=1e-10, atol=1e-13)
+    assert_ddp_step([results[r] for r in range(world)], loss.item(),
+                    backbone.weight.grad.numpy(), backbone.bias.grad.numpy(), rtol=1e-10)
 
 
 @requires_gloo

@@ -142,9 +142,9 @@ def rerun(func: Callable, names: tuple, args: tuple, kwargs: dict, exc: OutOfRan
         if all(a.dtype.itemsize <= 4 for n, a in arrays.items() if n != "bias"):
             return _in_float64(func, bound, arrays)
         return _rescaled(func, bound, arrays)
-    except OutOfRange:  # rescaled rows refused again: only from a failure to rescale
-        raise FloatingPointError(f"{func.__name__}: rows outside the range tripmine computes "
-                                 f"in, which no power of two brought in") from None
+    except OutOfRange:  # the float64 rerun's rows are inside: its gradient scan refused
+        raise FloatingPointError(f"{func.__name__}: a gradient overflows float64 (margins or "
+                                 f"terms near the top of the range)") from None
 
 
 def _is_array(value: Any) -> bool:
