@@ -36,3 +36,15 @@ def assert_ddp_step(results: list[dict], loss: float, weight_grad: np.ndarray,
         assert float(result["ddp/loss"]) == pytest.approx(loss, rel=1e-12)
         np.testing.assert_allclose(result["ddp/weight"], weight_grad, rtol=rtol, atol=1e-13)
         np.testing.assert_allclose(result["ddp/bias"], bias_grad, rtol=rtol, atol=1e-13)
+
+
+def record_outcomes(found: dict, calls) -> dict:
+    """Runs each (case, call) of ``calls`` on this rank and records in ``found`` under
+    "fail/<case>" either "none" or the refusal ("ValueError: ..." / "RuntimeError: ...")."""
+    for case, call in calls:
+        try:
+            call()
+            found[f"fail/{case}"] = np.array("none")
+        except (ValueError, RuntimeError) as exc:
+            found[f"fail/{case}"] = np.array(f"{type(exc).__name__}: {exc}")
+    return found

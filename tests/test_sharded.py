@@ -20,7 +20,7 @@ dist = pytest.importorskip("torch.distributed")
 distributed = pytest.importorskip("tripmine.torch.distributed")
 theads = pytest.importorskip("tripmine.torch.heads")
 
-from gloo import assert_ddp_step, spawn_ranks  # noqa: E402
+from gloo import assert_ddp_step, record_outcomes, spawn_ranks  # noqa: E402
 
 import tripmine  # noqa: E402
 from tripmine.torch.sharded import _split  # noqa: E402
@@ -186,13 +186,7 @@ def _run_failures(rank: int, world: int) -> dict:
         "rate": lambda: distributed.ShardedMarginSoftmax(
             "cosface", C, D, sample_rate=0.5 if rank == 0 else 1.0, seed=1).double()(x, labels),
     }
-    for case, call in calls.items():
-        try:
-            call()
-            found[f"fail/{case}"] = np.array("none")
-        except (ValueError, RuntimeError) as exc:
-            found[f"fail/{case}"] = np.array(f"{type(exc).__name__}: {exc}")
-    return found
+    return record_outcomes(found, calls.items())
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
